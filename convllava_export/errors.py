@@ -1,0 +1,25 @@
+"""User-facing errors. The CLI prints their message and exits with code 2, no traceback."""
+
+
+class ConvLlavaError(Exception):
+    """Base class: a problem with the user's input or environment, explained in the message."""
+
+
+class CheckpointError(ConvLlavaError):
+    """The checkpoint folder is missing, incomplete, corrupt or of an unsupported kind."""
+
+
+class ImageError(ConvLlavaError):
+    """An image could not be read or is unsafe to decode."""
+
+
+class ExportError(ConvLlavaError):
+    """An export or engine build cannot proceed as asked."""
+
+
+class BuildError(ConvLlavaError):
+    """A build folder is missing, mismatched or cannot be used here."""
+
+
+class MissingExtraError(ConvLlavaError):
+    """An optional dependency is not installed."""

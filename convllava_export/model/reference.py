@@ -1,0 +1,212 @@
+"""Load a released checkpoint into the PyTorch reference model, streaming one shard at a time."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import ConvNextConfig, LlamaConfig, LlamaForCausalLM
+
+from ..checkpoint import (
+    DTYPES,
+    PROJECTOR_PREFIX,
+    TOWER_PREFIX,
+    CheckpointError,
+    CheckpointInfo,
+    check_keys,
+    load_shard,
+    read_checkpoint,
+)
+from ..tokenizer import load_tokenizer
+from .vision import ConvNextFeatures, VisionEncoder, build_projector
+
+log = logging.getLogger(__name__)
+
+# transformers renamed `past_key_values` to `cache` in 5.x; use whichever this version takes
+CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+LLAVA_ONLY_FIELDS = {"architectures", "model_type", "_name_or_path", "transformers_version", "torch_dtype"}
+TOWER_UNUSED = ("layernorm.",)  # ConvNextModel's pooled norm: saved by some releases, never used
+
+
+def llama_config(config: dict[str, Any]) -> LlamaConfig:
+    """The LLaMA part of a LLaVA config.json."""
+    fields = {k: v for k, v in config.items() if k not in LLAVA_ONLY_FIELDS and not k.startswith("mm_")}
+    if fields.get("rope_scaling") is None:
+        fields.pop("rope_scaling", None)
+    with warnings.catch_warnings():  # 'rope_scaling is deprecated': released configs use it
+        warnings.simplefilter("ignore", FutureWarning)
+        return LlamaConfig(**fields)
+
+
+def tower_config(config: dict[str, Any]) -> ConvNextConfig:
+    fields = {k: v for k, v in config.items() if k not in LLAVA_ONLY_FIELDS}
+    return ConvNextConfig(**fields)
+
+
+def _meta_shapes(module: nn.Module, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    return {prefix + k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def _assign(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    if tensors:
+        module.load_state_dict(tensors, strict=False, assign=True)
+
+
+def _still_meta(module: nn.Module) -> list[str]:
+    return [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+
+
+@dataclass
+class ReferenceModel:
+    """ConvLLaVA in PyTorch, loaded exactly as the official code does (minus its fp16 cast)."""
+
+    info: CheckpointInfo
+    vision: VisionEncoder | None
+    llm: LlamaForCausalLM | None
+    tokenizer: Any
+    dtype: torch.dtype
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        vision_tower: str | os.PathLike | None = None,
+        dtype: str = "fp32",
+        load_vision: bool = True,
+        load_llm: bool = True,
+        attn_implementation: str = "sdpa",
+        progress: Callable[[str], None] | None = None,
+    ) -> ReferenceModel:
+        info = read_checkpoint(path, vision_tower)
+        torch_dtype = DTYPES[dtype]
+        tokenizer = load_tokenizer(info.path)
+        say = progress or (lambda msg: None)
+        llm_cfg = llama_config(info.config)
+        llm_cfg._attn_implementation = attn_implementation
+        tcfg = tower_config(info.tower_config)
+        with torch.device("meta"):
+            tower = ConvNextFeatures(tcfg)
+            projector = build_projector(info.projector_type, info.config["mm_hidden_size"], info.config["hidden_size"])
+            llm = LlamaForCausalLM(llm_cfg)
+        if tcfg.hidden_sizes[-1] != info.config["mm_hidden_size"]:
+            raise CheckpointError(
+                f"tower output width {tcfg.hidden_sizes[-1]} ({info.tower_path}/config.json) does not match "
+                f"mm_hidden_size {info.config['mm_hidden_size']} ({info.path}/config.json)"
+            )
+        # What the LLaVA shards must hold: the LLM, the projector, and maybe the tower.
+        expected = _meta_shapes(projector, PROJECTOR_PREFIX)
+        expected.update(_meta_shapes(llm))
+        if llm_cfg.tie_word_embeddings:
+            expected.pop("lm_head.weight", None)
+        tower_expected = _meta_shapes(tower)
+        if info.tower_weights_source == "llava-shards":
+            expected.update({TOWER_PREFIX + k: s for k, s in tower_expected.items()})
+        ignore = tuple(TOWER_PREFIX + p for p in TOWER_UNUSED)
+        if info.weight_map:  # check names before reading gigabytes
+            names = {k: expected.get(k, ()) for k in info.weight_map}
+            check_keys({k: () for k in expected}, {k: () for k in names}, str(info.path), ignore)
+        found: dict[str, tuple[int, ...]] = {}
+        for i, f in enumerate(info.weight_files, 1):
+            say(f"loading {f.name} ({i}/{len(info.weight_files)})")
+            shard = load_shard(f, torch_dtype)
+            found.update({k: tuple(v.shape) for k, v in shard.items()})
+            for k, v in shard.items():
+                if k in expected and tuple(v.shape) != expected[k]:
+                    check_keys({k: expected[k]}, {k: tuple(v.shape)}, str(f))
+            parts: dict[str, dict[str, torch.Tensor]] = {"p": {}, "t": {}, "l": {}}
+            for k, v in shard.items():
+                if k.startswith(PROJECTOR_PREFIX):
+                    parts["p"][k[len(PROJECTOR_PREFIX):]] = v
+                elif k.startswith(TOWER_PREFIX):
+                    if not k.startswith(ignore):
+                        parts["t"][k[len(TOWER_PREFIX):]] = v
+                else:
+                    parts["l"][k] = v
+            _assign(projector, parts["p"])
+            _assign(tower, parts["t"])
+            if load_llm:
+                _assign(llm, parts["l"])
+            del shard, parts
+        check_keys(expected, found, str(info.path), ignore)
+        if info.tower_weights_source == "tower-folder":
+            assert info.tower_weight_file is not None
+            say(f"loading vision tower from {info.tower_weight_file}")
+            tw = load_shard(info.tower_weight_file, torch_dtype)
+            tw = {k: v for k, v in tw.items() if not k.startswith(TOWER_UNUSED)}
+            check_keys(tower_expected, {k: tuple(v.shape) for k, v in tw.items()}, str(info.tower_weight_file))
+            _assign(tower, tw)
+            del tw
+        vision = VisionEncoder(tower, projector).eval() if load_vision else None
+        if load_llm:
+            llm.model.rotary_emb = type(llm.model.rotary_emb)(llm_cfg)  # non-persistent buffers
+            if llm_cfg.tie_word_embeddings:
+                llm.tie_weights()
+            llm.eval()
+            if _still_meta(llm):
+                raise CheckpointError(f"weights never loaded for: {', '.join(_still_meta(llm)[:10])}")
+        if vision is not None and _still_meta(vision):
+            raise CheckpointError(f"weights never loaded for: {', '.join(_still_meta(vision)[:10])}")
+        return cls(info=info, vision=vision, llm=llm if load_llm else None, tokenizer=tokenizer, dtype=torch_dtype)
+
+    # -- the pieces every backend is compared against ------------------------------------
+    @torch.inference_mode()
+    def encode_images(self, pixel_values: torch.Tensor | np.ndarray) -> np.ndarray:
+        """pixel_values [B,3,H,W] → image_embeds [B,N,hidden] (float32 numpy)."""
+        assert self.vision is not None, "loaded without the vision part"
+        x = torch.as_tensor(pixel_values).to(self.dtype)
+        return self.vision(x).float().numpy()
+
+    @torch.inference_mode()
+    def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
+        assert self.llm is not None, "loaded without the LLM"
+        table = self.llm.get_input_embeddings()
+        return table(torch.as_tensor(ids, dtype=torch.long)).float().numpy()
+
+    def parameter_counts(self) -> dict[str, int]:
+        counts = {}
+        if self.vision is not None:
+            counts["vision_tower"] = sum(p.numel() for p in self.vision.tower.parameters())
+            counts["projector"] = sum(p.numel() for p in self.vision.projector.parameters())
+        if self.llm is not None:
+            counts["llm"] = sum(p.numel() for p in self.llm.parameters())
+        return counts
+
+
+class TorchDecoder:
+    """The LLaMA decoder behind the generation loop's `Decoder` protocol, with a DynamicCache."""
+
+    def __init__(self, model: ReferenceModel) -> None:
+        assert model.llm is not None
+        self.model = model
+        self.llm = model.llm
+        self.vocab_size = model.llm.config.vocab_size
+        self.cache = None
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return self.model.embed_tokens(ids)
+
+    def reset(self) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.llm.config)
+
+    @torch.inference_mode()
+    def forward(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        out = self.llm(
+            inputs_embeds=torch.from_numpy(embeds).to(self.model.dtype),
+            attention_mask=torch.from_numpy(attention_mask),
+            position_ids=torch.from_numpy(position_ids),
+            **{CACHE_KWARG: self.cache},
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.cache = out.past_key_values
+        return out.logits[:, -1].float().numpy()

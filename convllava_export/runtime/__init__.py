@@ -1,0 +1,1 @@
+"""The thin runtime: preprocessing → vision engine → splice → LLM engine, with streaming."""

@@ -1,0 +1,121 @@
+"""Pipeline: images + prompt → preprocess → vision backend → splice → decoder, with timings.
+
+Backends are anything with `encode(pixel_values) -> image_embeds` (vision) and the
+generation loop's `Decoder` protocol (LLM): the torch reference, ONNX Runtime, TensorRT.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from ..preprocess import PreprocessConfig, load_image, preprocess
+from ..prompt import IMAGE_TOKEN, Conversation, build_prompt, splice_embeddings, tokenize_with_images
+from .generation import Decoder, GenerationResult, Timings, TokenEvent, generate, stream_tokens
+from .sampling import SamplingParams
+
+ImageInput = str | bytes | Image.Image
+
+
+class VisionBackend(Protocol):
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray: ...
+
+
+class TorchVision:
+    """The reference vision encoder behind the VisionBackend protocol."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.model.encode_images(pixel_values)
+
+
+@dataclass
+class Request:
+    """One prompt with its images; `prompt` may hold `<image>` placeholders, else images lead."""
+
+    prompt: str | Conversation
+    images: Sequence[ImageInput] = ()
+
+
+class Pipeline:
+    def __init__(
+        self, vision: VisionBackend, decoder: Decoder, tokenizer: Any, preprocess_cfg: PreprocessConfig, info: dict | None = None
+    ) -> None:
+        self.vision = vision
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.preprocess_cfg = preprocess_cfg
+        self.info = info or {}
+
+    @classmethod
+    def from_reference(cls, model: Any, preprocess_cfg: PreprocessConfig | None = None) -> Pipeline:
+        from ..model.reference import TorchDecoder
+
+        cfg = preprocess_cfg or PreprocessConfig.from_preprocessor_config(model.info.preprocessor_config)
+        return cls(TorchVision(model), TorchDecoder(model), model.tokenizer, cfg, {"backend": "torch"})
+
+    @classmethod
+    def from_build(cls, build_dir: Any, **kwargs: Any) -> Pipeline:
+        from .build_loader import load_pipeline
+
+        return load_pipeline(build_dir, **kwargs)
+
+    # -- preparing inputs -----------------------------------------------------------------
+    def encode_images(self, images: Sequence[ImageInput], timings: Timings) -> list[np.ndarray]:
+        """Preprocess and encode; images of equal shape go through the vision engine together."""
+        t0 = time.perf_counter()
+        pixels = [preprocess(load_image(im), self.preprocess_cfg) for im in images]
+        t1 = time.perf_counter()
+        out: list[np.ndarray | None] = [None] * len(pixels)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(pixels):
+            by_shape.setdefault(p.shape, []).append(i)
+        for idx in by_shape.values():
+            embeds = self.vision.encode(np.stack([pixels[i] for i in idx]))
+            for j, i in enumerate(idx):
+                out[i] = embeds[j]
+        timings.preprocess_s += t1 - t0
+        timings.vision_s += time.perf_counter() - t1
+        return [o for o in out if o is not None]
+
+    def prompt_text(self, request: Request) -> str:
+        if isinstance(request.prompt, Conversation):
+            return request.prompt.render()
+        if IMAGE_TOKEN in request.prompt and request.prompt.rstrip().endswith("ASSISTANT:"):
+            return request.prompt  # already templated
+        return build_prompt(request.prompt, num_images=len(request.images))
+
+    def prepare(self, request: Request, timings: Timings) -> np.ndarray:
+        """The spliced embedding sequence [S, hidden] for one request."""
+        ids = tokenize_with_images(self.tokenizer, self.prompt_text(request))
+        embeds = self.encode_images(request.images, timings) if request.images else []
+        return splice_embeddings(ids, embeds, self.decoder.embed)
+
+    # -- generation -----------------------------------------------------------------------
+    def stream(self, requests: Sequence[Request] | Request, params: SamplingParams | None = None, **sampling: Any) -> Iterator[TokenEvent]:
+        reqs = [requests] if isinstance(requests, Request) else list(requests)
+        params = params or SamplingParams(**sampling)
+        timings = [Timings() for _ in reqs]
+        seqs = [self.prepare(r, t) for r, t in zip(reqs, timings)]
+        self.last_timings = timings
+        yield from stream_tokens(self.decoder, self.tokenizer, seqs, params, timings)
+
+    def generate(
+        self, images: Sequence[ImageInput] | ImageInput = (), prompt: str | Conversation = "", params: SamplingParams | None = None, **sampling: Any
+    ) -> GenerationResult:
+        if isinstance(images, (str, bytes, Image.Image)):
+            images = [images]
+        return self.generate_batch([Request(prompt, list(images))], params, **sampling)[0]
+
+    def generate_batch(self, requests: Sequence[Request], params: SamplingParams | None = None, **sampling: Any) -> list[GenerationResult]:
+        params = params or SamplingParams(**sampling)
+        timings = [Timings() for _ in requests]
+        seqs = [self.prepare(r, t) for r, t in zip(requests, timings)]
+        return generate(self.decoder, self.tokenizer, seqs, params, timings)

@@ -1,0 +1,57 @@
+"""Shared fixtures: the conformance set (copied into the repo) and a tiny trained checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures" / "conformance"
+warnings.filterwarnings("ignore", category=FutureWarning)
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def conformance() -> Path:
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def manifest() -> dict:
+    return json.loads((FIXTURES / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def reference(conformance):
+    from convllava_export.model.reference import ReferenceModel
+
+    return ReferenceModel.load(conformance / "convllava-tiny-a", vision_tower=conformance / "convnext-tiny-a")
+
+
+@pytest.fixture()
+def ckpt_copy(tmp_path, conformance) -> Path:
+    """A writable copy of the conformance checkpoint pair, laid out as siblings."""
+    shutil.copytree(conformance / "convllava-tiny-a", tmp_path / "convllava-tiny-a")
+    shutil.copytree(conformance / "convnext-tiny-a", tmp_path / "convnext-tiny-a")
+    for p in tmp_path.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return tmp_path / "convllava-tiny-a"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The trained tiny demo model (about 40 s of CPU), written once per test session."""
+    from convllava_export.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_checkpoint):
+    from convllava_export.model.reference import ReferenceModel
+
+    return ReferenceModel.load(tiny_checkpoint)
