@@ -14,8 +14,8 @@ from rich.table import Table
 
 from .errors import ConvLlavaError
 
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 
 class Cli(click.Group):
@@ -148,6 +148,82 @@ def tiny(dest: Path, seed: int, steps: int) -> None:
 
     path = write_tiny_checkpoint(dest, seed=seed, train_steps=steps, progress=say)
     out.print(str(path))
+
+
+def calibration_pixels(calib_images: str | None, cfg, limit: int, needed: bool) -> tuple[list, list, str]:
+    """(calibration, held-out, source) pixels: a folder, or 'builtin' synthetic images."""
+    from .calibration.images import load_calibration_pixels, split_heldout, synthetic_pixels
+
+    if calib_images in (None, "builtin"):
+        if needed and calib_images is None:
+            raise ConvLlavaError(
+                "this precision needs calibration images: pass --calib-images DIR (images like those you will "
+                "serve), or --calib-images builtin for the synthetic set"
+            )
+        pixels, source = synthetic_pixels(cfg, n=max(8, min(limit, 24))), "builtin synthetic images"
+    else:
+        pixels, source = load_calibration_pixels(calib_images, cfg, limit, progress=say), str(calib_images)
+    cal, held = split_heldout(pixels)
+    return cal, held, source
+
+
+@cli.group()
+def export() -> None:
+    """Export one model part (vision or llm) to a folder."""
+
+
+@export.command("vision")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="destination folder (must not exist)")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]), default="fp32", show_default=True)
+@click.option("--calib-images", default=None, help="folder of calibration images, or 'builtin'")
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
+@click.option("--calib-limit", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--min-size", default="64x64", show_default=True, help="TensorRT profile: smallest HxW")
+@click.option("--opt-size", default=None, help="TensorRT profile: HxW to tune for (default: native resolution)")
+@click.option("--max-size", default="2048x2048", show_default=True, help="TensorRT profile: largest HxW")
+@click.option("--max-batch", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--vision-tower", type=click.Path(path_type=Path), default=None)
+@click.option("--threads", type=click.IntRange(1), default=None)
+@click.option("--force", is_flag=True, help="replace an existing output folder")
+@preprocess_options
+def export_vision_cmd(checkpoint, output, precision, calib_images, calib_method, calib_limit, min_size, opt_size, max_size, max_batch, vision_tower, threads, force, mode, resolution, max_tokens, size) -> None:
+    """ConvNeXt†+projector → dynamic-shape ONNX (fp32/fp16/int8/fp8) with an accuracy report."""
+    from .engines.profiles import VisionProfile
+    from .export.spec import PartSpec
+    from .export.vision import export_vision
+    from .fsutil import atomic_output_dir
+    from .model.reference import ReferenceModel
+
+    if output.exists() and not force:
+        raise ConvLlavaError(f"destination {output} already exists; pass --force to replace it")
+    ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, load_llm=False, progress=say)
+    cfg = make_preprocess_cfg(ref.info.preprocessor_config, mode or "native", resolution, max_tokens, size)
+    res = ref.info.native_resolution
+    profile = VisionProfile.from_strings(min_size, opt_size or f"{res}x{res}", max_size, (1, 1, max_batch))
+    cal, held, source = calibration_pixels(calib_images, cfg, calib_limit, needed=precision in ("int8", "fp8"))
+    say(f"calibration/held-out images: {len(cal)}/{len(held)} from {source}")
+    with atomic_output_dir(output, force) as tmp:
+        result = export_vision(ref.vision, tmp, precision, cal, held, calib_method, threads, progress=say)
+        spec = PartSpec.load(tmp / "vision.json")
+        spec.attributes["profile"] = profile.to_dict()
+        spec.save(tmp)
+    _print_vision_report(result.report)
+    out.print(str(output))
+
+
+def _print_vision_report(report: dict) -> None:
+    held = report.get("heldout")
+    if held:
+        say(
+            f"{report['precision']}: image_embeds cosine vs torch fp32 on {held['images']} held-out images: "
+            f"mean {held['cosine_mean']:.6f}, min {held['cosine_min']:.6f}"
+        )
+    over = report.get("fp16_overflow")
+    if over and over["count"]:
+        console.print(f"[yellow]fp16: {over['count']} activations exceed fp16's range (kept safe only where noted):[/] {', '.join(over['overflows_fp16'][:5])}")
+    if report.get("warning"):
+        console.print(f"[bold red]warning:[/] {report['warning']}")
 
 
 def main() -> None:

@@ -1,0 +1,101 @@
+"""ONNX Runtime sessions for both engines: CPU, CUDA and TensorRT execution providers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BuildError
+from .profiles import VisionProfile
+
+TARGET_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def session_options(threads: int | None = None, optimized_path: Path | None = None, portable: bool = False):
+    """Session options; `optimized_path` saves the optimized graph (offline optimization)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if portable else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    )
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+        if Path(optimized_path).suffix == ".onnx":
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", Path(optimized_path).name + ".data")
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", str(1 << 20))
+    return so
+
+
+def providers_for(target: str, profile: VisionProfile | None = None, cache_dir: Path | None = None, fp16: bool = False) -> list[Any]:
+    """Execution providers for a target, configured (TensorRT EP: engine + timing cache, profile)."""
+    import onnxruntime as ort
+
+    if target not in TARGET_PROVIDERS:
+        raise BuildError(f"unknown ONNX Runtime target '{target}' (use {', '.join(TARGET_PROVIDERS)})")
+    available = set(ort.get_available_providers())
+    wanted = TARGET_PROVIDERS[target]
+    if wanted[0] not in available:
+        raise BuildError(
+            f"target '{target}' needs {wanted[0]}, but this onnxruntime offers {', '.join(sorted(available))}; "
+            "install the gpu extra (pip install 'convllava-export[gpu]') on a machine with an NVIDIA GPU"
+        )
+    providers: list[Any] = []
+    for name in wanted:
+        if name == "TensorrtExecutionProvider":
+            opts: dict[str, Any] = {"trt_fp16_enable": fp16}
+            if cache_dir is not None:
+                os.makedirs(cache_dir, exist_ok=True)
+                opts.update(
+                    trt_engine_cache_enable=True,
+                    trt_engine_cache_path=str(cache_dir),
+                    trt_timing_cache_enable=True,
+                    trt_timing_cache_path=str(cache_dir),
+                )
+            if profile is not None:
+                opts.update(profile.ort_trt_options())
+            providers.append((name, opts))
+        else:
+            providers.append(name)
+    return providers
+
+
+def create_session(path: Path, target: str = "cpu", threads: int | None = None, **provider_kw: Any):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers_for(target, **provider_kw))
+
+
+def save_optimized(src: Path, dest: Path, threads: int | None = None) -> None:
+    """Offline-optimize for CPU (constant folding, GELU/LayerNorm/QLinear fusions) so loads are fast."""
+    import onnxruntime as ort
+
+    ort.InferenceSession(str(src), sess_options=session_options(threads, optimized_path=dest), providers=["CPUExecutionProvider"])
+
+
+class OrtVision:
+    """Vision engine on ONNX Runtime: pixel_values [B,3,H,W] → image_embeds [B,N,hidden]."""
+
+    def __init__(self, path: Path, target: str = "cpu", threads: int | None = None, profile: VisionProfile | None = None, cache_dir: Path | None = None) -> None:
+        self.path = Path(path)
+        self.profile = profile
+        kw: dict[str, Any] = {}
+        if target == "tensorrt":
+            kw = {"profile": profile, "cache_dir": cache_dir}
+        self.session = create_session(self.path, target, threads, **kw)
+
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        if self.profile is not None:
+            self.profile.check(pixel_values.shape)
+        return self.session.run(["image_embeds"], {"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)})[0]
