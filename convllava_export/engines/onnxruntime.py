@@ -99,3 +99,55 @@ class OrtVision:
         if self.profile is not None:
             self.profile.check(pixel_values.shape)
         return self.session.run(["image_embeds"], {"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)})[0]
+
+
+class OrtDecoder:
+    """LLM engine on ONNX Runtime behind the generation loop's Decoder protocol.
+
+    The KV cache stays in ONNX Runtime's own buffers between steps (IOBinding): each step's
+    `present` outputs are bound as the next step's `past` inputs without a numpy round trip,
+    on the GPU for CUDA/TensorRT targets.
+    """
+
+    def __init__(self, folder: Path, target: str = "cpu", threads: int | None = None) -> None:
+        from ..export.spec import PartSpec
+
+        folder = Path(folder)
+        self.spec = PartSpec.load(folder / "decoder.json")
+        graph = folder / self.spec.graph
+        self.session = create_session(graph, target, threads)
+        self.table = np.load(folder / "embed_tokens.npy", mmap_mode="r")
+        attrs = self.spec.attributes
+        self.vocab_size = int(attrs["vocab"])
+        self.kv_heads, self.head_dim = int(attrs["kv_heads"]), int(attrs["head_dim"])
+        self.past_names = [t.name for t in self.spec.inputs[3:]]
+        self.present_names = [t.name for t in self.spec.outputs[1:]]
+        self.dtype = np.float16 if self.spec.inputs[0].dtype == "float16" else np.float32
+        self.device = "cpu" if target == "cpu" else "cuda"
+        self.past: list[Any] | None = None
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return np.asarray(self.table[np.asarray(ids)], dtype=np.float32)
+
+    def reset(self) -> None:
+        self.past = None
+
+    def forward(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        io = self.session.io_binding()
+        io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=self.dtype))
+        io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        if self.past is None:
+            empty = np.zeros((embeds.shape[0], self.kv_heads, 0, self.head_dim), dtype=self.dtype)
+            for name in self.past_names:
+                io.bind_cpu_input(name, empty)
+        else:
+            for name, value in zip(self.past_names, self.past):
+                io.bind_ortvalue_input(name, value)
+        io.bind_output("logits", "cpu")
+        for name in self.present_names:
+            io.bind_output(name, self.device)
+        self.session.run_with_iobinding(io)
+        outputs = io.get_outputs()
+        self.past = outputs[1:]
+        return outputs[0].numpy()[:, -1].astype(np.float32)
