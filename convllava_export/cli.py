@@ -226,6 +226,143 @@ def _print_vision_report(report: dict) -> None:
         console.print(f"[bold red]warning:[/] {report['warning']}")
 
 
+def build_options(f):
+    opts = [
+        click.option("--target", type=click.Choice(["cpu", "cuda", "tensorrt", "jetson"]), default=None, help="default: tensorrt when a GPU and TensorRT are present, else cpu"),
+        click.option("--vision-precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]), default="fp32", show_default=True),
+        click.option("--llm-precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="fp32", show_default=True),
+        click.option("--mode", type=click.Choice(["pad", "native"]), default="pad", show_default=True),
+        click.option("--resolution", type=click.IntRange(64), default=None, help="default: the tower's native resolution"),
+        click.option("--max-tokens", type=click.IntRange(1), default=None, help="native mode: visual-token budget per image"),
+        click.option("--calib-images", default=None, help="calibration images folder, or 'builtin'"),
+        click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True),
+        click.option("--min-size", default="64x64", show_default=True),
+        click.option("--opt-size", default=None),
+        click.option("--max-size", default="2048x2048", show_default=True),
+        click.option("--max-batch", type=click.IntRange(1), default=4, show_default=True),
+        click.option("--int4-block-size", type=click.IntRange(16), default=32, show_default=True),
+        click.option("--threads", type=click.IntRange(1), default=None),
+        click.option("--vision-tower", default=None),
+        click.option("--force", is_flag=True, help="replace an existing build folder once the new one is complete"),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@cli.command("build")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="build folder to create")
+@build_options
+def build_cmd(checkpoint: Path, output: Path, **kw) -> None:
+    """Export, build engines, smoke-test and write a self-describing BUILD_DIR."""
+    from .build import BuildOptions, build, default_target
+
+    kw["target"] = kw["target"] or default_target()
+    manifest = build(checkpoint, output, BuildOptions(**kw), progress=say)
+    checks = manifest.get("checks", {})
+    if checks:
+        say(f"smoke test answer: {checks['smoke_answer']!r}; greedy agreement with the reference {checks['greedy_token_agreement']:.2f}")
+    out.print(str(output))
+
+
+def _load_build(build_dir: Path, threads: int | None):
+    from .runtime.pipeline import Pipeline
+
+    return Pipeline.from_build(build_dir, threads=threads)
+
+
+@cli.command("run")
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="image file (repeatable)")
+@click.option("--prompt", required=True)
+@click.option("--threads", type=click.IntRange(1), default=None)
+@sampling_options
+def run_cmd(build_dir: Path, images, prompt: str, threads, **sampling) -> None:
+    """Answer a prompt with a build's engines, streaming tokens."""
+    from .runtime.pipeline import Request
+    from .runtime.sampling import SamplingParams
+
+    pipe = _load_build(build_dir, threads)
+    _stream_to_stdout(pipe, Request(prompt, [str(i) for i in images]), SamplingParams(**_sampling(sampling)))
+
+
+@cli.command("chat")
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--threads", type=click.IntRange(1), default=None)
+@sampling_options
+def chat_cmd(build_dir: Path, threads, **sampling) -> None:
+    """Multi-turn chat. `/image PATH` attaches an image to your next message; `/reset`, `/quit`."""
+    from .errors import ImageError
+    from .preprocess import load_image
+    from .prompt import Conversation
+    from .runtime.pipeline import Request
+    from .runtime.sampling import SamplingParams
+
+    pipe = _load_build(build_dir, threads)
+    params = SamplingParams(**_sampling(sampling))
+    conv, images, pending = Conversation(), [], []
+    say("chat: type a message; /image PATH adds an image, /reset clears, /quit exits")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            conv, images, pending = Conversation(), [], []
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            try:
+                load_image(path)
+            except ImageError as exc:
+                console.print(f"[red]{exc}[/]")
+                continue
+            pending.append(path)
+            say(f"attached {path}")
+            continue
+        conv.add_user(line, num_images=len(pending))
+        images += pending
+        pending = []
+        conv.add_assistant(None)
+        sys.stdout.write("assistant> ")
+        answer = _stream_to_stdout(pipe, Request(conv, list(images)), params)
+        conv.messages[-1] = (conv.roles[1], answer.strip())
+
+
+@cli.command("demo")
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("convllava-demo"), show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None)
+def demo_cmd(workdir: Path, threads) -> None:
+    """Train the tiny model, build it for CPU and ask it about a bundled image."""
+    from importlib import resources
+
+    from .build import BuildOptions, build
+    from .runtime.pipeline import Request
+    from .runtime.sampling import SamplingParams
+    from .tiny import LLAVA_DIR, write_tiny_checkpoint
+
+    ckpt = workdir / "checkpoint" / LLAVA_DIR
+    if not (ckpt / "config.json").is_file():
+        say("1/3 writing the tiny ConvLLaVA (trained ~40 s on a synthetic colour/shape task)")
+        write_tiny_checkpoint(workdir / "checkpoint", progress=say)
+    else:
+        say(f"1/3 reusing the tiny checkpoint in {ckpt}")
+    say("2/3 building it for CPU (ONNX Runtime: fp32 vision, int8 LLM)")
+    build(ckpt, workdir / "build", BuildOptions(target="cpu", vision_precision="fp32", llm_precision="int8", force=True, threads=threads), progress=say)
+    image = resources.files("convllava_export") / "data" / "demo_blue_wide.png"
+    question = "What is shown in this image?"
+    say(f"3/3 asking about {image.name} (a wide, mostly blue picture): {question}")
+    pipe = _load_build(workdir / "build", threads)
+    sys.stdout.write("answer: ")
+    _stream_to_stdout(pipe, Request(question, [image.read_bytes()]), SamplingParams(max_new_tokens=32))
+    say(f"next: convllava-export run {workdir / 'build'} --image YOUR.png --prompt '{question}'")
+
+
 def main() -> None:
     cli(prog_name="convllava-export")
 

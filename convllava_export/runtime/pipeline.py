@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from ..errors import ConvLlavaError
 from ..preprocess import PreprocessConfig, load_image, preprocess
 from ..prompt import IMAGE_TOKEN, Conversation, build_prompt, splice_embeddings, tokenize_with_images
 from .generation import Decoder, GenerationResult, Timings, TokenEvent, generate, stream_tokens
@@ -53,6 +54,8 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.preprocess_cfg = preprocess_cfg
         self.info = info or {}
+        self.max_context: int | None = None
+        self.last_timings: list[Timings] = []
 
     @classmethod
     def from_reference(cls, model: Any, preprocess_cfg: PreprocessConfig | None = None) -> Pipeline:
@@ -96,7 +99,13 @@ class Pipeline:
         """The spliced embedding sequence [S, hidden] for one request."""
         ids = tokenize_with_images(self.tokenizer, self.prompt_text(request))
         embeds = self.encode_images(request.images, timings) if request.images else []
-        return splice_embeddings(ids, embeds, self.decoder.embed)
+        seq = splice_embeddings(ids, embeds, self.decoder.embed)
+        if self.max_context is not None and len(seq) > self.max_context:
+            raise ConvLlavaError(
+                f"the prompt is {len(seq)} tokens ({sum(len(e) for e in embeds)} visual), above the model's context of "
+                f"{self.max_context}; use fewer or smaller images (native mode: lower --max-tokens)"
+            )
+        return seq
 
     # -- generation -----------------------------------------------------------------------
     def stream(self, requests: Sequence[Request] | Request, params: SamplingParams | None = None, **sampling: Any) -> Iterator[TokenEvent]:

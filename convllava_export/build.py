@@ -1,0 +1,270 @@
+"""`convllava-export build`: checkpoint → one self-describing build folder for a target.
+
+Layout of a build folder:
+    manifest.json                 what was built, from what, with which libraries; file checksums
+    preprocessor_config.json      the tower's preprocessing + mode / resolution / token budget
+    tokenizer/                    the checkpoint's tokenizer files
+    vision/  vision.onnx, vision.ort.onnx, vision.json, vision_report.json[, vision.engine(.json)]
+    llm/     decoder.onnx, decoder.json, embed_tokens.npy
+The folder is assembled in a temporary sibling and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .errors import BuildError, ConvLlavaError
+from .fsutil import atomic_output_dir, sha256_file
+
+SCHEMA_VERSION = 1
+TARGETS = ("cpu", "cuda", "tensorrt", "jetson")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-llm", "numpy", "pillow")
+Progress = Callable[[str], None]
+
+
+def library_versions() -> dict[str, str]:
+    found = {}
+    for lib in LIBRARIES:
+        try:
+            found[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def default_target() -> str:
+    """TensorRT when a GPU and TensorRT are both present, otherwise ONNX Runtime on CPU."""
+    from .extras import available
+
+    if available("tensorrt"):
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                return "tensorrt"
+        except ImportError:  # pragma: no cover
+            pass
+    return "cpu"
+
+
+@dataclass
+class BuildOptions:
+    target: str = "cpu"
+    vision_precision: str = "fp32"
+    llm_precision: str = "fp32"
+    mode: str = "pad"
+    resolution: int | None = None
+    max_tokens: int | None = None
+    calib_images: str | None = None
+    calib_method: str = "minmax"
+    calib_limit: int = 64
+    min_size: str = "64x64"
+    opt_size: str | None = None
+    max_size: str = "2048x2048"
+    max_batch: int = 4
+    int4_block_size: int = 32
+    threads: int | None = None
+    vision_tower: str | None = None
+    force: bool = False
+    smoke_test: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _validate(opts: BuildOptions) -> None:
+    from .export.llm import ORT_PRECISIONS
+    from .export.vision import PRECISIONS
+
+    if opts.target not in TARGETS:
+        raise BuildError(f"unknown target '{opts.target}' (use {', '.join(TARGETS)})")
+    if opts.vision_precision not in PRECISIONS:
+        raise BuildError(f"unknown vision precision '{opts.vision_precision}' (use {', '.join(PRECISIONS)})")
+    if opts.llm_precision not in ORT_PRECISIONS:
+        raise BuildError(
+            f"LLM precision '{opts.llm_precision}' is not built by `build` for ONNX Runtime (use {', '.join(ORT_PRECISIONS)}); "
+            "TensorRT-LLM precisions (int8-sq, fp8, int4-awq) go through `convllava-export export llm --backend tensorrt-llm`"
+        )
+    if opts.target in ("cpu", "jetson") and opts.vision_precision == "fp8":
+        raise BuildError("fp8 vision engines need TensorRT on an Ada/Hopper GPU; on CPU and Jetson Orin use int8")
+    if opts.target in ("tensorrt", "jetson", "cuda"):
+        from .extras import available
+
+        if opts.target in ("tensorrt", "jetson") and not available("tensorrt"):
+            raise BuildError(f"target '{opts.target}' needs TensorRT: pip install 'convllava-export[gpu]' on the GPU machine")
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BuildError(f"target '{opts.target}' needs onnxruntime-gpu (CUDAExecutionProvider): pip install 'convllava-export[gpu]'")
+
+
+def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress: Progress = print) -> dict[str, Any]:
+    """Run export, engine build, smoke test and reference check; returns the manifest."""
+    from .checkpoint import read_checkpoint
+    from .engines.profiles import VisionProfile
+    from .export.llm import export_llm_onnxruntime
+    from .export.vision import export_vision
+    from .model.reference import ReferenceModel
+    from .preprocess import PreprocessConfig
+
+    _validate(opts)
+    dest = Path(dest)
+    if dest.exists() and not opts.force:
+        raise BuildError(f"build folder {dest} already exists; pass --force to replace it (only once the new build is complete)")
+    info = read_checkpoint(checkpoint, opts.vision_tower)
+    res = opts.resolution or info.native_resolution
+    profile = VisionProfile.from_strings(opts.min_size, opts.opt_size or f"{res}x{res}", opts.max_size, (1, 1, opts.max_batch))
+    pcfg = PreprocessConfig.from_preprocessor_config(info.preprocessor_config, mode=opts.mode, resolution=res, max_tokens=opts.max_tokens)
+    started = time.perf_counter()
+    stages: dict[str, float] = {}
+
+    def stage(name: str) -> None:
+        stages[name] = time.perf_counter()
+        progress(f"[{len(stages)}/5] {name}")
+
+    stage("loading the checkpoint")
+    ref = ReferenceModel.load(checkpoint, vision_tower=opts.vision_tower, progress=progress)
+    from .calibration.images import load_calibration_pixels, split_heldout, synthetic_pixels
+
+    needs_calib = opts.vision_precision in ("int8", "fp8")
+    if opts.calib_images in (None, "builtin"):
+        if needs_calib and opts.calib_images is None:
+            raise BuildError(f"vision precision {opts.vision_precision} needs --calib-images DIR (or --calib-images builtin)")
+        pixels = synthetic_pixels(pcfg, n=16)
+    else:
+        pixels = load_calibration_pixels(opts.calib_images, pcfg, opts.calib_limit, progress)
+    cal, held = split_heldout(pixels)
+    with atomic_output_dir(dest, opts.force) as tmp:
+        stage(f"vision export ({opts.vision_precision})")
+        vis = export_vision(ref.vision, tmp / "vision", opts.vision_precision, cal, held, opts.calib_method, opts.threads, progress)
+        if opts.target in ("tensorrt", "jetson"):
+            stage("TensorRT engine build")
+            _build_trt(tmp / "vision", opts, profile, progress)
+        else:
+            stage("engine build (ONNX Runtime: offline-optimized graph saved with the export)")
+        stage(f"LLM export ({opts.llm_precision})")
+        export_llm_onnxruntime(ref.llm, tmp / "llm", opts.llm_precision, opts.int4_block_size, progress)
+        _copy_tokenizer(info.path, tmp / "tokenizer")
+        (tmp / "preprocessor_config.json").write_text(json.dumps({**info.preprocessor_config, "convllava_export": pcfg.to_dict()}, indent=2))
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "tool": {"name": "convllava-export", "version": __version__},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "host": {"machine": platform.machine(), "python": platform.python_version()},
+            "libraries": library_versions(),
+            "source": {"checkpoint": str(info.path), "vision_tower": str(info.tower_path), "tower_weights_from": info.tower_weights_source, "fingerprint": info.fingerprint()},
+            "target": opts.target,
+            "vision": {
+                "backend": "tensorrt" if opts.target in ("tensorrt", "jetson") else "onnxruntime",
+                "precision": opts.vision_precision,
+                "graph": "vision/vision.onnx",
+                "ort_graph": "vision/vision.ort.onnx" if (tmp / "vision" / "vision.ort.onnx").exists() else None,
+                "profile": profile.to_dict(),
+                "report": vis.report.get("heldout"),
+            },
+            "llm": {"backend": "onnxruntime", "precision": opts.llm_precision, "folder": "llm", "vocab_size": ref.llm.config.vocab_size},
+            "preprocess": pcfg.to_dict(),
+            "token_budget": {"max_visual_tokens_per_image": profile.max_visual_tokens if opts.mode == "native" and not opts.max_tokens else opts.max_tokens or (res // 64) ** 2, "max_context": int(info.config.get("tokenizer_model_max_length", 2048))},
+            "prompt_template": "vicuna_v1",
+            "threads": opts.threads,
+        }
+        stage("smoke test and reference check")
+        manifest["checks"] = _smoke_test(tmp, manifest, ref, pcfg, progress) if opts.smoke_test else {}
+        manifest["files"] = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest["build_seconds"] = round(time.perf_counter() - started, 2)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    progress(f"build written to {dest} in {manifest['build_seconds']:.1f} s")
+    return manifest
+
+
+def _build_trt(folder: Path, opts: BuildOptions, profile, progress: Progress) -> None:
+    from .engines.tensorrt import build_engine, gpu_identity, plan_build
+    from .extras import require
+
+    trt = require("tensorrt", "gpu", "TensorRT engines")
+    plan = plan_build(opts.vision_precision, trt.__version__, profile, tuple(gpu_identity()["compute_capability"]), version_compatible=bool(opts.extra.get("version_compatible")))
+    cache = Path(opts.extra.get("timing_cache") or Path.home() / ".cache" / "convllava-export" / "timing.cache")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    build_engine(folder / "vision.onnx", folder, plan, cache, progress)
+
+
+def _copy_tokenizer(src: Path, dest: Path) -> None:
+    dest.mkdir()
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dest / name)
+
+
+def _smoke_test(folder: Path, manifest: dict, ref, pcfg, progress: Progress) -> dict[str, Any]:
+    """Run the new build once and compare with the torch reference on the same inputs."""
+    from .export.vision import cosine_report
+    from .preprocess import preprocess
+    from .runtime.build_loader import load_pipeline_from_manifest
+    from .runtime.pipeline import Pipeline
+    from .synthetic import colour_samples
+
+    sample = colour_samples(1, seed=1234)[0]
+    pipe = load_pipeline_from_manifest(folder, manifest, verify=False)
+    built = pipe.generate(sample.image, sample.question, max_new_tokens=24)
+    want = Pipeline.from_reference(ref, pcfg).generate(sample.image, sample.question, max_new_tokens=24)
+    px = preprocess(sample.image, pcfg)[None]
+    cos = cosine_report([ref.encode_images(px)], [pipe.vision.encode(px)])
+    agree = sum(a == b for a, b in zip(built.token_ids, want.token_ids)) / max(len(want.token_ids), 1)
+    checks = {
+        "smoke_answer": built.text,
+        "reference_answer": want.text,
+        "greedy_token_agreement": agree,
+        "greedy_exact_match": built.token_ids == want.token_ids,
+        "vision_cosine": cos["cosine_mean"],
+        "timings": built.timings.to_dict(),
+    }
+    if not np.isfinite(cos["cosine_mean"]) or not built.token_ids:
+        raise ConvLlavaError(f"smoke test failed: the built engines produced no usable output ({checks})")
+    progress(f"smoke test: '{built.text}' (reference: '{want.text}'); vision cosine {cos['cosine_mean']:.5f}, token agreement {agree:.2f}")
+    return checks
+
+
+def inspect_build(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    files = manifest.get("files", {})
+    return {
+        "build": str(folder),
+        "schema_version": manifest["schema_version"],
+        "tool": f"{manifest['tool']['name']} {manifest['tool']['version']}",
+        "target": manifest["target"],
+        "vision": f"{manifest['vision']['backend']} {manifest['vision']['precision']}",
+        "llm": f"{manifest['llm']['backend']} {manifest['llm']['precision']}",
+        "preprocess": manifest["preprocess"],
+        "vision_profile": manifest["vision"]["profile"],
+        "token_budget": manifest["token_budget"],
+        "prompt_template": manifest["prompt_template"],
+        "source": manifest["source"],
+        "libraries": manifest["libraries"],
+        "checks": {k: v for k, v in manifest.get("checks", {}).items() if k != "timings"},
+        "size_mb": round(sum(f["bytes"] for f in files.values()) / 1e6, 2),
+        "files": len(files),
+    }
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise BuildError(f"{folder} is not a build folder (no manifest.json); create one with `convllava-export build`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BuildError(f"{path} is not valid JSON: {exc}") from None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise BuildError(f"{path}: schema version {manifest.get('schema_version')} is not {SCHEMA_VERSION}; rebuild with this version of convllava-export")
+    return manifest
