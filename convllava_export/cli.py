@@ -363,6 +363,27 @@ def demo_cmd(workdir: Path, threads) -> None:
     say(f"next: convllava-export run {workdir / 'build'} --image YOUR.png --prompt '{question}'")
 
 
+@cli.command("serve")
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="bind address (localhost by default)")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--model-name", default="convllava", show_default=True)
+@click.option("--allow-local-files", is_flag=True, help="accept image_url values that are local paths")
+@click.option("--max-tokens", "max_tokens_limit", type=click.IntRange(1), default=1024, show_default=True)
+@click.option("--max-queue", type=click.IntRange(0), default=8, show_default=True, help="waiting requests before 429")
+@click.option("--max-body-mb", type=click.FloatRange(0.01), default=20.0, show_default=True)
+@click.option("--max-image-pixels", type=click.IntRange(1), default=40_000_000, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None)
+def serve_cmd(build_dir: Path, host, port, model_name, allow_local_files, max_tokens_limit, max_queue, max_body_mb, max_image_pixels, threads) -> None:
+    """OpenAI-compatible server: POST /v1/chat/completions, GET /v1/models, /health, /metrics."""
+    from .runtime.server import ServerLimits, serve
+
+    pipe = _load_build(build_dir, threads)
+    limits = ServerLimits(int(max_body_mb * (1 << 20)), max_image_pixels, 8, max_tokens_limit, max_queue, allow_local_files)
+    say(f"serving {build_dir} as '{model_name}' on http://{host}:{port}/v1 ({pipe.info.get('vision')}, {pipe.info.get('llm')})")
+    serve(pipe, host, port, model_name, limits)
+
+
 def main() -> None:
     cli(prog_name="convllava-export")
 

@@ -21,6 +21,24 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(dest: Path) -> None:
+    """Temporary folders of builds that were killed (SIGKILL, power loss) are swept on the next run."""
+    for old in dest.parent.glob(f".{dest.name}.tmp-*"):
+        pid = old.name[len(f".{dest.name}.tmp-"):].split("-")[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(dest: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `dest`; on success rename it into place.
@@ -32,7 +50,8 @@ def atomic_output_dir(dest: str | os.PathLike, force: bool = False) -> Iterator[
     if dest.exists() and not force:
         raise ExportError(f"destination {dest} already exists; pass --force to replace it")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    _remove_stale(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
     try:
         yield tmp
         if dest.exists():

@@ -55,3 +55,20 @@ def tiny_reference(tiny_checkpoint):
     from convllava_export.model.reference import ReferenceModel
 
     return ReferenceModel.load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny model built for CPU: fp32 vision, fp32 LLM (exact against the reference)."""
+    from convllava_export.build import BuildOptions, build
+
+    dest = tmp_path_factory.mktemp("builds") / "fp32"
+    build(tiny_checkpoint, dest, BuildOptions(target="cpu"), progress=lambda m: None)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_build):
+    from convllava_export.runtime.pipeline import Pipeline
+
+    return Pipeline.from_build(tiny_build)

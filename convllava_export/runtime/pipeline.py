@@ -56,6 +56,7 @@ class Pipeline:
         self.info = info or {}
         self.max_context: int | None = None
         self.last_timings: list[Timings] = []
+        self.last_prompt_tokens: list[int] = []
 
     @classmethod
     def from_reference(cls, model: Any, preprocess_cfg: PreprocessConfig | None = None) -> Pipeline:
@@ -113,7 +114,7 @@ class Pipeline:
         params = params or SamplingParams(**sampling)
         timings = [Timings() for _ in reqs]
         seqs = [self.prepare(r, t) for r, t in zip(reqs, timings)]
-        self.last_timings = timings
+        self.last_timings, self.last_prompt_tokens = timings, [len(s) for s in seqs]
         yield from stream_tokens(self.decoder, self.tokenizer, seqs, params, timings)
 
     def generate(
