@@ -212,6 +212,52 @@ def export_vision_cmd(checkpoint, output, precision, calib_images, calib_method,
     out.print(str(output))
 
 
+@export.command("llm")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt-llm"]), default="onnxruntime", show_default=True)
+@click.option("--precision", default="fp32", show_default=True, help="onnxruntime: fp32|fp16|int8|int4; tensorrt-llm: fp16|int8-sq|int8|fp8|int4-awq")
+@click.option("--int4-block-size", type=click.IntRange(16), default=32, show_default=True, help="onnxruntime int4 (MatMulNBits) block size")
+@click.option("--awq-block-size", type=click.IntRange(8), default=128, show_default=True, help="tensorrt-llm int4-awq group size")
+@click.option("--calib-images", default=None, help="tensorrt-llm: images for multimodal calibration prompts (folder or 'builtin')")
+@click.option("--prompts", type=click.Path(path_type=Path), default=None, help="JSONL of calibration questions")
+@click.option("--calib-limit", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--vision-tower", type=click.Path(path_type=Path), default=None)
+@click.option("--force", is_flag=True)
+def export_llm_cmd(checkpoint, output, backend, precision, int4_block_size, awq_block_size, calib_images, prompts, calib_limit, vision_tower, force) -> None:
+    """Vicuna → ONNX Runtime decoder (KV cache, inputs_embeds) or a TensorRT-LLM checkpoint."""
+    from .export.llm import ORT_PRECISIONS, export_llm_onnxruntime
+    from .fsutil import atomic_output_dir
+    from .model.reference import ReferenceModel
+
+    if backend == "onnxruntime" and precision not in ORT_PRECISIONS:
+        raise ConvLlavaError(f"precision '{precision}' is not available for the onnxruntime backend (use {', '.join(ORT_PRECISIONS)})")
+    if backend == "tensorrt-llm":
+        from .engines.tensorrt_llm import check_precision, local_compute_capability
+
+        check_precision(precision, local_compute_capability() if precision == "fp8" else (9, 0))
+    if output.exists() and not force:
+        raise ConvLlavaError(f"destination {output} already exists; pass --force to replace it")
+    ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, load_vision=backend == "tensorrt-llm", progress=say)
+    with atomic_output_dir(output, force) as tmp:
+        if backend == "onnxruntime":
+            export_llm_onnxruntime(ref.llm, tmp, precision, int4_block_size, progress=say)
+        else:
+            from .calibration.prompts import load_questions, multimodal_sequences
+            from .engines.tensorrt_llm import TrtLlmBuildConfig, export_trtllm_checkpoint, trtllm_build_command
+            from .preprocess import PreprocessConfig
+
+            cfg = PreprocessConfig.from_preprocessor_config(ref.info.preprocessor_config)
+            cal, held, source = calibration_pixels(calib_images, cfg, calib_limit, needed=precision != "fp16")
+            seqs = multimodal_sequences(ref, cal + held, load_questions(prompts))
+            say(f"{len(seqs)} multimodal calibration prompts from {source}")
+            meta = export_trtllm_checkpoint(ref.llm, seqs, precision, tmp, awq_block_size, progress=say)
+            tokens = (cfg.resolution // 64) ** 2
+            cmd = trtllm_build_command(output, output / "engine", TrtLlmBuildConfig(max_visual_tokens=tokens))
+            say(f"quant_algo {meta['quant_algo']}; next, on the GPU: {' '.join(cmd)}")
+    out.print(str(output))
+
+
 def _print_vision_report(report: dict) -> None:
     held = report.get("heldout")
     if held:

@@ -1,0 +1,134 @@
+"""LLM export: ORT decoder parity, quantized variants' agreement, TensorRT-LLM checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from convllava_export.cli import cli
+from convllava_export.engines.onnxruntime import OrtDecoder
+from convllava_export.engines.tensorrt_llm import TrtLlmBuildConfig, check_precision, trtllm_build_command
+from convllava_export.errors import ExportError
+from convllava_export.export.llm import export_llm_onnxruntime
+from convllava_export.export.spec import PartSpec
+from convllava_export.model.reference import TorchDecoder
+from convllava_export.runtime.generation import generate
+from convllava_export.runtime.sampling import SamplingParams
+from convllava_export.validation.metrics import first_divergence, logits_agreement, teacher_forced_logits
+
+
+@pytest.fixture(scope="module")
+def conformance_decoder(reference, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llm") / "fp32"
+    export_llm_onnxruntime(reference.llm, folder, "fp32", progress=lambda m: None)
+    return folder
+
+
+def test_greedy_parity_on_conformance(conformance_decoder, reference, conformance, manifest):
+    dec = OrtDecoder(conformance_decoder)
+    for name, entry in manifest["images"].items():
+        g = np.load(conformance / "golden" / entry["npz"])
+        seq = g["inputs_embeds"][0]
+        res = generate(dec, reference.tokenizer, [seq], SamplingParams(max_new_tokens=64))[0]
+        assert res.token_ids == g["gen_ids_until_eos"].tolist()
+        assert res.text == entry["gen_text_until_eos"]
+        logits = teacher_forced_logits(dec, seq, g["gen_ids_16"].tolist())
+        np.testing.assert_allclose(logits, g["gen_step_logits_16"], atol=1e-4, rtol=1e-4)
+
+
+def test_decoder_io_and_embeddings(conformance_decoder, reference):
+    spec = PartSpec.load(conformance_decoder / "decoder.json")
+    assert [t.name for t in spec.inputs[:3]] == ["inputs_embeds", "attention_mask", "position_ids"]
+    assert spec.inputs[3].name == "past_key_values.0.key" and spec.outputs[1].name == "present.0.key"
+    assert spec.attributes["vocab"] == 1000 and spec.attributes["layers"] == 2
+    table = np.load(conformance_decoder / "embed_tokens.npy")
+    np.testing.assert_array_equal(table, reference.llm.get_input_embeddings().weight.detach().numpy())
+    model = onnx.load(str(conformance_decoder / "decoder.onnx"))
+    dims = [d.dim_param for d in model.graph.input[3].type.tensor_type.shape.dim]
+    assert dims[0] == "batch" and dims[2] == "past_sequence"
+
+
+def test_batch_with_padding_matches_single(conformance_decoder, reference, conformance, manifest):
+    dec = OrtDecoder(conformance_decoder)
+    seqs = [np.load(conformance / "golden" / e["npz"])["inputs_embeds"][0] for e in manifest["images"].values()]
+    seqs[1] = seqs[1][5:]  # different lengths → left padding
+    batch = generate(dec, reference.tokenizer, seqs, SamplingParams(max_new_tokens=20))
+    for seq, got in zip(seqs, batch):
+        assert got.token_ids == generate(dec, reference.tokenizer, [seq], SamplingParams(max_new_tokens=20))[0].token_ids
+
+
+@pytest.mark.parametrize("precision, op", [("int8", "MatMulInteger"), ("int4", "MatMulNBits"), ("fp16", None)])
+def test_quantized_variants_report_agreement(tiny_reference, tmp_path, precision, op):
+    from convllava_export.calibration.images import synthetic_pixels
+    from convllava_export.calibration.prompts import multimodal_sequences
+    from convllava_export.preprocess import PreprocessConfig
+
+    folder = tmp_path / precision
+    export_llm_onnxruntime(tiny_reference.llm, folder, precision, block_size=32, progress=lambda m: None)
+    if op:
+        model = onnx.load(str(folder / "decoder.onnx"))
+        assert any(n.op_type == op for n in model.graph.node), f"no {op} in the {precision} graph"
+    seqs = multimodal_sequences(tiny_reference, synthetic_pixels(PreprocessConfig(resolution=256), n=6, seed=9), ["What is shown in this image?"])
+    ref_dec, cand = TorchDecoder(tiny_reference), OrtDecoder(folder)
+    agreements, divergences = [], []
+    for seq in seqs:
+        want = generate(ref_dec, tiny_reference.tokenizer, [seq], SamplingParams(max_new_tokens=24))[0]
+        got = generate(cand, tiny_reference.tokenizer, [seq], SamplingParams(max_new_tokens=24))[0]
+        stats = logits_agreement(teacher_forced_logits(ref_dec, seq, want.token_ids), teacher_forced_logits(cand, seq, want.token_ids))
+        agreements.append(stats["top1_agreement"])
+        divergences.append(first_divergence(want.token_ids, got.token_ids))
+    print(f"{precision}: teacher-forced top-1 agreement {np.mean(agreements):.3f}, first divergence {divergences}")
+    assert np.mean(agreements) >= 0.95
+
+
+def test_ort_cli_errors(tiny_checkpoint, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["export", "llm", str(tiny_checkpoint), "-o", str(tmp_path / "x"), "--precision", "int4-awq"])
+    assert res.exit_code == 2 and "not available for the onnxruntime backend" in res.output
+    res = runner.invoke(cli, ["export", "llm", str(tiny_checkpoint), "-o", str(tmp_path / "x"), "--backend", "tensorrt-llm", "--precision", "fp8"])
+    assert res.exit_code == 2 and "Ada/Hopper" in res.output
+    (tmp_path / "exists").mkdir()
+    res = runner.invoke(cli, ["export", "llm", str(tiny_checkpoint), "-o", str(tmp_path / "exists")])
+    assert res.exit_code == 2 and "already exists" in res.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_trtllm_build_plan():
+    cfg = TrtLlmBuildConfig(max_batch_size=8, max_input_len=2048, max_seq_len=2560, max_visual_tokens=576, max_images_per_prompt=2)
+    cmd = trtllm_build_command("ck", "eng", cfg)
+    assert cmd[cmd.index("--max_prompt_embedding_table_size") + 1] == str(8 * 576 * 2)
+    assert cmd[cmd.index("--max_input_len") + 1] == "2048" and cmd[cmd.index("--max_seq_len") + 1] == "2560"
+    with pytest.raises(ExportError, match="no room for text"):
+        trtllm_build_command("ck", "eng", TrtLlmBuildConfig(max_input_len=576))
+    with pytest.raises(ExportError, match="Ada/Hopper"):
+        check_precision("fp8", (8, 7))
+    check_precision("fp8", (9, 0))
+    with pytest.raises(ExportError, match="not available for the tensorrt-llm backend"):
+        check_precision("int4", None)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("modelopt") is None, reason="NVIDIA ModelOpt not installed (pip install 'convllava-export[quant]')")
+@pytest.mark.parametrize("precision, algo, block", [("int8-sq", "W8A8_SQ_PER_CHANNEL", 128), ("int4-awq", "W4A16_AWQ", 32)])
+def test_modelopt_trtllm_checkpoint(tiny_checkpoint, tmp_path, precision, algo, block):
+    from safetensors.numpy import load_file
+
+    dest = tmp_path / "trtllm"
+    res = CliRunner().invoke(cli, ["export", "llm", str(tiny_checkpoint), "-o", str(dest), "--backend", "tensorrt-llm", "--precision", precision, "--calib-images", "builtin", "--calib-limit", "8", "--awq-block-size", str(block)])
+    assert res.exit_code == 0, res.output
+    config = json.loads((dest / "config.json").read_text())
+    assert config["quantization"]["quant_algo"] == algo and config["architecture"] == "LlamaForCausalLM"
+    assert config["vocab_size"] >= 1000 and config["num_hidden_layers"] == 2
+    meta = json.loads((dest / "convllava_trtllm.json").read_text())
+    assert meta["prompt_table_base"] == config["vocab_size"]  # fake ids start past the padded vocab
+    assert meta["calibration"]["sequences"] == 8 and meta["calibration"]["tokens"] > 8 * 16  # visual rows included
+    weights = load_file(str(dest / "rank0.safetensors"))
+    qkv = [k for k in weights if k.startswith("transformer.layers.0.attention.qkv.weight")]
+    assert qkv, sorted(weights)[:10]
+    assert weights["transformer.layers.0.attention.qkv.weight"].dtype.itemsize == 1  # int8, or int4 packed in bytes
+    assert any("scal" in k for k in weights)
+    assert "--max_prompt_embedding_table_size 64" in res.output
