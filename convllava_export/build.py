@@ -134,15 +134,11 @@ def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress
 
     stage("loading the checkpoint")
     ref = ReferenceModel.load(checkpoint, vision_tower=opts.vision_tower, progress=progress)
-    from .calibration.images import load_calibration_pixels, split_heldout, synthetic_pixels
+    from .calibration.images import calibration_source, split_heldout
 
-    needs_calib = opts.vision_precision in ("int8", "fp8")
-    if opts.calib_images in (None, "builtin"):
-        if needs_calib and opts.calib_images is None:
-            raise BuildError(f"vision precision {opts.vision_precision} needs --calib-images DIR (or --calib-images builtin)")
-        pixels = synthetic_pixels(pcfg, n=16)
-    else:
-        pixels = load_calibration_pixels(opts.calib_images, pcfg, opts.calib_limit, progress)
+    if opts.calib_images is None and opts.vision_precision in ("int8", "fp8"):
+        raise BuildError(f"vision precision {opts.vision_precision} needs --calib-images DIR (or a `calibrate` set, or --calib-images builtin)")
+    pixels, _ = calibration_source(opts.calib_images, pcfg, opts.calib_limit, progress)
     cal, held = split_heldout(pixels)
     with atomic_output_dir(dest, opts.force) as tmp:
         stage(f"vision export ({opts.vision_precision})")

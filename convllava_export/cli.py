@@ -142,27 +142,25 @@ def _stream_to_stdout(pipe, request, params) -> str:
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--seed", default=0, show_default=True)
 @click.option("--steps", default=600, show_default=True, help="training steps (0: random weights)")
-def tiny(dest: Path, seed: int, steps: int) -> None:
-    """Write the tiny trained demo checkpoint (released layout) under DEST."""
-    from .tiny import write_tiny_checkpoint
+@click.option("--shape", type=click.Choice(["tiny", "mid"]), default="tiny", show_default=True, help="mid: 512 px tower, 4-layer 256-wide LLM (minutes of CPU)")
+def tiny(dest: Path, seed: int, steps: int, shape: str) -> None:
+    """Write a small trained checkpoint (released layout) under DEST."""
+    from .tiny import ModelShape, write_tiny_checkpoint
 
-    path = write_tiny_checkpoint(dest, seed=seed, train_steps=steps, progress=say)
+    path = write_tiny_checkpoint(dest, seed=seed, train_steps=steps, progress=say, shape=ModelShape.preset(shape))
     out.print(str(path))
 
 
 def calibration_pixels(calib_images: str | None, cfg, limit: int, needed: bool) -> tuple[list, list, str]:
-    """(calibration, held-out, source) pixels: a folder, or 'builtin' synthetic images."""
-    from .calibration.images import load_calibration_pixels, split_heldout, synthetic_pixels
+    """(calibration, held-out, source) pixels: a folder, a calibration set, or 'builtin'."""
+    from .calibration.images import calibration_source, split_heldout
 
-    if calib_images in (None, "builtin"):
-        if needed and calib_images is None:
-            raise ConvLlavaError(
-                "this precision needs calibration images: pass --calib-images DIR (images like those you will "
-                "serve), or --calib-images builtin for the synthetic set"
-            )
-        pixels, source = synthetic_pixels(cfg, n=max(8, min(limit, 24))), "builtin synthetic images"
-    else:
-        pixels, source = load_calibration_pixels(calib_images, cfg, limit, progress=say), str(calib_images)
+    if calib_images is None and needed:
+        raise ConvLlavaError(
+            "this precision needs calibration images: pass --calib-images DIR (images like those you will "
+            "serve), a set from `convllava-export calibrate`, or --calib-images builtin for the synthetic set"
+        )
+    pixels, source = calibration_source(calib_images, cfg, limit, progress=say)
     cal, held = split_heldout(pixels)
     return cal, held, source
 
@@ -176,7 +174,7 @@ def export() -> None:
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="destination folder (must not exist)")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]), default="fp32", show_default=True)
-@click.option("--calib-images", default=None, help="folder of calibration images, or 'builtin'")
+@click.option("--calib-images", "--calib", "calib_images", default=None, help="calibration images folder, a `calibrate` set, or 'builtin'")
 @click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
 @click.option("--calib-limit", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--min-size", default="64x64", show_default=True, help="TensorRT profile: smallest HxW")
@@ -219,7 +217,7 @@ def export_vision_cmd(checkpoint, output, precision, calib_images, calib_method,
 @click.option("--precision", default="fp32", show_default=True, help="onnxruntime: fp32|fp16|int8|int4; tensorrt-llm: fp16|int8-sq|int8|fp8|int4-awq")
 @click.option("--int4-block-size", type=click.IntRange(16), default=32, show_default=True, help="onnxruntime int4 (MatMulNBits) block size")
 @click.option("--awq-block-size", type=click.IntRange(8), default=128, show_default=True, help="tensorrt-llm int4-awq group size")
-@click.option("--calib-images", default=None, help="tensorrt-llm: images for multimodal calibration prompts (folder or 'builtin')")
+@click.option("--calib-images", "--calib", "calib_images", default=None, help="tensorrt-llm: images for multimodal calibration prompts (folder, `calibrate` set, or 'builtin')")
 @click.option("--prompts", type=click.Path(path_type=Path), default=None, help="JSONL of calibration questions")
 @click.option("--calib-limit", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--vision-tower", type=click.Path(path_type=Path), default=None)
@@ -249,7 +247,12 @@ def export_llm_cmd(checkpoint, output, backend, precision, int4_block_size, awq_
 
             cfg = PreprocessConfig.from_preprocessor_config(ref.info.preprocessor_config)
             cal, held, source = calibration_pixels(calib_images, cfg, calib_limit, needed=precision != "fp16")
-            seqs = multimodal_sequences(ref, cal + held, load_questions(prompts))
+            if calib_images and (Path(calib_images) / "calib.json").is_file():
+                from .calibration.dataset import read_calibration_set
+
+                _, seqs, _ = read_calibration_set(calib_images, cfg)  # prompts spliced at `calibrate` time
+            else:
+                seqs = multimodal_sequences(ref, cal + held, load_questions(prompts))
             say(f"{len(seqs)} multimodal calibration prompts from {source}")
             meta = export_trtllm_checkpoint(ref.llm, seqs, precision, tmp, awq_block_size, progress=say)
             tokens = (cfg.resolution // 64) ** 2
@@ -280,7 +283,7 @@ def build_options(f):
         click.option("--mode", type=click.Choice(["pad", "native"]), default="pad", show_default=True),
         click.option("--resolution", type=click.IntRange(64), default=None, help="default: the tower's native resolution"),
         click.option("--max-tokens", type=click.IntRange(1), default=None, help="native mode: visual-token budget per image"),
-        click.option("--calib-images", default=None, help="calibration images folder, or 'builtin'"),
+        click.option("--calib-images", "--calib", "calib_images", default=None, help="calibration images folder, a `calibrate` set, or 'builtin'"),
         click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True),
         click.option("--min-size", default="64x64", show_default=True),
         click.option("--opt-size", default=None),
@@ -428,6 +431,75 @@ def serve_cmd(build_dir: Path, host, port, model_name, allow_local_files, max_to
     limits = ServerLimits(int(max_body_mb * (1 << 20)), max_image_pixels, 8, max_tokens_limit, max_queue, allow_local_files)
     say(f"serving {build_dir} as '{model_name}' on http://{host}:{port}/v1 ({pipe.info.get('vision')}, {pipe.info.get('llm')})")
     serve(pipe, host, port, model_name, limits)
+
+
+@cli.command("validate")
+@click.argument("builds", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--reference", type=click.Path(path_type=Path), required=True, help="the source checkpoint (torch fp32 reference)")
+@click.option("--data", default="builtin", show_default=True, help="builtin[:kinds][:N], a JSONL file, or a folder of images")
+@click.option("--question", default=None, help="question for a folder of images")
+@click.option("--limit", type=click.IntRange(1), default=None)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=32, show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("validation"), show_default=True, help="folder for report.json and report.html")
+@click.option("--min-cosine", type=float, default=None, help="gate: mean image_embeds cosine")
+@click.option("--min-agreement", type=float, default=None, help="gate: teacher-forced top-1 agreement")
+@click.option("--max-kl", type=float, default=None, help="gate: mean next-token KL divergence")
+@click.option("--min-accuracy", type=float, default=None, help="gate: task accuracy (data with answers)")
+@click.option("--vision-tower", default=None)
+def validate_cmd(builds, reference, data, question, limit, max_new_tokens, output, min_cosine, min_agreement, max_kl, min_accuracy, vision_tower) -> None:
+    """Measure builds against the fp32 reference; JSON + HTML report; gates set the exit code."""
+    from .validation.data import load_items
+    from .validation.report import write_reports
+    from .validation.run import Gates, validate
+
+    items = load_items(data, question, limit)
+    gates = Gates(min_cosine, min_agreement, max_kl, min_accuracy)
+    report, images = validate([str(b) for b in builds], reference, items, gates, max_new_tokens, vision_tower, progress=say)
+    json_path, html_path = write_reports(report, images, output)
+    table = Table(title="validation against the torch fp32 reference")
+    for col in ("build", "cosine mean/min", "KL", "top-1", "greedy exact", "accuracy", "TTFT ms", "tok/s"):
+        table.add_column(col)
+    for b in report["builds"]:
+        m = b["metrics"]
+        acc = "-" if m["task_accuracy"] is None else f"{m['task_accuracy']:.3f}"
+        table.add_row(b["name"], f"{m['vision_cosine']['mean']:.5f}/{m['vision_cosine']['min']:.5f}", f"{m['kl_mean']:.4f}", f"{m['top1_agreement']:.3f}",
+                      f"{m['greedy_exact_match']:.2f}", acc, f"{m['latency']['ttft_s'] * 1e3:.1f}", f"{m['latency']['decode_tokens_per_s']:.0f}")
+    out.print(table)
+    say(f"reports: {json_path} {html_path}")
+    for f in report["failures"]:
+        console.print(f"[bold red]gate failed:[/] {f['build']}: {f['metric']} = {f['value']:.5f} (needs {f['op']} {f['threshold']}; worst item {f['worst_item']})", highlight=False)
+    if report["failures"]:
+        sys.exit(1)
+
+
+@cli.command("calibrate")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--images", type=click.Path(path_type=Path), required=True, help="folder of calibration images (any Pillow format)")
+@click.option("--prompts", type=click.Path(path_type=Path), default=None, help="JSONL of questions for the LLM prompts")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
+@click.option("--limit", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--max-mb", type=click.FloatRange(1), default=512.0, show_default=True, help="bound on the preprocessed pixels")
+@click.option("--mode", type=click.Choice(["pad", "native"]), default="pad", show_default=True)
+@click.option("--resolution", type=click.IntRange(64), default=None)
+@click.option("--max-tokens", type=click.IntRange(1), default=None)
+@click.option("--vision-tower", default=None)
+@click.option("--force", is_flag=True)
+def calibrate_cmd(checkpoint, images, prompts, output, limit, max_mb, mode, resolution, max_tokens, vision_tower, force) -> None:
+    """Make a reusable calibration set: preprocessed images + spliced multimodal prompts."""
+    from .calibration.dataset import write_calibration_set
+    from .calibration.prompts import load_questions
+    from .fsutil import atomic_output_dir
+    from .model.reference import ReferenceModel
+
+    if output.exists() and not force:
+        raise ConvLlavaError(f"destination {output} already exists; pass --force to replace it")
+    questions = load_questions(prompts)
+    ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, progress=say)
+    cfg = make_preprocess_cfg(ref.info.preprocessor_config, mode, resolution, max_tokens, None)
+    with atomic_output_dir(output, force) as tmp:
+        meta = write_calibration_set(ref, images, tmp, cfg, questions, limit, max_mb, progress=say)
+    say(f"{len(meta['shapes'])} images ({meta['vision_bytes'] / 1e6:.1f} MB), {meta['llm_sequences']} multimodal prompts")
+    out.print(str(output))
 
 
 def main() -> None:

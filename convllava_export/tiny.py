@@ -41,6 +41,8 @@ class ModelShape:
     def preset(cls, name: str) -> ModelShape:
         presets = {
             "tiny": cls(),
+            # trainable on CPU in minutes: the validation sample report's model
+            "mid": cls([1, 1, 3, 1, 1], [32, 64, 128, 256, 512], 512, 256, 688, 4, 8, 8, 1000),
             # mid-size: a real ConvNeXt-style tower at 768, a small LLaMA
             "small": cls([2, 2, 6, 2, 2], [48, 96, 192, 384, 768], 768, 512, 1376, 6, 8, 8, 32000),
             "convnext-dagger": cls([3, 3, 27, 3, 6], [192, 384, 768, 1536, 3072], 1536, 4096, 11008, 32, 32, 32, 32000),
@@ -205,8 +207,9 @@ def write_tiny_checkpoint(
     train_steps: int = 600,
     num_images: int = 384,
     progress: Callable[[str], None] | None = None,
+    shape: ModelShape | None = None,
 ) -> Path:
-    """Train and write the tiny demo model; returns the LLaVA folder. Deterministic per seed."""
+    """Train and write the tiny demo model (or another small `shape`); returns the LLaVA folder."""
     from transformers import ConvNextConfig, LlamaConfig, LlamaForCausalLM
 
     from .model.reference import llama_config
@@ -218,7 +221,7 @@ def write_tiny_checkpoint(
 
     say = progress or (lambda m: None)
     dest = Path(dest)
-    shape = ModelShape()
+    shape = shape or ModelShape()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     tower = ConvNextFeatures(ConvNextConfig(**tower_config(shape))).eval()

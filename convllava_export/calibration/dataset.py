@@ -1,0 +1,81 @@
+"""Reusable calibration sets (`convllava-export calibrate`): deterministic, size-bounded, no pickle.
+
+CALIB/
+  calib.json     what it holds: source images, preprocessing, questions, shapes, sizes
+  vision.npz     preprocessed pixel_values, one array per image ([1,3,H,W], mixed shapes)
+  llm.npz        spliced multimodal prompt embeddings, one array per prompt ([S,hidden])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConvLlavaError
+from ..preprocess import PreprocessConfig
+
+SCHEMA = 1
+
+
+def write_calibration_set(
+    model, images: str | os.PathLike, dest: Path, cfg: PreprocessConfig, questions: list[str], limit: int = 64, max_mb: float = 512.0, progress: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Preprocess images in sorted order until `limit` images or `max_mb` megabytes."""
+    from .images import find_images, load_calibration_pixels
+    from .prompts import multimodal_sequences
+
+    files = find_images(images)[:limit]
+    pixels = load_calibration_pixels(images, cfg, limit, progress)
+    budget = int(max_mb * 1e6)
+    kept, used = [], 0
+    for px in pixels:
+        if used + px.nbytes > budget and kept:
+            progress(f"size bound reached ({max_mb} MB): keeping {len(kept)} of {len(pixels)} images")
+            break
+        kept.append(px)
+        used += px.nbytes
+    seqs = multimodal_sequences(model, kept, questions)
+    dest.mkdir(parents=True, exist_ok=True)
+    np.savez(dest / "vision.npz", **{f"p{i:05d}": p for i, p in enumerate(kept)})
+    np.savez(dest / "llm.npz", **{f"s{i:05d}": s.astype(np.float32) for i, s in enumerate(seqs)})
+    meta = {
+        "schema": SCHEMA,
+        "checkpoint_fingerprint": model.info.fingerprint(),
+        "preprocess": cfg.to_dict(),
+        "images": [f.name for f in files[: len(kept)]],
+        "shapes": [list(p.shape) for p in kept],
+        "questions": questions,
+        "vision_bytes": used,
+        "llm_sequences": len(seqs),
+    }
+    (dest / "calib.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def read_calibration_set(folder: str | os.PathLike, cfg: PreprocessConfig | None = None) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, Any]]:
+    """(pixels, llm sequences, meta); refuses a set preprocessed differently from `cfg`."""
+    folder = Path(folder)
+    meta_path = folder / "calib.json"
+    if not meta_path.is_file():
+        raise ConvLlavaError(f"{folder} is not a calibration set (no calib.json); make one with `convllava-export calibrate`")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("schema") != SCHEMA:
+        raise ConvLlavaError(f"{meta_path}: unsupported calibration-set schema {meta.get('schema')}")
+    if cfg is not None:
+        want, got = cfg.to_dict(), meta["preprocess"]
+        diff = [k for k in ("mode", "resolution", "max_tokens", "size") if want.get(k) != got.get(k)]
+        if diff:
+            raise ConvLlavaError(
+                f"calibration set {folder} was preprocessed with {', '.join(f'{k}={got.get(k)}' for k in diff)} but this export uses "
+                f"{', '.join(f'{k}={want.get(k)}' for k in diff)}; recreate it with the same --mode/--resolution/--max-tokens"
+            )
+    with np.load(folder / "vision.npz") as v:
+        pixels = [v[k] for k in sorted(v.files)]
+    with np.load(folder / "llm.npz") as s:
+        seqs = [s[k] for k in sorted(s.files)]
+    return pixels, seqs, meta

@@ -1,0 +1,147 @@
+"""Reports: JSON for pipelines, one self-contained HTML page (inline SVG, no scripts) for people."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
+
+
+def _svg(width: int, height: int, body: str, title: str) -> str:
+    return (
+        f'<svg class="plot" role="img" aria-label="{html.escape(title)}" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg"><title>{html.escape(title)}</title>{body}</svg>'
+    )
+
+
+def accuracy_latency_plot(report: dict[str, Any]) -> str:
+    """Scatter: x = time to first token (ms), y = quality (task accuracy, else token agreement)."""
+    w, h, pad = 520, 320, 50
+    pts = []
+    for i, b in enumerate(report["builds"]):
+        m = b["metrics"]
+        y = m["task_accuracy"] if m["task_accuracy"] is not None else m["token_agreement"]
+        pts.append((b["name"], m["latency"]["ttft_s"] * 1e3, y, COLOURS[i % len(COLOURS)]))
+    ref = report["reference"]
+    if ref.get("latency"):
+        y = ref["task_accuracy"] if ref["task_accuracy"] is not None else 1.0
+        pts.append(("reference (torch fp32)", ref["latency"]["ttft_s"] * 1e3, y, "#444"))
+    xmax = max(p[1] for p in pts) * 1.15 or 1.0
+    body = [f'<line x1="{pad}" y1="{h - pad}" x2="{w - 10}" y2="{h - pad}" stroke="#333"/>', f'<line x1="{pad}" y1="10" x2="{pad}" y2="{h - pad}" stroke="#333"/>']
+    for k in range(6):
+        yv = k / 5
+        yy = h - pad - yv * (h - pad - 10)
+        body.append(f'<text x="{pad - 6}" y="{yy + 4:.1f}" font-size="10" text-anchor="end">{yv:.1f}</text>')
+    for k in range(5):
+        xv = xmax * k / 4
+        xx = pad + (w - pad - 10) * k / 4
+        body.append(f'<text x="{xx:.1f}" y="{h - pad + 14}" font-size="10" text-anchor="middle">{xv:.0f}</text>')
+    body.append(f'<text x="{(w + pad) / 2}" y="{h - 8}" font-size="11" text-anchor="middle">time to first token (ms)</text>')
+    ylabel = "task accuracy (token agreement when no answers)"
+    body.append(f'<text x="12" y="{(h - pad) / 2}" font-size="11" text-anchor="middle" transform="rotate(-90 12 {(h - pad) / 2})">{ylabel}</text>')
+    for name, x, y, c in pts:
+        cx = pad + (w - pad - 10) * x / xmax
+        cy = h - pad - y * (h - pad - 10)
+        body.append(f'<circle class="point" cx="{cx:.1f}" cy="{cy:.1f}" r="6" fill="{c}"><title>{html.escape(name)}: {x:.1f} ms, {y:.3f}</title></circle>')
+        body.append(f'<text x="{cx + 8:.1f}" y="{cy - 8:.1f}" font-size="10">{html.escape(name)}</text>')
+    return _svg(w, h, "".join(body), "accuracy against latency per build")
+
+
+def cosine_histogram(build: dict[str, Any], colour: str) -> str:
+    w, h, pad = 360, 200, 30
+    values = np.array([r["cosine"] for r in build["items"]])
+    lo = min(0.9, float(values.min()))
+    counts, edges = np.histogram(values, bins=20, range=(lo, 1.0))
+    top = max(int(counts.max()), 1)
+    bw = (w - 2 * pad) / len(counts)
+    body = [f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#333"/>']
+    for i, c in enumerate(counts):
+        bh = (h - 2 * pad) * c / top
+        body.append(f'<rect class="bar" x="{pad + i * bw:.1f}" y="{h - pad - bh:.1f}" width="{bw - 1:.1f}" height="{bh:.1f}" fill="{colour}"><title>{edges[i]:.5f}–{edges[i + 1]:.5f}: {c}</title></rect>')
+    body.append(f'<text x="{pad}" y="{h - 10}" font-size="10">{lo:.3f}</text><text x="{w - pad}" y="{h - 10}" font-size="10" text-anchor="end">1.000</text>')
+    body.append(f'<text x="{w / 2}" y="14" font-size="11" text-anchor="middle">{html.escape(build["name"])}: image_embeds cosine ({len(values)} images)</text>')
+    return _svg(w, h, "".join(body), f"cosine histogram {build['name']}")
+
+
+def _thumb(image) -> str:
+    im = image.copy()
+    im.thumbnail((160, 160))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def render_html(report: dict[str, Any], images: dict[str, Any], worst: int = 4) -> str:
+    e = html.escape
+    rows = []
+    for b in report["builds"]:
+        m = b["metrics"]
+        failed = {f["metric"] for f in report["failures"] if f["build"] == b["name"]}
+        cls = lambda k: ' class="fail"' if k in failed else ""  # noqa: E731
+        acc = "–" if m["task_accuracy"] is None else f"{m['task_accuracy']:.3f}"
+        rows.append(
+            f"<tr><td>{e(b['name'])}</td><td>{e(str(b['info'].get('vision', '')))}</td><td>{e(str(b['info'].get('llm', '')))}</td>"
+            f"<td{cls('vision_cosine_mean')}>{m['vision_cosine']['mean']:.6f} / {m['vision_cosine']['min']:.6f}</td>"
+            f"<td{cls('kl_mean')}>{m['kl_mean']:.5f}</td><td{cls('top1_agreement')}>{m['top1_agreement']:.4f}</td>"
+            f"<td>{m['greedy_exact_match']:.3f}</td><td>{m['token_agreement']:.3f}</td><td{cls('task_accuracy')}>{acc}</td>"
+            f"<td>{m['latency']['vision_s'] * 1e3:.1f}</td><td>{m['latency']['ttft_s'] * 1e3:.1f}</td><td>{m['latency']['decode_tokens_per_s']:.1f}</td></tr>"
+        )
+    ref = report["reference"]
+    ref_acc = "–" if ref.get("task_accuracy") is None else f"{ref['task_accuracy']:.3f}"
+    ref_lat = ref.get("latency") or {}
+    rows.append(
+        f"<tr class='ref'><td>reference</td><td>torch fp32</td><td>torch fp32</td><td>1</td><td>0</td><td>1</td><td>1</td><td>1</td><td>{ref_acc}</td>"
+        f"<td>{ref_lat.get('vision_s', 0) * 1e3:.1f}</td><td>{ref_lat.get('ttft_s', 0) * 1e3:.1f}</td><td>{ref_lat.get('decode_tokens_per_s', 0):.1f}</td></tr>"
+    )
+    hists = "".join(cosine_histogram(b, COLOURS[i % len(COLOURS)]) for i, b in enumerate(report["builds"]))
+    cases = []
+    for b in report["builds"]:
+        worst_items = sorted(b["items"], key=lambda r: (r["token_agreement"], r["cosine"]))[:worst]
+        for r in worst_items:
+            img = images.get(r["id"])
+            src = _thumb(img) if img is not None else ""
+            cases.append(
+                f"<div class='case'><img alt='{e(r['id'])}' src='{src}'/><div><b>{e(b['name'])}</b> · {e(r['id'])} · cosine {r['cosine']:.5f} · "
+                f"token agreement {r['token_agreement']:.2f}<br/><i>{e(r['question'])}</i>"
+                f"<table><tr><th>reference</th><td>{e(r['reference_answer'])}</td></tr><tr><th>build</th><td>{e(r['answer'])}</td></tr>"
+                + (f"<tr><th>truth</th><td>{e(' | '.join(r['answers']))}</td></tr>" if r["answers"] else "")
+                + "</table></div></div>"
+            )
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    fails = "".join(
+        f"<li><b>{e(f['build'])}</b>: {e(f['metric'])} = {f['value']:.5f}, needs {f['op']} {f['threshold']} (worst item: {e(str(f['worst_item']))})</li>" for f in report["failures"]
+    )
+    gates = ", ".join(f"{k} {v}" for k, v in report["gates"].items() if v is not None) or "none"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>convllava-export validation</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}
+.fail{{background:#fdd;font-weight:bold}} .ref td{{color:#555}} .case{{display:flex;gap:12px;margin:10px 0;border-top:1px solid #eee;padding-top:8px}}
+.verdict-PASSED{{color:#080}} .verdict-FAILED{{color:#b00}} .plots{{display:flex;flex-wrap:wrap;gap:16px}}</style></head><body>
+<h1>Accuracy versus quantization</h1>
+<p>Reference: <code>{e(str(ref['checkpoint']))}</code> (torch fp32). Data: {report['data']['items']} items ({e(', '.join(report['data']['kinds']))}),
+greedy decoding, at most {report['data']['max_new_tokens']} new tokens. Generated {e(report['created'])}.</p>
+<h2 class="verdict-{verdict}" id="verdict">Gates ({e(gates)}): {verdict}</h2><ul>{fails}</ul>
+<h2>Builds</h2>
+<table id="summary"><tr><th>build</th><th>vision</th><th>LLM</th><th>cosine mean / min</th><th>KL</th><th>top-1 agreement</th>
+<th>greedy exact</th><th>token agreement</th><th>task accuracy</th><th>vision ms</th><th>TTFT ms</th><th>decode tok/s</th></tr>{''.join(rows)}</table>
+<h2>Accuracy against latency</h2><div class="plots">{accuracy_latency_plot(report)}</div>
+<h2>Cosine of image embeddings</h2><div class="plots">{hists}</div>
+<h2>Worst cases</h2>{''.join(cases)}
+</body></html>
+"""
+
+
+def write_reports(report: dict[str, Any], images: dict[str, Any], folder: str | Path) -> tuple[Path, Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, html_path = folder / "report.json", folder / "report.html"
+    json_path.write_text(json.dumps(report, indent=2))
+    html_path.write_text(render_html(report, images))
+    return json_path, html_path

@@ -1,0 +1,183 @@
+"""`validate`: every build against the torch fp32 reference on the same inputs, in one run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..model.reference import ReferenceModel, TorchDecoder
+from ..preprocess import PreprocessConfig, load_image, preprocess
+from ..prompt import build_prompt, splice_embeddings, tokenize_with_images
+from ..runtime.generation import Timings, generate
+from ..runtime.pipeline import Pipeline
+from ..runtime.sampling import SamplingParams
+from .data import Item
+from .metrics import anls, cosine_per_image, exact_match, first_divergence, logits_agreement, summarize, teacher_forced_logits, token_agreement
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Gates:
+    min_cosine: float | None = None
+    min_agreement: float | None = None
+    max_kl: float | None = None
+    min_accuracy: float | None = None
+
+    def to_dict(self) -> dict[str, float | None]:
+        return dict(self.__dict__)
+
+
+class _ReferenceCache:
+    """Reference outputs per (preprocess config, item), computed once for all builds."""
+
+    def __init__(self, model: ReferenceModel, max_new_tokens: int) -> None:
+        self.model = model
+        self.decoder = TorchDecoder(model)
+        self.max_new_tokens = max_new_tokens
+        self.cache: dict[tuple, dict[str, Any]] = {}
+
+    def get(self, item: Item, image, cfg: PreprocessConfig) -> dict[str, Any]:
+        key = (item.id, repr(cfg))
+        if key not in self.cache:
+            t = Timings()
+            t0 = time.perf_counter()
+            px = preprocess(image, cfg)[None]
+            t1 = time.perf_counter()
+            emb = self.model.encode_images(px)
+            t.preprocess_s, t.vision_s = t1 - t0, time.perf_counter() - t1
+            ids = tokenize_with_images(self.model.tokenizer, build_prompt(item.question))
+            seq = splice_embeddings(ids, [emb[0]], self.model.embed_tokens)
+            res = generate(self.decoder, self.model.tokenizer, [seq], SamplingParams(max_new_tokens=self.max_new_tokens), [t])[0]
+            logits = teacher_forced_logits(self.decoder, seq, res.token_ids)
+            self.cache[key] = {"pixels": px, "embeds": emb, "ids": ids, "answer": res, "logits": logits}
+        return self.cache[key]
+
+
+def _accuracy(item: Item, text: str) -> float | None:
+    if not item.answers:
+        return None
+    return anls(text, item.answers) if item.metric == "anls" else exact_match(text, item.answers)
+
+
+def _latency(timings: Sequence[Timings]) -> dict[str, float]:
+    keys = ("preprocess_s", "vision_s", "prefill_s", "ttft_s", "decode_tokens_per_s")
+    return {k: float(np.mean([t.to_dict()[k] for t in timings])) for k in keys}
+
+
+def evaluate_build(name: str, pipe: Pipeline, items: Sequence[Item], images: dict[str, Any], ref: _ReferenceCache, progress: Progress) -> dict[str, Any]:
+    rows, timings = [], []
+    for n, item in enumerate(items, 1):
+        r = ref.get(item, images[item.id], pipe.preprocess_cfg)
+        t = Timings()
+        t0 = time.perf_counter()
+        px = preprocess(images[item.id], pipe.preprocess_cfg)[None]
+        t1 = time.perf_counter()
+        emb = pipe.vision.encode(px)
+        t.preprocess_s, t.vision_s = t1 - t0, time.perf_counter() - t1
+        seq = splice_embeddings(r["ids"], [emb[0]], pipe.decoder.embed)
+        got = generate(pipe.decoder, pipe.tokenizer, [seq], SamplingParams(max_new_tokens=ref.max_new_tokens), [t])[0]
+        timings.append(t)
+        agree = logits_agreement(r["logits"], teacher_forced_logits(pipe.decoder, seq, r["answer"].token_ids))
+        want = r["answer"]
+        rows.append(
+            {
+                "id": item.id,
+                "kind": item.kind,
+                "question": item.question,
+                "answers": item.answers,
+                "shape": list(px.shape[2:]),
+                "cosine": cosine_per_image(r["embeds"], emb),
+                "kl": agree["kl_mean"],
+                "top1_agreement": agree["top1_agreement"],
+                "reference_answer": want.text,
+                "answer": got.text,
+                "exact_match_reference": got.token_ids == want.token_ids,
+                "token_agreement": token_agreement(want.token_ids, got.token_ids),
+                "first_divergence": first_divergence(want.token_ids, got.token_ids),
+                "accuracy": _accuracy(item, got.text),
+                "reference_accuracy": _accuracy(item, want.text),
+            }
+        )
+        if n % 8 == 0 or n == len(items):
+            progress(f"{name}: {n}/{len(items)} items")
+    acc = [r["accuracy"] for r in rows if r["accuracy"] is not None]
+    by_kind: dict[str, list[float]] = {}
+    for r in rows:
+        if r["accuracy"] is not None:
+            by_kind.setdefault(r["kind"], []).append(r["accuracy"])
+    return {
+        "name": name,
+        "info": pipe.info,
+        "metrics": {
+            "vision_cosine": summarize([r["cosine"] for r in rows]),
+            "kl_mean": float(np.mean([r["kl"] for r in rows])),
+            "top1_agreement": float(np.mean([r["top1_agreement"] for r in rows])),
+            "greedy_exact_match": float(np.mean([r["exact_match_reference"] for r in rows])),
+            "token_agreement": float(np.mean([r["token_agreement"] for r in rows])),
+            "task_accuracy": float(np.mean(acc)) if acc else None,
+            "task_accuracy_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
+            "latency": _latency(timings),
+        },
+        "items": rows,
+    }
+
+
+def check_gates(builds: Sequence[dict[str, Any]], gates: Gates) -> list[dict[str, Any]]:
+    """Every gate a build misses: which build, which metric, its value, the threshold, worst item."""
+    failures = []
+    for b in builds:
+        m, items = b["metrics"], b["items"]
+        checks = [
+            ("vision_cosine_mean", gates.min_cosine, m["vision_cosine"]["mean"], ">=", min(items, key=lambda r: r["cosine"])),
+            ("top1_agreement", gates.min_agreement, m["top1_agreement"], ">=", min(items, key=lambda r: r["top1_agreement"])),
+            ("kl_mean", gates.max_kl, m["kl_mean"], "<=", max(items, key=lambda r: r["kl"])),
+            ("task_accuracy", gates.min_accuracy, m["task_accuracy"], ">=", None),
+        ]
+        for metric, threshold, value, op, worst in checks:
+            if threshold is None or value is None:
+                continue
+            ok = value >= threshold if op == ">=" else value <= threshold
+            if not ok:
+                failures.append({"build": b["name"], "metric": metric, "value": value, "threshold": threshold, "op": op, "worst_item": worst["id"] if worst else None})
+    return failures
+
+
+def validate(
+    builds: Sequence[str | Path],
+    reference: str | Path,
+    items: Sequence[Item],
+    gates: Gates,
+    max_new_tokens: int = 32,
+    vision_tower: str | None = None,
+    progress: Progress = print,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Returns (report, images by item id)."""
+    progress(f"loading the reference {reference}")
+    model = ReferenceModel.load(reference, vision_tower=vision_tower)
+    ref = _ReferenceCache(model, max_new_tokens)
+    images = {it.id: load_image(it.image) for it in items}
+    results = []
+    for b in builds:
+        progress(f"validating {b}")
+        pipe = Pipeline.from_build(b)
+        results.append(evaluate_build(Path(b).name, pipe, items, images, ref, progress))
+    ref_rows = [c for c in ref.cache.values()]
+    ref_acc = [r["reference_accuracy"] for r in results[0]["items"] if r["reference_accuracy"] is not None] if results else []
+    failures = check_gates(results, gates)
+    report = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "reference": {"checkpoint": str(reference), "dtype": "fp32", "backend": "torch", "task_accuracy": float(np.mean(ref_acc)) if ref_acc else None,
+                      "latency": _latency([r["answer"].timings for r in ref_rows])},
+        "data": {"items": len(items), "kinds": sorted({it.kind for it in items}), "max_new_tokens": max_new_tokens},
+        "builds": results,
+        "gates": gates.to_dict(),
+        "failures": failures,
+        "passed": not failures,
+    }
+    return report, images
