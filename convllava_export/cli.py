@@ -502,6 +502,45 @@ def calibrate_cmd(checkpoint, images, prompts, output, limit, max_mb, mode, reso
     out.print(str(output))
 
 
+@cli.group()
+def bench() -> None:
+    """Benchmarks (ratios measured side by side in one run; see BENCHMARKS.md)."""
+
+
+@bench.command("vision")
+@click.option("--reps", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None)
+@click.option("--shapes", default="768x768,1024x1024,1536x1536,1536x2560", show_default=True)
+@click.option("--workdir", type=click.Path(path_type=Path), default=None, help="keep the exported graphs here (reused when present)")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+def bench_vision_cmd(reps, threads, shapes, workdir, json_path) -> None:
+    """Full-size ConvNeXt†+projector: torch eager fp32 vs ONNX Runtime fp32 and int8."""
+    from .benchmarks.vision import bench_vision, markdown
+    from .engines.profiles import parse_hw
+
+    result = bench_vision([parse_hw(s, "--shapes") for s in shapes.split(",")], reps, threads, str(workdir) if workdir else None, progress=say)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+    out.print(markdown(result))
+
+
+@bench.command("llm")
+@click.option("--shape", type=click.Choice(["tinyllama", "small"]), default="tinyllama", show_default=True)
+@click.option("--prompt-len", type=click.IntRange(16), default=600, show_default=True)
+@click.option("--decode-steps", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None)
+@click.option("--workdir", type=click.Path(path_type=Path), default=None, help="keep the exported graphs here (reused when present)")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+def bench_llm_cmd(shape, prompt_len, decode_steps, threads, workdir, json_path) -> None:
+    """Prefill/decode tokens/s: torch fp32 vs ONNX Runtime fp32/int8/int4, with the bandwidth bound."""
+    from .benchmarks.llm import bench_llm, markdown
+
+    result = bench_llm(shape, prompt_len, decode_steps, threads, str(workdir) if workdir else None, progress=say)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+    out.print(markdown(result))
+
+
 def main() -> None:
     cli(prog_name="convllava-export")
 
