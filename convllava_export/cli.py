@@ -541,6 +541,23 @@ def bench_llm_cmd(shape, prompt_len, decode_steps, threads, workdir, json_path) 
     out.print(markdown(result))
 
 
+@bench.command("e2e")
+@click.argument("builds", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--clients", default="1,4,16", show_default=True)
+@click.option("--requests-per-client", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+def bench_e2e_cmd(builds, clients, requests_per_client, max_new_tokens, threads, json_path) -> None:
+    """Build TTFT / decode speed, and server throughput + p50/p95 under concurrent loopback clients."""
+    from .benchmarks.e2e import bench_e2e, markdown
+
+    result = bench_e2e(list(builds), [int(c) for c in clients.split(",")], requests_per_client, max_new_tokens, threads, progress=say)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+    out.print(markdown(result))
+
+
 def main() -> None:
     cli(prog_name="convllava-export")
 

@@ -73,6 +73,7 @@ class ReferenceModel:
     llm: LlamaForCausalLM | None
     tokenizer: Any
     dtype: torch.dtype
+    device: torch.device = torch.device("cpu")
 
     @classmethod
     def load(
@@ -84,6 +85,7 @@ class ReferenceModel:
         load_llm: bool = True,
         attn_implementation: str = "sdpa",
         progress: Callable[[str], None] | None = None,
+        device: str = "cpu",
     ) -> ReferenceModel:
         info = read_checkpoint(path, vision_tower)
         torch_dtype = DTYPES[dtype]
@@ -154,21 +156,32 @@ class ReferenceModel:
                 raise CheckpointError(f"weights never loaded for: {', '.join(_still_meta(llm)[:10])}")
         if vision is not None and _still_meta(vision):
             raise CheckpointError(f"weights never loaded for: {', '.join(_still_meta(vision)[:10])}")
-        return cls(info=info, vision=vision, llm=llm if load_llm else None, tokenizer=tokenizer, dtype=torch_dtype)
+        dev = torch.device(device)
+        if dev.type == "cuda" and torch_dtype == torch.float32:
+            # an fp32 *reference* must be fp32: TF32 convolutions moved the conformance features by
+            # 1.5e-3 on an H200 (tolerance 1e-4). This is process-wide, as torch's flags are.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        if dev.type != "cpu":
+            if vision is not None:
+                vision.to(dev)
+            if load_llm:
+                llm.to(dev)
+        return cls(info=info, vision=vision, llm=llm if load_llm else None, tokenizer=tokenizer, dtype=torch_dtype, device=dev)
 
     # -- the pieces every backend is compared against ------------------------------------
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor | np.ndarray) -> np.ndarray:
         """pixel_values [B,3,H,W] → image_embeds [B,N,hidden] (float32 numpy)."""
         assert self.vision is not None, "loaded without the vision part"
-        x = torch.as_tensor(pixel_values).to(self.dtype)
-        return self.vision(x).float().numpy()
+        x = torch.as_tensor(pixel_values).to(self.device, self.dtype)
+        return self.vision(x).float().cpu().numpy()
 
     @torch.inference_mode()
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
         assert self.llm is not None, "loaded without the LLM"
         table = self.llm.get_input_embeddings()
-        return table(torch.as_tensor(ids, dtype=torch.long)).float().numpy()
+        return table(torch.as_tensor(ids, dtype=torch.long, device=self.device)).float().cpu().numpy()
 
     def parameter_counts(self) -> dict[str, int]:
         counts = {}
@@ -200,13 +213,14 @@ class TorchDecoder:
 
     @torch.inference_mode()
     def forward(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        dev = getattr(self.model, "device", torch.device("cpu"))
         out = self.llm(
-            inputs_embeds=torch.from_numpy(embeds).to(self.model.dtype),
-            attention_mask=torch.from_numpy(attention_mask),
-            position_ids=torch.from_numpy(position_ids),
+            inputs_embeds=torch.from_numpy(embeds).to(dev, self.model.dtype),
+            attention_mask=torch.from_numpy(attention_mask).to(dev),
+            position_ids=torch.from_numpy(position_ids).to(dev),
             **{CACHE_KWARG: self.cache},
             use_cache=True,
             logits_to_keep=1,
         )
         self.cache = out.past_key_values
-        return out.logits[:, -1].float().numpy()
+        return out.logits[:, -1].float().cpu().numpy()
