@@ -169,22 +169,49 @@ def _save(model: onnx.ModelProto, dest: Path) -> None:
 
 
 @contextlib.contextmanager
-def _histograms_over_mixed_shapes() -> Iterator[None]:
-    """onnxruntime's HistogramCollector stacks every batch's tensor into one array, which fails
-    when calibration images differ in shape (native mode). Flatten each batch first."""
-    from onnxruntime.quantization.calibrate import HistogramCollector
+def _calibrate_one_image_at_a_time() -> Iterator[None]:
+    """Two onnxruntime calibration limits, worked around for the length of one quantize call.
 
-    original = HistogramCollector.collect
+    - Calibrators keep every intermediate tensor of every image before reducing them: 19 GB
+      for three 768² images through the full ConvNeXt†. Feeding `collect_data` one image at a
+      time keeps one image's tensors (MinMax merges ranges, histograms merge counts).
+    - HistogramCollector stacks each batch's arrays into one, which fails when images differ in
+      shape (native mode): flatten each first.
+    """
+    from onnxruntime.quantization.calibrate import HistogramCalibrater, HistogramCollector, MinMaxCalibrater
 
-    def collect(self, name_to_arr):
+    class _One:
+        def __init__(self, item):
+            self.item = item
+
+        def get_next(self):
+            item, self.item = self.item, None
+            return item
+
+    originals = {cls: cls.collect_data for cls in (MinMaxCalibrater, HistogramCalibrater)}
+
+    def per_image(cls):
+        def collect_data(self, reader):
+            while (item := reader.get_next()) is not None:
+                originals[cls](self, _One(item))
+
+        return collect_data
+
+    collect = HistogramCollector.collect
+
+    def flat_collect(self, name_to_arr):
         flat = {k: np.concatenate([np.ravel(a) for a in v]) if isinstance(v, list) else v for k, v in name_to_arr.items()}
-        return original(self, flat)
+        return collect(self, flat)
 
-    HistogramCollector.collect = collect
+    for cls in originals:
+        cls.collect_data = per_image(cls)
+    HistogramCollector.collect = flat_collect
     try:
         yield
     finally:
-        HistogramCollector.collect = original
+        for cls, fn in originals.items():
+            cls.collect_data = fn
+        HistogramCollector.collect = collect
 
 
 def quantize_int8(src: Path, dest: Path, pixels: list[np.ndarray], method: str = "minmax", progress: Progress = _noop) -> None:
@@ -204,7 +231,7 @@ def quantize_int8(src: Path, dest: Path, pixels: list[np.ndarray], method: str =
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
     if method == "percentile":
         extra["CalibPercentile"] = 99.99
-    with _histograms_over_mixed_shapes(), quiet_logs(), contextlib.redirect_stdout(None):
+    with _calibrate_one_image_at_a_time(), quiet_logs(), contextlib.redirect_stdout(None):
         quantize_static(
             str(src),
             str(dest),
