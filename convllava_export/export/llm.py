@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import ExportError
 from ..model.reference import CACHE_KWARG
 from .spec import PartSpec, decoder_spec
-from .vision import EXTERNAL_DATA_BYTES, quiet_logs
+from .vision import EXTERNAL_DATA_BYTES, quiet_logs, save_checked
 
 GRAPH = "decoder.onnx"
 EMBEDDINGS = "embed_tokens.npy"
@@ -105,13 +105,8 @@ def export_decoder(llm: nn.Module, folder: Path, progress: Progress = print, ops
             opset_version=opset,
             optimize=True,
         )
-    path = folder / GRAPH
-    external = nbytes > EXTERNAL_DATA_BYTES
-    progress(f"saving {GRAPH}{' with external data' if external else ''}")
-    program.save(str(path), external_data=external)
+    external = save_checked(program, folder / GRAPH, nbytes, {n: [None, None, "total_sequence", None] for n in present_names}, progress)
     del program
-    _rename_present_axes(path, present_names)
-    onnx.checker.check_model(str(path))
     progress(f"saving the token-embedding table ({EMBEDDINGS})")
     table = llm.get_input_embeddings().weight.detach()
     np.save(folder / EMBEDDINGS, table.float().numpy() if dtype == torch.float32 else table.to(torch.float16).numpy())
@@ -119,14 +114,6 @@ def export_decoder(llm: nn.Module, folder: Path, progress: Progress = print, ops
     spec.attributes["eos_token_id"] = int(getattr(llm.config, "eos_token_id", 2) or 2)
     spec.save(folder)
     return spec
-
-
-def _rename_present_axes(path: Path, present_names: list[str]) -> None:
-    model = onnx.load(str(path), load_external_data=False)
-    for value in model.graph.output:
-        if value.name in present_names:
-            value.type.tensor_type.shape.dim[2].dim_param = "total_sequence"
-    onnx.save(model, str(path))
 
 
 def quantize_decoder(src: Path, dest: Path, precision: str, block_size: int = 32, progress: Progress = print) -> dict[str, Any]:

@@ -96,27 +96,35 @@ def export_fp32(vision: VisionEncoder, folder: Path, progress: Progress = _noop,
                 optimize=True,
                 verbose=False,
             )
-    path = folder / GRAPH
-    external = nbytes > EXTERNAL_DATA_BYTES
-    progress(f"saving {path.name}{' with external data' if external else ''}")
-    program.save(str(path), external_data=external)
+    axes = {"pixel_values": ["batch", 3, "height", "width"], "image_embeds": ["batch", "num_visual_tokens", hidden]}
+    external = save_checked(program, folder / GRAPH, nbytes, axes, progress)
     del program
-    _name_dynamic_axes(path, {"pixel_values": ["batch", 3, "height", "width"], "image_embeds": ["batch", "num_visual_tokens", hidden]})
-    onnx.checker.check_model(str(path))  # path form: works with external data
     spec = vision_spec(GRAPH, "fp32", opset, hidden, stride, external_data=external)
     spec.save(folder)
     return spec
 
 
-def _name_dynamic_axes(path: Path, names: dict[str, list[int | str]]) -> None:
-    """Give the graph's I/O dims readable names (the exporter writes s39*s94 and the like)."""
+def save_checked(program: Any, path: Path, nbytes: int, axes: dict[str, list[int | str | None]], progress: Progress) -> bool:
+    """Save an exported program (external data above 1 GiB), name its dynamic axes, run the
+    checker on the path (which follows external data). Returns whether data went external."""
+    external = nbytes > EXTERNAL_DATA_BYTES
+    progress(f"saving {path.name}{' with external data' if external else ''}")
+    program.save(str(path), external_data=external)
+    _name_dynamic_axes(path, axes)
+    onnx.checker.check_model(str(path))
+    return external
+
+
+def _name_dynamic_axes(path: Path, names: dict[str, list[int | str | None]]) -> None:
+    """Give the graph's I/O dims readable names (the exporter writes s39*s94 and the like);
+    None leaves a dim as exported."""
     model = onnx.load(str(path), load_external_data=False)
     for value in list(model.graph.input) + list(model.graph.output):
         if value.name in names:
             for dim, want in zip(value.type.tensor_type.shape.dim, names[value.name]):
                 if isinstance(want, str):
                     dim.dim_param = want
-                else:
+                elif want is not None:
                     dim.dim_value = want
     onnx.save(model, str(path))
 

@@ -46,11 +46,12 @@ def accuracy_latency_plot(report: dict[str, Any]) -> str:
     body.append(f'<text x="{(w + pad) / 2}" y="{h - 8}" font-size="11" text-anchor="middle">time to first token (ms)</text>')
     ylabel = "task accuracy (token agreement when no answers)"
     body.append(f'<text x="12" y="{(h - pad) / 2}" font-size="11" text-anchor="middle" transform="rotate(-90 12 {(h - pad) / 2})">{ylabel}</text>')
-    for name, x, y, c in pts:
+    for k, (name, x, y, c) in enumerate(sorted(pts, key=lambda p: p[1])):
         cx = pad + (w - pad - 10) * x / xmax
         cy = h - pad - y * (h - pad - 10)
+        dy = -8 - 12 * (k % 3)  # stagger labels so neighbours do not overprint
         body.append(f'<circle class="point" cx="{cx:.1f}" cy="{cy:.1f}" r="6" fill="{c}"><title>{html.escape(name)}: {x:.1f} ms, {y:.3f}</title></circle>')
-        body.append(f'<text x="{cx + 8:.1f}" y="{cy - 8:.1f}" font-size="10">{html.escape(name)}</text>')
+        body.append(f'<text x="{cx + 8:.1f}" y="{cy + dy:.1f}" font-size="10" fill="{c}">{html.escape(name)}</text>')
     return _svg(w, h, "".join(body), "accuracy against latency per build")
 
 
