@@ -180,9 +180,11 @@ def _save(model: onnx.ModelProto, dest: Path) -> None:
 def _calibrate_one_image_at_a_time() -> Iterator[None]:
     """Two onnxruntime calibration limits, worked around for the length of one quantize call.
 
-    - Calibrators keep every intermediate tensor of every image before reducing them: 19 GB
-      for three 768² images through the full ConvNeXt†. Feeding `collect_data` one image at a
-      time keeps one image's tensors (MinMax merges ranges, histograms merge counts).
+    - Calibrators keep every image's calibration outputs until `collect_data` returns (for the
+      histogram methods, whole activation tensors). Feeding it one image at a time bounds that
+      to one image (MinMax merges ranges, histograms merge counts). Note: the full-size int8
+      export still peaks at ~19 GB RSS with MinMax, so that peak comes from elsewhere
+      (BENCHMARKS.md); this bounds only what grows with the number of images.
     - HistogramCollector stacks each batch's arrays into one, which fails when images differ in
       shape (native mode): flatten each first.
     """
