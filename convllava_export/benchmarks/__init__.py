@@ -11,3 +11,17 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_in_fresh_process(target, *args):
+    """Run `target(*args, queue)` in a spawned process and return what it puts on the queue:
+    each backend gets its own memory, so its peak RSS is its own."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(*args, q))
+    p.start()
+    res = q.get()
+    p.join()
+    return res

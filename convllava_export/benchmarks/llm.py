@@ -8,9 +8,8 @@ bytes read per token and the machine's read bandwidth measured with several stre
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-from . import peak_rss_mb
+from . import peak_rss_mb, run_in_fresh_process
 import tempfile
 import threading
 import time
@@ -134,16 +133,6 @@ def _export_worker(shape: str, work: str, queue) -> None:
     queue.put(times)
 
 
-def _spawn(target, *args) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=target, args=(*args, q))
-    p.start()
-    res = q.get()
-    p.join()
-    return res
-
-
 def weight_bytes(folder: Path) -> int:
     """Bytes of the decoder graph's weights (the embedding table is gathered, not streamed)."""
     return sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("decoder.onnx"))
@@ -155,14 +144,14 @@ def bench_llm(shape: str = "tinyllama", prompt_len: int = 600, decode_steps: int
     exports = {}
     if not (work / "int4" / "decoder.onnx").exists():
         progress(f"exporting a random {shape}-shaped decoder, then int8 and int4 (this takes minutes)")
-        exports = _spawn(_export_worker, shape, str(work))
+        exports = run_in_fresh_process(_export_worker, shape, str(work))
     bw = {n: read_bandwidth_gbs(n) for n in sorted({1, threads})}
     results = {}
     order = ["torch-fp32", "ort-fp32", "ort-int8", "ort-int4"]
     for kind in order:
         progress(f"timing {kind}: prefill {prompt_len} tokens, decode {decode_steps} tokens at context {prompt_len}")
         folder = None if kind == "torch-fp32" else str(work / kind.split("-")[1])
-        results[kind] = _spawn(_worker, kind, folder, shape, threads, prompt_len, decode_steps)
+        results[kind] = run_in_fresh_process(_worker, kind, folder, shape, threads, prompt_len, decode_steps)
     ref_tokens = results["torch-fp32"]["tokens"]
     best_bw = max(bw.values())
     rows = []

@@ -8,9 +8,8 @@ peak RSS is its own.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
-from . import peak_rss_mb
+from . import peak_rss_mb, run_in_fresh_process
 import tempfile
 import time
 from pathlib import Path
@@ -72,7 +71,6 @@ def count_flops(vision, hw: tuple[int, int]) -> float:
 
 def gemm_ceiling(threads: int, n: int = 2048, reps: int = 5) -> float:
     """ONNX Runtime's own fp32 MatMul throughput (GFLOP/s): the machine's practical ceiling."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -86,7 +84,6 @@ def gemm_ceiling(threads: int, n: int = 2048, reps: int = 5) -> float:
     x = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
     sess.run(None, {"a": x, "b": x})
     best = min(_timed(lambda: sess.run(None, {"a": x, "b": x})) for _ in range(reps))
-    del onnx
     return 2.0 * n**3 / best / 1e9
 
 
@@ -105,36 +102,19 @@ def _worker(kind: str, path: str | None, shapes: list[tuple[int, int]], reps: in
     if kind == "torch-fp32":
         model = build_vision()
         run = lambda x: model(torch.from_numpy(x))  # noqa: E731
-        ctx = torch.no_grad()
     else:
         from ..engines.onnxruntime import OrtVision
 
-        engine = OrtVision(Path(path), threads=threads)
-        run = engine.encode
-        ctx = None
+        run = OrtVision(Path(path), threads=threads).encode
     rng = np.random.default_rng(0)
-    for hw in shapes:
-        x = rng.standard_normal((1, 3, *hw)).astype(np.float32)
-        if ctx is not None:
-            with ctx:
-                run(x)
-                times = [_timed(lambda: run(x)) for _ in range(reps)]
-        else:
+    with torch.no_grad():
+        for hw in shapes:
+            x = rng.standard_normal((1, 3, *hw)).astype(np.float32)
             run(x)
             times = [_timed(lambda: run(x)) for _ in range(reps)]
-        out["latency_s"][f"{hw[0]}x{hw[1]}"] = float(np.median(times))
+            out["latency_s"][f"{hw[0]}x{hw[1]}"] = float(np.median(times))
     out["peak_rss_mb"] = peak_rss_mb()
     queue.put(out)
-
-
-def _in_process(kind, path, shapes, reps, threads) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_worker, args=(kind, path, shapes, reps, threads, q))
-    p.start()
-    res = q.get()
-    p.join()
-    return res
 
 
 def _export_worker(folder: str, precision: str, calib_hw: tuple[int, int], n_calib: int, queue) -> None:
@@ -146,16 +126,6 @@ def _export_worker(folder: str, precision: str, calib_hw: tuple[int, int], n_cal
     t = time.perf_counter()
     res = export_vision(vision, Path(folder), precision, pixels[:-1] or pixels, pixels[-1:], progress=lambda m: None)
     queue.put({"export_s": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(), "report": res.report})
-
-
-def _export(folder: Path, precision: str, calib_hw, n_calib) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_export_worker, args=(str(folder), precision, calib_hw, n_calib, q))
-    p.start()
-    res = q.get()
-    p.join()
-    return res
 
 
 def bench_vision(shapes: list[tuple[int, int]] = SHAPES, reps: int = 3, threads: int | None = None, workdir: str | None = None, progress=print) -> dict[str, Any]:
@@ -171,12 +141,12 @@ def bench_vision(shapes: list[tuple[int, int]] = SHAPES, reps: int = 3, threads:
     exports = {}
     for precision in ("fp32", "int8"):
         if not (work / precision / "vision.ort.onnx").exists():
-            exports[precision] = _export(work / precision, precision, (768, 768), 3)
+            exports[precision] = run_in_fresh_process(_export_worker, str(work / precision), precision, (768, 768), 3)
             progress(f"exported {precision} in {exports[precision]['export_s']:.0f} s (peak RSS {exports[precision]['peak_rss_mb']:.0f} MB)")
     results = {}
     for kind, path in (("torch-fp32", None), ("ort-fp32", work / "fp32" / "vision.ort.onnx"), ("ort-int8", work / "int8" / "vision.ort.onnx")):
         progress(f"timing {kind} at {', '.join(f'{h}x{w}' for h, w in shapes)}")
-        results[kind] = _in_process(kind, str(path) if path else None, shapes, reps, threads)
+        results[kind] = run_in_fresh_process(_worker, kind, str(path) if path else None, shapes, reps, threads)
     rows = []
     for h, w in shapes:
         key = f"{h}x{w}"

@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import ExportError
 from ..model.reference import CACHE_KWARG
 from .spec import PartSpec, decoder_spec
-from .vision import EXTERNAL_DATA_BYTES, quiet_logs, save_checked
+from .vision import quiet_logs, save_checked, save_model
 
 GRAPH = "decoder.onnx"
 EMBEDDINGS = "embed_tokens.npy"
@@ -137,9 +137,7 @@ def quantize_decoder(src: Path, dest: Path, precision: str, block_size: int = 32
         with quiet_logs():
             quant = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, accuracy_level=4)
             quant.process()
-        out = quant.model.model
-        large = out.ByteSize() > EXTERNAL_DATA_BYTES
-        onnx.save(out, str(dest), save_as_external_data=large, location=dest.name + ".data" if large else None)
+        save_model(quant.model.model, dest)
         info["block_size"] = block_size
     elif precision == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -149,8 +147,7 @@ def quantize_decoder(src: Path, dest: Path, precision: str, block_size: int = 32
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = convert_float_to_float16(model, keep_io_types=False, op_block_list=["Pow", "ReduceMean", "Sqrt", "Reciprocal"])
-        large = out.ByteSize() > EXTERNAL_DATA_BYTES
-        onnx.save(out, str(dest), save_as_external_data=large, location=dest.name + ".data" if large else None)
+        save_model(out, dest)
     else:
         raise ExportError(f"unknown ONNX Runtime LLM precision '{precision}' (use {', '.join(ORT_PRECISIONS)})")
     return info

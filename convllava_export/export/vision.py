@@ -168,11 +168,12 @@ def convert_fp16(src: Path, dest: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP16_KEEP_FP32)
-    _save(model16, dest)
+    save_model(model16, dest)
 
 
-def _save(model: onnx.ModelProto, dest: Path) -> None:
-    large = model.ByteSize() > EXTERNAL_DATA_BYTES if hasattr(model, "ByteSize") else False
+def save_model(model: onnx.ModelProto, dest: Path) -> None:
+    """Save a converted/quantized graph, with external data above 1 GiB."""
+    large = model.ByteSize() > EXTERNAL_DATA_BYTES
     onnx.save(model, str(dest), save_as_external_data=large, location=dest.name + ".data" if large else None)
 
 

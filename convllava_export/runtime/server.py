@@ -271,7 +271,7 @@ def create_app(pipeline: Pipeline, model_name: str = "convllava", limits: Server
                     loop.call_soon_threadsafe(events.put_nowait, ("token", ev))
                 t = pipeline.last_timings[0] if pipeline.last_timings else Timings()
                 metrics.generation(t, tokens)
-                loop.call_soon_threadsafe(events.put_nowait, ("done", (t, tokens, pipeline_prompt_tokens(pipeline, req))))
+                loop.call_soon_threadsafe(events.put_nowait, ("done", (t, tokens, pipeline.last_prompt_tokens[0] if pipeline.last_prompt_tokens else 0)))
             except ConvLlavaError as exc:
                 loop.call_soon_threadsafe(events.put_nowait, ("error", ApiError(400, str(exc), "messages")))
             except Exception as exc:  # noqa: BLE001
@@ -335,11 +335,6 @@ def create_app(pipeline: Pipeline, model_name: str = "convllava", limits: Server
     app.state.metrics = metrics
     app.state.limits = limits
     return app
-
-
-def pipeline_prompt_tokens(pipeline: Pipeline, req: Request) -> int:
-    """Prompt length in the LLM's positions (text + visual tokens) of the request just run."""
-    return pipeline.last_prompt_tokens[0] if pipeline.last_prompt_tokens else 0
 
 
 def serve(pipeline: Pipeline, host: str = "127.0.0.1", port: int = 8000, model_name: str = "convllava", limits: ServerLimits | None = None) -> None:
