@@ -422,15 +422,56 @@ def demo_cmd(workdir: Path, threads) -> None:
 @click.option("--max-queue", type=click.IntRange(0), default=8, show_default=True, help="waiting requests before 429")
 @click.option("--max-body-mb", type=click.FloatRange(0.01), default=20.0, show_default=True)
 @click.option("--max-image-pixels", type=click.IntRange(1), default=40_000_000, show_default=True)
-@click.option("--threads", type=click.IntRange(1), default=None)
-def serve_cmd(build_dir: Path, host, port, model_name, allow_local_files, max_tokens_limit, max_queue, max_body_mb, max_image_pixels, threads) -> None:
+@click.option("--threads", type=click.IntRange(1), default=None, help="intra-op threads (per replica with --engine ray)")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="one process, or a Ray Serve application")
+@click.option("--replicas", type=click.IntRange(1), default=1, show_default=True, help="[ray] LLM replicas")
+@click.option("--min-replicas", type=click.IntRange(0), default=None, help="[ray] autoscale the LLM replicas from this many ...")
+@click.option("--max-replicas", type=click.IntRange(1), default=None, help="[ray] ... to this many")
+@click.option("--target-ongoing-requests", type=click.FloatRange(0.1), default=1.0, show_default=True, help="[ray] autoscaling target per LLM replica")
+@click.option("--vision-replicas", type=click.IntRange(1), default=1, show_default=True, help="[ray] vision encoder replicas")
+@click.option("--gpus-per-replica", type=click.FloatRange(0), default=None, help="[ray] GPUs per LLM replica (default 1 for GPU builds, 0 for CPU)")
+@click.option("--vision-gpus", type=click.FloatRange(0), default=None, help="[ray] GPUs per vision replica (default 0.5 for GPU builds, 0 for CPU)")
+@click.option("--cpus-per-replica", type=click.FloatRange(0), default=1.0, show_default=True, help="[ray] CPUs reserved per replica")
+@click.option("--max-batch-size", type=click.IntRange(1), default=4, show_default=True, help="[ray] images per vision engine run")
+@click.option("--batch-wait-ms", type=click.FloatRange(0), default=10.0, show_default=True, help="[ray] how long a vision batch waits to fill")
+@click.option("--address", default=None, help="[ray] existing cluster: auto or ray://HOST:PORT (default: start a local Ray instance)")
+@click.option("--write-config", type=click.Path(path_type=Path), default=None, help="[ray] write a Serve config YAML for `serve deploy` / KubeRay and exit")
+def serve_cmd(
+    build_dir: Path, host, port, model_name, allow_local_files, max_tokens_limit, max_queue, max_body_mb, max_image_pixels, threads,
+    engine, replicas, min_replicas, max_replicas, target_ongoing_requests, vision_replicas, gpus_per_replica, vision_gpus, cpus_per_replica,
+    max_batch_size, batch_wait_ms, address, write_config,
+) -> None:
     """OpenAI-compatible server: POST /v1/chat/completions, GET /v1/models, /health, /metrics."""
     from .runtime.server import ServerLimits, serve
 
-    pipe = _load_build(build_dir, threads)
     limits = ServerLimits(int(max_body_mb * (1 << 20)), max_image_pixels, 8, max_tokens_limit, max_queue, allow_local_files)
-    say(f"serving {build_dir} as '{model_name}' on http://{host}:{port}/v1 ({pipe.info.get('vision')}, {pipe.info.get('llm')})")
-    serve(pipe, host, port, model_name, limits)
+    if engine == "local":
+        if write_config or address:
+            raise ConvLlavaError("--write-config and --address are for --engine ray")
+        pipe = _load_build(build_dir, threads)
+        say(f"serving {build_dir} as '{model_name}' on http://{host}:{port}/v1 ({pipe.info.get('vision')}, {pipe.info.get('llm')})")
+        serve(pipe, host, port, model_name, limits)
+        return
+    from dataclasses import asdict
+
+    from .build import read_manifest
+    from .runtime import ray_serve
+
+    read_manifest(build_dir)  # a clear error for a folder that is not a build, before Ray starts
+    opts = ray_serve.RayServeOptions(
+        build_dir=str(build_dir.resolve()), model_name=model_name, replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
+        target_ongoing_requests=target_ongoing_requests, vision_replicas=vision_replicas, gpus_per_replica=gpus_per_replica,
+        vision_gpus=vision_gpus, cpus_per_replica=cpus_per_replica, threads=threads, max_batch_size=max_batch_size,
+        batch_wait_timeout_s=batch_wait_ms / 1000, limits=asdict(limits),
+    )
+    if write_config:
+        import yaml
+
+        config = ray_serve.serve_config(opts, host, port)
+        write_config.write_text(yaml.safe_dump(config, sort_keys=False))
+        say(f"wrote {write_config}: deploy it with `serve deploy {write_config}` (Ray cluster) or as a RayService's serveConfigV2 (KubeRay)")
+        return
+    ray_serve.run(opts, address, host, port, say=say)
 
 
 @cli.command("validate")

@@ -48,19 +48,18 @@ def check_libraries(manifest: dict[str, Any]) -> None:
         raise BuildError(f"this build was made with onnxruntime {built}; installed is {here}, which may lack its operators. Upgrade onnxruntime or rebuild here.")
 
 
-def load_pipeline_from_manifest(
-    folder: Path, manifest: dict[str, Any], verify: str | bool = True, threads: int | None = None, vision_backend: str | None = None, llm_target: str | None = None
-) -> Pipeline:
-    from ..engines.onnxruntime import OrtDecoder, OrtVision
-    from ..engines.profiles import VisionProfile
-    from ..tokenizer import load_tokenizer
+def preprocess_config(manifest: dict[str, Any]) -> PreprocessConfig:
+    pre = manifest["preprocess"]
+    return PreprocessConfig(**{**pre, "mean": tuple(pre["mean"]), "std": tuple(pre["std"]), "size": tuple(pre["size"]) if pre.get("size") else None})
 
-    folder = Path(folder)
-    verify_files(folder, manifest, verify)
-    check_libraries(manifest)
+
+def load_vision(folder: Path, manifest: dict[str, Any], threads: int | None = None, vision_backend: str | None = None) -> tuple[Any, str]:
+    """The build's vision engine and a description of it (e.g. 'onnxruntime fp32')."""
+    from ..engines.onnxruntime import OrtVision
+    from ..engines.profiles import VisionProfile
+
     threads = threads or manifest.get("threads")
-    target = manifest["target"]
-    ort_target = {"jetson": "tensorrt"}.get(target, target)
+    ort_target = {"jetson": "tensorrt"}.get(manifest["target"], manifest["target"])
     profile = VisionProfile.from_dict(manifest["vision"]["profile"])
     backend = vision_backend or manifest["vision"]["backend"]
     if backend == "tensorrt":
@@ -72,12 +71,38 @@ def load_pipeline_from_manifest(
         vision = OrtVision(folder / (graph or manifest["vision"]["graph"]), ort_target if ort_target != "tensorrt" else "cuda", threads, profile)
     else:
         raise BuildError(f"unknown vision backend '{backend}' in the manifest")
-    llm_target = llm_target or ("cpu" if ort_target == "cpu" else "cuda")
-    decoder = OrtDecoder(folder / manifest["llm"]["folder"], llm_target, threads)
+    return vision, f"{backend} {manifest['vision']['precision']}"
+
+
+def load_decoder(folder: Path, manifest: dict[str, Any], threads: int | None = None, llm_target: str | None = None) -> tuple[Any, str]:
+    """The build's LLM decoder and a description of it."""
+    from ..engines.onnxruntime import OrtDecoder
+
+    threads = threads or manifest.get("threads")
+    llm_target = llm_target or ("cpu" if manifest["target"] == "cpu" else "cuda")
+    return OrtDecoder(folder / manifest["llm"]["folder"], llm_target, threads), f"onnxruntime {manifest['llm']['precision']}"
+
+
+def load_pipeline_from_manifest(
+    folder: Path,
+    manifest: dict[str, Any],
+    verify: str | bool = True,
+    threads: int | None = None,
+    vision_backend: str | None = None,
+    llm_target: str | None = None,
+    parts: tuple[str, ...] = ("vision", "llm"),
+) -> Pipeline:
+    """A Pipeline over the build; `parts` loads only some engines (a Ray replica needs one)."""
+    from ..tokenizer import load_tokenizer
+
+    folder = Path(folder)
+    verify_files(folder, manifest, verify)
+    check_libraries(manifest)
+    vision, vision_info = load_vision(folder, manifest, threads, vision_backend) if "vision" in parts else (None, "not loaded")
+    decoder, llm_info = load_decoder(folder, manifest, threads, llm_target) if "llm" in parts else (None, "not loaded")
     tokenizer = load_tokenizer(folder / "tokenizer")
-    pcfg = PreprocessConfig(**{**manifest["preprocess"], "mean": tuple(manifest["preprocess"]["mean"]), "std": tuple(manifest["preprocess"]["std"]), "size": tuple(manifest["preprocess"]["size"]) if manifest["preprocess"].get("size") else None})
-    info = {"build": str(folder), "target": target, "vision": f"{backend} {manifest['vision']['precision']}", "llm": f"onnxruntime {manifest['llm']['precision']}"}
-    pipe = Pipeline(vision, decoder, tokenizer, pcfg, info)
+    info = {"build": str(folder), "target": manifest["target"], "vision": vision_info, "llm": llm_info}
+    pipe = Pipeline(vision, decoder, tokenizer, preprocess_config(manifest), info)
     pipe.max_context = int(manifest.get("token_budget", {}).get("max_context", 2048))
     return pipe
 

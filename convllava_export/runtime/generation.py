@@ -153,7 +153,7 @@ def stream_tokens(
             if done[i]:
                 continue
             tok = int(tok)
-            if tok == eos:
+            if tok == eos and not params.ignore_eos:
                 done[i] = True
                 yield TokenEvent(i, tok, detoks[i].flush(), "stop")
                 continue

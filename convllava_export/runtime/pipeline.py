@@ -96,10 +96,17 @@ class Pipeline:
             return request.prompt  # already templated
         return build_prompt(request.prompt, num_images=len(request.images))
 
-    def prepare(self, request: Request, timings: Timings) -> np.ndarray:
-        """The spliced embedding sequence [S, hidden] for one request."""
+    def prepare(self, request: Request, timings: Timings, image_embeds: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """The spliced embedding sequence [S, hidden] for one request.
+
+        `image_embeds` skips the vision engine (encoded elsewhere, e.g. by a Ray vision replica);
+        `request.images` then only counts the images for the prompt template.
+        """
         ids = tokenize_with_images(self.tokenizer, self.prompt_text(request))
-        embeds = self.encode_images(request.images, timings) if request.images else []
+        if image_embeds is not None:
+            embeds = list(image_embeds)
+        else:
+            embeds = self.encode_images(request.images, timings) if request.images else []
         seq = splice_embeddings(ids, embeds, self.decoder.embed)
         if self.max_context is not None and len(seq) > self.max_context:
             raise ConvLlavaError(
@@ -109,11 +116,19 @@ class Pipeline:
         return seq
 
     # -- generation -----------------------------------------------------------------------
-    def stream(self, requests: Sequence[Request] | Request, params: SamplingParams | None = None, **sampling: Any) -> Iterator[TokenEvent]:
+    def stream(
+        self,
+        requests: Sequence[Request] | Request,
+        params: SamplingParams | None = None,
+        image_embeds: Sequence[Sequence[np.ndarray]] | None = None,
+        timings: Sequence[Timings] | None = None,
+        **sampling: Any,
+    ) -> Iterator[TokenEvent]:
         reqs = [requests] if isinstance(requests, Request) else list(requests)
         params = params or SamplingParams(**sampling)
-        timings = [Timings() for _ in reqs]
-        seqs = [self.prepare(r, t) for r, t in zip(reqs, timings)]
+        timings = list(timings) if timings is not None else [Timings() for _ in reqs]
+        embeds = image_embeds if image_embeds is not None else [None] * len(reqs)
+        seqs = [self.prepare(r, t, e) for r, t, e in zip(reqs, timings, embeds)]
         self.last_timings, self.last_prompt_tokens = timings, [len(s) for s in seqs]
         yield from stream_tokens(self.decoder, self.tokenizer, seqs, params, timings)
 

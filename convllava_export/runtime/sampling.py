@@ -14,6 +14,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks; vLLM's request field of the same name)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:

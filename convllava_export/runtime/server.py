@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP server over a Pipeline (FastAPI + uvicorn).
 
-One worker thread runs generation (a pipeline is not re-entrant); requests wait in a bounded
-queue and get 429 beyond it. Bad requests get a 4xx with an OpenAI-style error body. Images
+The app talks to a ChatBackend: in one process, one worker thread runs generation (a pipeline
+is not re-entrant); on Ray Serve (ray_serve.py) replicas do. Requests wait in a bounded queue
+and get 429 beyond it. Bad requests get a 4xx with an OpenAI-style error body. Images
 come as data: URLs; local paths only with allow_local_files; nothing is ever fetched.
 """
 
@@ -17,7 +18,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 from ..errors import ConvLlavaError
 from ..extras import require
@@ -28,7 +30,7 @@ from fastapi import Request as HttpRequest  # noqa: E402  (module level: FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse  # noqa: E402
 
 from ..prompt import SYSTEM_V1, Conversation
-from .generation import Timings
+from .generation import Timings, TokenEvent
 from .pipeline import Pipeline, Request
 from .sampling import SamplingParams
 
@@ -183,6 +185,7 @@ def parse_sampling(body: dict[str, Any], limits: ServerLimits) -> SamplingParams
             top_p=float(body.get("top_p", 1.0) if body.get("top_p") is not None else 1.0),
             seed=body.get("seed"),
             stop=stop,
+            ignore_eos=bool(body.get("ignore_eos", False)),
         )
         params.validate()
     except (TypeError, ValueError) as exc:
@@ -190,15 +193,90 @@ def parse_sampling(body: dict[str, Any], limits: ServerLimits) -> SamplingParams
     return params
 
 
-def create_app(pipeline: Pipeline, model_name: str = "convllava", limits: ServerLimits | None = None):
-    from ..preprocess import load_image
+@dataclass
+class Finished:
+    """The last item of a backend's stream: what the usage block and metrics need."""
 
+    timings: Timings
+    completion_tokens: int
+    prompt_tokens: int
+
+
+class ChatBackend(Protocol):
+    """What the HTTP app needs from whatever runs generation (one process, or Ray replicas)."""
+
+    info: dict[str, Any]
+    concurrency: int  # requests it runs at once; the app queues max_queue more before 429
+
+    def prepare(self, conv: Conversation, images: list[bytes | str]) -> Any:
+        """Decode/check inputs before queueing, so a bad image is a 400 (ApiError/ConvLlavaError)."""
+        ...
+
+    def stream(self, prepared: Any, params: SamplingParams) -> AsyncIterator[TokenEvent | Finished]:
+        """Token events, then one Finished; failures raise ApiError."""
+        ...
+
+
+class LocalBackend:
+    """Generation in this process: one worker thread, since a Pipeline is not re-entrant."""
+
+    concurrency = 1
+
+    def __init__(self, pipeline: Pipeline, limits: ServerLimits) -> None:
+        self.pipeline = pipeline
+        self.limits = limits
+        self.info = pipeline.info
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convllava-generate")
+
+    def prepare(self, conv: Conversation, images: list[bytes | str]) -> Request:
+        from ..preprocess import load_image
+
+        return Request(conv, [load_image(im, max_pixels=self.limits.max_image_pixels) for im in images])
+
+    async def stream(self, prepared: Request, params: SamplingParams) -> AsyncIterator[TokenEvent | Finished]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        pipeline = self.pipeline
+
+        def run() -> None:
+            try:
+                tokens = 0
+                for ev in pipeline.stream([prepared], params):
+                    if cancel.is_set():
+                        break
+                    tokens += 1
+                    loop.call_soon_threadsafe(events.put_nowait, ev)
+                t = pipeline.last_timings[0] if pipeline.last_timings else Timings()
+                loop.call_soon_threadsafe(events.put_nowait, Finished(t, tokens, pipeline.last_prompt_tokens[0] if pipeline.last_prompt_tokens else 0))
+            except ConvLlavaError as exc:
+                loop.call_soon_threadsafe(events.put_nowait, ApiError(400, str(exc), "messages"))
+            except Exception as exc:  # noqa: BLE001
+                loop.call_soon_threadsafe(events.put_nowait, ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error"))
+
+        self.worker.submit(run)
+        try:
+            while True:
+                item = await events.get()
+                if isinstance(item, ApiError):
+                    raise item
+                yield item
+                if isinstance(item, Finished):
+                    return
+        finally:
+            cancel.set()  # the client went away or the stream ended: stop generating
+
+
+def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", limits: ServerLimits | None = None):
+    """The OpenAI-compatible FastAPI app over a Pipeline (this process) or any ChatBackend."""
     limits = limits or ServerLimits()
+    if isinstance(backend, Pipeline):
+        backend = LocalBackend(backend, limits)
     app = FastAPI(title="convllava-export", version="1")
     metrics = Metrics()
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convllava-generate")
     state = {"active": 0}
     created = int(time.time())
+    capacity = backend.concurrency + limits.max_queue
 
     def error_response(err: ApiError) -> JSONResponse:
         metrics.request(err.status)
@@ -217,7 +295,7 @@ def create_app(pipeline: Pipeline, model_name: str = "convllava", limits: Server
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, **pipeline.info, "queue_depth": metrics.queue_depth}
+        return {"status": "ok", "model": model_name, **backend.info, "queue_depth": metrics.queue_depth}
 
     @app.get("/v1/models")
     async def models():
@@ -226,10 +304,6 @@ def create_app(pipeline: Pipeline, model_name: str = "convllava", limits: Server
     @app.get("/metrics")
     async def prometheus():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
-
-    def prepare(conv: Conversation, images: list[bytes | str]) -> Request:
-        # decode here: a bad image is the client's error (400), found before queueing
-        return Request(conv, [load_image(im, max_pixels=limits.max_image_pixels) for im in images])
 
     @app.post("/v1/chat/completions")
     async def chat(request: HttpRequest):
@@ -247,80 +321,58 @@ def create_app(pipeline: Pipeline, model_name: str = "convllava", limits: Server
                 raise ApiError(404, f"model {body.get('model')!r} does not exist; this server serves {model_name!r}", "model", code="model_not_found")
             conv, images = parse_chat(body, limits)
             params = parse_sampling(body, limits)
-            req = prepare(conv, images)
+            prepared = backend.prepare(conv, images)
         except ApiError as err:
             return error_response(err)
         except ConvLlavaError as exc:
             return error_response(ApiError(400, str(exc), "messages"))
-        if state["active"] >= limits.max_queue + 1:
-            return error_response(ApiError(429, f"server busy: {state['active']} requests running or queued (limit {limits.max_queue + 1}); retry later", kind="rate_limit_error", code="queue_full"))
+        if state["active"] >= capacity:
+            return error_response(ApiError(429, f"server busy: {state['active']} requests running or queued (limit {capacity}); retry later", kind="rate_limit_error", code="queue_full"))
         state["active"] += 1
         metrics.queue_depth = state["active"]
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
+        events = backend.stream(prepared, params)
 
-        def run() -> None:
-            try:
-                tokens = 0
-                for ev in pipeline.stream([req], params):
-                    if cancel.is_set():
-                        break
-                    tokens += 1
-                    loop.call_soon_threadsafe(events.put_nowait, ("token", ev))
-                t = pipeline.last_timings[0] if pipeline.last_timings else Timings()
-                metrics.generation(t, tokens)
-                loop.call_soon_threadsafe(events.put_nowait, ("done", (t, tokens, pipeline.last_prompt_tokens[0] if pipeline.last_prompt_tokens else 0)))
-            except ConvLlavaError as exc:
-                loop.call_soon_threadsafe(events.put_nowait, ("error", ApiError(400, str(exc), "messages")))
-            except Exception as exc:  # noqa: BLE001
-                loop.call_soon_threadsafe(events.put_nowait, ("error", ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error")))
-
-        def finish() -> None:
+        async def finish() -> None:
+            await events.aclose()
             state["active"] -= 1
             metrics.queue_depth = state["active"]
 
-        worker.submit(run)
         if body.get("stream"):
 
             async def sse():
                 try:
                     head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name}
                     yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': {'role': 'assistant', 'content': ''}, 'finish_reason': None}]})}\n\n"
-                    while True:
-                        kind, payload = await events.get()
-                        if kind == "token":
-                            if payload.text or payload.finish_reason:
-                                delta = {"content": payload.text} if payload.text else {}
-                                yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': delta, 'finish_reason': payload.finish_reason}]})}\n\n"
-                        elif kind == "error":
-                            metrics.request(payload.status)
-                            yield f"data: {json.dumps(payload.body())}\n\n"
-                            break
-                        else:
-                            metrics.request(200)
-                            break
+                    try:
+                        async for item in events:
+                            if isinstance(item, Finished):
+                                metrics.generation(item.timings, item.completion_tokens)
+                                metrics.request(200)
+                            elif item.text or item.finish_reason:
+                                delta = {"content": item.text} if item.text else {}
+                                yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': delta, 'finish_reason': item.finish_reason}]})}\n\n"
+                    except ApiError as err:
+                        metrics.request(err.status)
+                        yield f"data: {json.dumps(err.body())}\n\n"
                     yield "data: [DONE]\n\n"
                 finally:
-                    cancel.set()
-                    finish()
+                    await finish()
 
             return StreamingResponse(sse(), media_type="text/event-stream")
         text, reason = "", "length"
         try:
-            while True:
-                kind, payload = await events.get()
-                if kind == "token":
-                    text += payload.text
-                    reason = payload.finish_reason or reason
-                elif kind == "error":
-                    return error_response(payload)
+            async for item in events:
+                if isinstance(item, Finished):
+                    done = item
                 else:
-                    timings, tokens, prompt_tokens = payload
-                    break
+                    text += item.text
+                    reason = item.finish_reason or reason
+        except ApiError as err:
+            return error_response(err)
         finally:
-            finish()
+            await finish()
+        metrics.generation(done.timings, done.completion_tokens)
         metrics.request(200)
         return {
             "id": rid,
@@ -328,12 +380,13 @@ def create_app(pipeline: Pipeline, model_name: str = "convllava", limits: Server
             "created": int(time.time()),
             "model": model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens},
-            "timings": timings.to_dict(),
+            "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens, "total_tokens": done.prompt_tokens + done.completion_tokens},
+            "timings": done.timings.to_dict(),
         }
 
     app.state.metrics = metrics
     app.state.limits = limits
+    app.state.backend = backend
     return app
 
 

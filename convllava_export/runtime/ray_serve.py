@@ -1,0 +1,379 @@
+"""The pipeline as a Ray Serve application: ingress → vision replicas → LLM replicas.
+
+    HTTP ─► Ingress (FastAPI: the single-process server's app, same API and limits)
+              │ decode + preprocess images, then per image
+              ├─► VisionEncoder  (@serve.batch: concurrent images of equal shape share a run)
+              └─► LLMWorker × N  (one request at a time each: a decoder holds one KV cache)
+
+The same application is built from Python (`convllava-export serve --engine ray`) and from a
+Serve config (`serve deploy`, KubeRay's RayService) through `app_builder`, with the
+deployment options of `deployment_options`, so both paths deploy exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConvLlavaError
+from ..extras import require
+
+require("ray.serve", "ray[serve]", "serving on Ray (--engine ray)")
+from ray import serve  # noqa: E402
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError  # noqa: E402
+
+from ..prompt import Conversation  # noqa: E402
+from .generation import Timings, TokenEvent  # noqa: E402
+from .sampling import SamplingParams  # noqa: E402
+from .server import ApiError, Finished, ServerLimits, create_app  # noqa: E402
+
+APP_NAME = "convllava"
+GPU_TARGETS = ("cuda", "tensorrt", "jetson")
+REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
+
+
+@dataclass
+class RayServeOptions:
+    """Everything that shapes the application; the `args` of a Serve config are this, as a dict."""
+
+    build_dir: str
+    model_name: str = "convllava"
+    replicas: int = 1  # LLM replicas when not autoscaling
+    min_replicas: int | None = None  # set both min and max to autoscale the LLM replicas
+    max_replicas: int | None = None
+    target_ongoing_requests: float = 1.0  # per LLM replica (each runs one request at a time)
+    vision_replicas: int = 1
+    gpus_per_replica: float | None = None  # LLM replica; None: 1 for GPU builds, 0 for CPU builds
+    vision_gpus: float | None = None  # vision replica; None: 0.5 for GPU builds, 0 for CPU builds
+    cpus_per_replica: float = 1.0
+    threads: int | None = None  # intra-op threads per replica (default: the build's setting)
+    max_batch_size: int = 4  # vision images per engine run
+    batch_wait_timeout_s: float = 0.01
+    retries: int = 2  # re-route a request whose LLM replica died before it produced a token
+    limits: dict[str, Any] = field(default_factory=dict)  # ServerLimits fields
+
+    @classmethod
+    def from_dict(cls, args: dict[str, Any]) -> RayServeOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ConvLlavaError(f"unknown Ray Serve application args {unknown}; known: {sorted(known)}")
+        if "build_dir" not in args:
+            raise ConvLlavaError("the Ray Serve application needs args.build_dir (the build folder, readable on every node)")
+        return cls(**args)
+
+    def validate(self) -> None:
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ConvLlavaError("autoscaling needs both --min-replicas and --max-replicas")
+        if self.min_replicas is not None and not 0 <= self.min_replicas <= self.max_replicas:
+            raise ConvLlavaError(f"--min-replicas {self.min_replicas} must be between 0 and --max-replicas {self.max_replicas}")
+        if self.replicas < 1 or self.vision_replicas < 1:
+            raise ConvLlavaError("replica counts must be at least 1")
+        if self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
+            raise ConvLlavaError("--max-batch-size must be >= 1 and --batch-wait-ms >= 0")
+        ServerLimits(**self.limits)  # unknown limit names fail here, before anything starts
+
+
+def deployment_options(opts: RayServeOptions, target: str) -> dict[str, dict[str, Any]]:
+    """Per-deployment Serve options (replicas, resources, health checks, shutdown), by deployment name."""
+    gpu = target in GPU_TARGETS
+    llm_gpus = opts.gpus_per_replica if opts.gpus_per_replica is not None else (1.0 if gpu else 0.0)
+    vision_gpus = opts.vision_gpus if opts.vision_gpus is not None else (0.5 if gpu else 0.0)
+    common = {"health_check_period_s": 10.0, "health_check_timeout_s": 60.0, "graceful_shutdown_wait_loop_s": 2.0, "graceful_shutdown_timeout_s": 30.0}
+    llm: dict[str, Any] = {
+        **common,
+        "max_ongoing_requests": 1,
+        "ray_actor_options": {"num_cpus": opts.cpus_per_replica, "num_gpus": llm_gpus},
+    }
+    if opts.min_replicas is not None:
+        llm["autoscaling_config"] = {
+            "min_replicas": opts.min_replicas,
+            "initial_replicas": max(opts.min_replicas, 1),
+            "max_replicas": opts.max_replicas,
+            "target_ongoing_requests": opts.target_ongoing_requests,
+        }
+    else:
+        llm["num_replicas"] = opts.replicas
+    limits = ServerLimits(**opts.limits)
+    llm_capacity = opts.max_replicas if opts.max_replicas is not None else opts.replicas
+    return {
+        "Ingress": {**common, "num_replicas": 1, "max_ongoing_requests": max(64, 4 * (llm_capacity + limits.max_queue)), "ray_actor_options": {"num_cpus": 0}},
+        "VisionEncoder": {
+            **common,
+            "num_replicas": opts.vision_replicas,
+            "max_ongoing_requests": 4 * opts.max_batch_size,
+            "ray_actor_options": {"num_cpus": opts.cpus_per_replica, "num_gpus": vision_gpus},
+        },
+        "LLMWorker": llm,
+    }
+
+
+@dataclass
+class WorkerError:
+    """An error a replica reports as a value (exceptions with extra fields do not pickle back)."""
+
+    status: int
+    message: str
+
+
+@serve.deployment(name="VisionEncoder")
+class VisionEncoder:
+    """The build's vision engine; concurrent single-image calls are batched when shapes match."""
+
+    def __init__(self, build_dir: str, threads: int | None, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        from ..build import read_manifest
+        from .build_loader import check_libraries, load_vision, verify_files
+
+        folder = Path(build_dir)
+        manifest = read_manifest(folder)
+        verify_files(folder, manifest)
+        check_libraries(manifest)
+        self.vision, self.description = load_vision(folder, manifest, threads)
+        self.encode_batch.set_max_batch_size(max_batch_size)
+        self.encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batch_sizes: list[int] = []
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
+    async def encode_batch(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
+        """[3,H,W] per request → [tokens, hidden] per request; one engine run per distinct shape."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(pixels):
+            groups.setdefault(p.shape, []).append(i)
+        out: list[np.ndarray] = [np.empty(0)] * len(pixels)
+        for idx in groups.values():
+            self.batch_sizes.append(len(idx))
+            embeds = await asyncio.to_thread(self.vision.encode, np.stack([pixels[i] for i in idx]))
+            for j, i in enumerate(idx):
+                out[i] = embeds[j]
+        return out
+
+    async def encode(self, pixels: np.ndarray) -> np.ndarray:
+        return await self.encode_batch(pixels)
+
+    def stats(self) -> dict[str, Any]:
+        return {"engine_runs": len(self.batch_sizes), "batch_sizes": self.batch_sizes[-256:]}
+
+    def check_health(self) -> None:
+        if self.vision is None:
+            raise RuntimeError("vision engine not loaded")
+
+
+@serve.deployment(name="LLMWorker")
+class LLMWorker:
+    """The build's decoder and tokenizer; streams the tokens of one request at a time."""
+
+    def __init__(self, build_dir: str, threads: int | None) -> None:
+        from .build_loader import load_pipeline
+
+        self.pipeline = load_pipeline(build_dir, threads=threads, parts=("llm",))
+
+    def stream(self, conv: Conversation, image_embeds: list[np.ndarray], params: SamplingParams, timings: Timings) -> Iterator[TokenEvent | Finished | WorkerError]:
+        from .pipeline import Request
+
+        tokens = 0
+        try:
+            for ev in self.pipeline.stream([Request(conv)], params, image_embeds=[image_embeds], timings=[timings]):
+                tokens += 1
+                yield ev
+        except ConvLlavaError as exc:
+            yield WorkerError(400, str(exc))
+            return
+        yield Finished(timings, tokens, self.pipeline.last_prompt_tokens[0] if self.pipeline.last_prompt_tokens else 0)
+
+    def check_health(self) -> None:
+        if self.pipeline.decoder is None:
+            raise RuntimeError("decoder not loaded")
+
+
+class RayBackend:
+    """The server app's ChatBackend over deployment handles, with re-routing on replica loss."""
+
+    def __init__(self, vision: Any, llm: Any, opts: RayServeOptions, manifest: dict[str, Any]) -> None:
+        from .build_loader import preprocess_config
+
+        self.vision, self.llm, self.opts = vision, llm, opts
+        self.limits = ServerLimits(**opts.limits)
+        self.preprocess_cfg = preprocess_config(manifest)
+        self.concurrency = opts.max_replicas if opts.max_replicas is not None else opts.replicas
+        self.info = {
+            "build": opts.build_dir,
+            "target": manifest["target"],
+            "engine": "ray",
+            "vision": f"{manifest['vision']['backend']} {manifest['vision']['precision']}",
+            "llm": f"onnxruntime {manifest['llm']['precision']}",
+            "llm_replicas": self.concurrency,
+        }
+
+    def prepare(self, conv: Conversation, images: list[bytes | str]) -> tuple[Conversation, list[np.ndarray], float]:
+        from ..preprocess import load_image, preprocess
+
+        t0 = time.perf_counter()
+        pixels = [preprocess(load_image(im, max_pixels=self.limits.max_image_pixels), self.preprocess_cfg) for im in images]
+        return conv, pixels, time.perf_counter() - t0
+
+    async def _with_retries(self, call, what: str):
+        for attempt in range(self.opts.retries + 1):
+            try:
+                return await call()
+            except REPLICA_LOST as exc:
+                if attempt == self.opts.retries:
+                    raise ApiError(503, f"{what} failed: its replica died ({type(exc).__name__}); retry the request", kind="server_error", code="replica_unavailable") from None
+                await asyncio.sleep(0.25 * (attempt + 1))
+
+    async def stream(self, prepared: tuple[Conversation, list[np.ndarray], float], params: SamplingParams) -> AsyncIterator[TokenEvent | Finished]:
+        conv, pixels, preprocess_s = prepared
+        timings = Timings(preprocess_s=preprocess_s)
+        t0 = time.perf_counter()
+
+        async def encode_all() -> list[np.ndarray]:
+            return list(await asyncio.gather(*[self.vision.encode.remote(p) for p in pixels]))
+
+        embeds = await self._with_retries(encode_all, "image encoding") if pixels else []
+        timings.vision_s = time.perf_counter() - t0
+        for attempt in range(self.opts.retries + 1):
+            sent = 0
+            try:
+                async for item in self.llm.options(stream=True).stream.remote(conv, embeds, params, timings):
+                    if isinstance(item, WorkerError):
+                        raise ApiError(item.status, item.message, "messages" if item.status == 400 else None)
+                    sent += 1
+                    yield item
+                return
+            except REPLICA_LOST as exc:
+                # Before the first token nothing reached the client: run it again on another
+                # replica (same answer when greedy or seeded). After it, stop cleanly.
+                if sent or attempt == self.opts.retries:
+                    raise ApiError(
+                        503,
+                        f"the LLM replica serving this request died after {sent} tokens ({type(exc).__name__}); retry the request",
+                        kind="server_error",
+                        code="replica_unavailable",
+                    ) from None
+                await asyncio.sleep(0.25 * (attempt + 1))
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    """HTTP entry: the same FastAPI app as the single-process server, over RayBackend."""
+
+    def __init__(self, vision: Any, llm: Any, args: dict[str, Any]) -> None:
+        from ..build import read_manifest
+
+        self.opts = RayServeOptions.from_dict(args)
+        self.backend = RayBackend(vision, llm, self.opts, read_manifest(Path(self.opts.build_dir)))
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self.backend, self.opts.model_name, ServerLimits(**self.opts.limits))
+
+
+def build_application(opts: RayServeOptions):
+    """The bound application, with each deployment's options applied."""
+    from ..build import read_manifest
+
+    opts.validate()
+    manifest = read_manifest(Path(opts.build_dir))
+    dep = deployment_options(opts, manifest["target"])
+    vision = VisionEncoder.options(**dep["VisionEncoder"]).bind(opts.build_dir, opts.threads, opts.max_batch_size, opts.batch_wait_timeout_s)
+    llm = LLMWorker.options(**dep["LLMWorker"]).bind(opts.build_dir, opts.threads)
+    return Ingress.options(**dep["Ingress"]).bind(vision, llm, asdict(opts))
+
+
+def app_builder(args: dict[str, Any]):
+    """Entry point for Serve configs: `import_path: convllava_export.runtime.ray_serve:app_builder`."""
+    return build_application(RayServeOptions.from_dict(dict(args)))
+
+
+def serve_config(opts: RayServeOptions, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME) -> dict[str, Any]:
+    """A Serve config (the schema `serve deploy` and KubeRay's serveConfigV2 take) for this build."""
+    from ..build import read_manifest
+
+    opts.validate()
+    manifest = read_manifest(Path(opts.build_dir))
+    args = {k: v for k, v in asdict(opts).items() if v is not None}
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": host, "port": port},
+        "applications": [
+            {
+                "name": name,
+                "route_prefix": "/",
+                "import_path": "convllava_export.runtime.ray_serve:app_builder",
+                "args": args,
+                "deployments": [{"name": n, **o} for n, o in deployment_options(opts, manifest["target"]).items()],
+            }
+        ],
+    }
+
+
+def required_resources(opts: RayServeOptions, target: str) -> dict[str, float]:
+    """CPUs and GPUs the application asks of the cluster at its initial size."""
+    dep = deployment_options(opts, target)
+    total = {"CPU": 0.0, "GPU": 0.0}
+    for o in dep.values():
+        n = o.get("num_replicas") or o.get("autoscaling_config", {}).get("initial_replicas", 1)
+        total["CPU"] += n * o["ray_actor_options"].get("num_cpus", 0)
+        total["GPU"] += n * o["ray_actor_options"].get("num_gpus", 0)
+    return total
+
+
+def check_resources(opts: RayServeOptions, target: str, available: dict[str, float]) -> list[str]:
+    """Shortfalls as readable lines (empty when the cluster fits the application)."""
+    need = required_resources(opts, target)
+    short = []
+    for res, hint in (("CPU", "--cpus-per-replica"), ("GPU", "--gpus-per-replica / --vision-gpus")):
+        if need[res] > available.get(res, 0.0) + 1e-9:
+            short.append(f"the application asks for {need[res]:g} {res}s and the cluster has {available.get(res, 0.0):g}: lower {hint} or the replica counts")
+    return short
+
+
+def run(opts: RayServeOptions, address: str | None = None, host: str = "127.0.0.1", port: int = 8000, say=print) -> None:
+    """Deploy on Ray (a local instance unless `address`) and serve until SIGINT/SIGTERM."""
+    import signal
+    import threading
+
+    import ray
+
+    from ..build import read_manifest
+
+    opts.validate()
+    target = read_manifest(Path(opts.build_dir))["target"]
+    opts.build_dir = str(Path(opts.build_dir).resolve())
+    try:
+        ray.init(address=address, log_to_driver=False) if address else ray.init(log_to_driver=False)
+    except ConnectionError as exc:
+        raise ConvLlavaError(f"could not reach the Ray cluster at {address}: {exc}. Check the address (auto, HOST:PORT or ray://HOST:10001), that the cluster is up, and, when it uses token authentication, that its token is here (RAY_AUTH_TOKEN or ~/.ray/auth_token).") from None
+    started_here = not address
+    stop = threading.Event()
+    try:
+        short = check_resources(opts, target, ray.cluster_resources())
+        if short and started_here:
+            raise ConvLlavaError("; ".join(short))
+        for line in short:  # a cluster may autoscale: warn, don't refuse
+            say(f"warning: {line}")
+        serve.start(http_options={"host": host, "port": port})
+        say(f"deploying {opts.build_dir} on Ray ({'local instance' if started_here else address}) ...")
+        try:
+            serve.run(build_application(opts), name=APP_NAME, route_prefix="/")
+        except RuntimeError as exc:
+            raise ConvLlavaError(f"the Ray Serve application failed to deploy: {exc}") from None
+        say(f"serving '{opts.model_name}' on http://{host}:{port}/v1 with {opts.replicas if opts.min_replicas is None else f'{opts.min_replicas}-{opts.max_replicas}'} LLM replica(s); Ctrl-C stops")
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(1.0):
+            pass
+        say("shutting down: draining requests in flight ...")
+    finally:
+        try:
+            if started_here:
+                serve.shutdown()
+            elif stop.is_set():
+                serve.delete(APP_NAME)
+        finally:
+            ray.shutdown()
