@@ -599,6 +599,26 @@ def bench_e2e_cmd(builds, clients, requests_per_client, max_new_tokens, threads,
     out.print(markdown(result))
 
 
+@bench.command("serve")
+@click.argument("build", type=click.Path(path_type=Path))
+@click.option("--replicas", default="1,2", show_default=True, help="Ray LLM replica counts to compare")
+@click.option("--clients", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--requests-per-client", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--no-local", is_flag=True, help="skip the single-process server baseline")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+def bench_serve_cmd(build, replicas, clients, requests_per_client, max_new_tokens, no_local, json_path) -> None:
+    """Throughput and p50/p95 under concurrent clients: single process vs Ray Serve with N replicas."""
+    from .benchmarks.serve import bench_serve, markdown
+    from .build import read_manifest
+
+    read_manifest(build)
+    result = bench_serve(build, [int(r) for r in replicas.split(",")], clients, requests_per_client, max_new_tokens, not no_local, progress=say)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+    out.print(markdown(result))
+
+
 def main() -> None:
     cli(prog_name="convllava-export")
 

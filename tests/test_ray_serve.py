@@ -79,6 +79,19 @@ def test_serve_config_is_accepted_by_serves_schema(tiny_build, tmp_path):
     assert llm.autoscaling_config["max_replicas"] == 3 and schema.http_options.host == "127.0.0.1"
 
 
+def test_kuberay_example_embeds_a_valid_serve_config():
+    """deploy/kuberay/rayservice.yaml: its serveConfigV2 passes Serve's schema and our args check."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    manifest = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "kuberay" / "rayservice.yaml").read_text())
+    assert manifest["kind"] == "RayService" and manifest["apiVersion"] == "ray.io/v1"
+    config = ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    opts = ray_serve.RayServeOptions.from_dict(config.applications[0].args)
+    opts.validate()
+    assert {d.name for d in config.applications[0].deployments} == set(ray_serve.deployment_options(opts, "tensorrt"))
+
+
 def test_cli_errors_before_starting_ray(tmp_path):
     res = subprocess.run([str(CLI), "serve", str(tmp_path), "--engine", "ray"], capture_output=True, text=True)
     assert res.returncode == 2 and "Traceback" not in res.stderr and "manifest" in res.stderr

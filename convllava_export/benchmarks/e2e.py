@@ -43,9 +43,58 @@ def pipeline_stats(pipe, n: int = 8, max_new_tokens: int = 32) -> dict[str, floa
     }
 
 
-def server_stats(pipe, clients: list[int], requests_per_client: int = 4, max_new_tokens: int = 32, time_limit_s: float = 120.0) -> list[dict[str, Any]]:
-    """Real server on 127.0.0.1; each level sends a bounded number of requests, within a time bound."""
+def chat_bodies(max_new_tokens: int, n: int = 8, ignore_eos: bool = False) -> list[dict[str, Any]]:
+    """The benchmark's requests: synthetic images with their questions, greedy."""
+    bodies = []
+    for s in colour_samples(n, seed=5):
+        content = [{"type": "image_url", "image_url": {"url": _data_url(s.image)}}, {"type": "text", "text": s.question}]
+        body: dict[str, Any] = {"messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": max_new_tokens}
+        if ignore_eos:
+            body["ignore_eos"] = True
+        bodies.append(body)
+    return bodies
+
+
+def load_test(url: str, bodies: list[dict[str, Any]], clients: int, requests_per_client: int, time_limit_s: float = 120.0) -> dict[str, Any]:
+    """`clients` threads, each posting `requests_per_client` requests back to back (within a time bound)."""
     import httpx
+
+    deadline = time.perf_counter() + time_limit_s
+    latencies: list[float] = []
+    tokens = 0
+    statuses: list[int] = []
+
+    def one_client(k: int) -> None:
+        nonlocal tokens
+        with httpx.Client(timeout=time_limit_s) as client:
+            for j in range(requests_per_client):
+                if time.perf_counter() > deadline:
+                    return
+                t = time.perf_counter()
+                r = client.post(url, json=bodies[(k + j) % len(bodies)])
+                latencies.append(time.perf_counter() - t)
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    tokens += r.json()["usage"]["completion_tokens"]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one_client, range(clients)))
+    wall = time.perf_counter() - t0
+    ok = statuses.count(200)
+    return {
+        "clients": clients,
+        "requests": len(statuses),
+        "ok": ok,
+        "requests_per_s": ok / wall,
+        "tokens_per_s": tokens / wall,
+        "p50_ms": float(np.percentile(latencies, 50) * 1e3) if latencies else float("nan"),
+        "p95_ms": float(np.percentile(latencies, 95) * 1e3) if latencies else float("nan"),
+    }
+
+
+def server_stats(pipe, clients: list[int], requests_per_client: int = 4, max_new_tokens: int = 32, time_limit_s: float = 120.0, ignore_eos: bool = False) -> list[dict[str, Any]]:
+    """Real server on 127.0.0.1; each level sends a bounded number of requests, within a time bound."""
     import uvicorn
 
     from ..runtime.server import ServerLimits, create_app
@@ -58,52 +107,12 @@ def server_stats(pipe, clients: list[int], requests_per_client: int = 4, max_new
     while not server.started:
         time.sleep(0.05)
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    samples = colour_samples(8, seed=5)
-    bodies = [
-        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(s.image)}}, {"type": "text", "text": s.question}]}], "temperature": 0, "max_tokens": max_new_tokens}
-        for s in samples
-    ]
-    out = []
+    bodies = chat_bodies(max_new_tokens, ignore_eos=ignore_eos)
     try:
-        for c in clients:
-            deadline = time.perf_counter() + time_limit_s
-            latencies: list[float] = []
-            tokens = 0
-            statuses: list[int] = []
-
-            def one_client(k: int) -> None:
-                nonlocal tokens
-                with httpx.Client(timeout=time_limit_s) as client:
-                    for j in range(requests_per_client):
-                        if time.perf_counter() > deadline:
-                            return
-                        t = time.perf_counter()
-                        r = client.post(url, json=bodies[(k + j) % len(bodies)])
-                        latencies.append(time.perf_counter() - t)
-                        statuses.append(r.status_code)
-                        if r.status_code == 200:
-                            tokens += r.json()["usage"]["completion_tokens"]
-
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(c) as pool:
-                list(pool.map(one_client, range(c)))
-            wall = time.perf_counter() - t0
-            ok = statuses.count(200)
-            out.append(
-                {
-                    "clients": c,
-                    "requests": len(statuses),
-                    "ok": ok,
-                    "requests_per_s": ok / wall,
-                    "tokens_per_s": tokens / wall,
-                    "p50_ms": float(np.percentile(latencies, 50) * 1e3),
-                    "p95_ms": float(np.percentile(latencies, 95) * 1e3),
-                }
-            )
+        return [load_test(url, bodies, c, requests_per_client, time_limit_s) for c in clients]
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-    return out
 
 
 def bench_e2e(builds: list[str | Path], clients: list[int], requests_per_client: int = 4, max_new_tokens: int = 32, threads: int | None = None, progress=print) -> dict[str, Any]:
