@@ -96,6 +96,14 @@ def test_cli_errors_before_starting_ray(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr and "manifest" in res.stderr
 
 
+def test_local_instance_refuses_replicas_that_do_not_fit(tiny_build):
+    """Without --address a local Ray starts; 3 replicas + vision at 64 CPUs each do not fit: one clear line, exit 2."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    res = subprocess.run([str(CLI), "serve", str(tiny_build), "--engine", "ray", "--replicas", "3", "--cpus-per-replica", "64", "--port", str(free_port())], capture_output=True, text=True, env=env, timeout=180)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "asks for 256 CPUs" in res.stderr and "--cpus-per-replica" in res.stderr
+
+
 # -- a real cluster --------------------------------------------------------------------------
 
 
