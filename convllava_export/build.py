@@ -75,6 +75,7 @@ class BuildOptions:
     max_size: str = "2048x2048"
     max_batch: int = 4
     int4_block_size: int = 32
+    llm_graph: str = "dynamo"  # or "gqa": ORT's fused attention layout (needs onnxruntime-genai)
     threads: int | None = None
     vision_tower: str | None = None
     force: bool = False
@@ -95,6 +96,13 @@ def _validate(opts: BuildOptions) -> None:
             f"LLM precision '{opts.llm_precision}' is not built by `build` for ONNX Runtime (use {', '.join(ORT_PRECISIONS)}); "
             "TensorRT-LLM precisions (int8-sq, fp8, int4-awq) go through `convllava-export export llm --backend tensorrt-llm`"
         )
+    if opts.llm_graph == "gqa":
+        from .export.llm_gqa import GQA_PRECISIONS, genai_available
+
+        if opts.llm_precision not in GQA_PRECISIONS:
+            raise BuildError(f"--llm-graph gqa builds {', '.join(GQA_PRECISIONS)}; for '{opts.llm_precision}' use the default graph")
+        if not genai_available():
+            raise BuildError("--llm-graph gqa needs onnxruntime-genai's model builder: pip install 'convllava-export[genai]'")
     if opts.target in ("cpu", "jetson") and opts.vision_precision == "fp8":
         raise BuildError("fp8 vision engines need TensorRT on an Ada/Hopper GPU; on CPU and Jetson Orin use int8")
     if opts.target in ("tensorrt", "jetson", "cuda"):
@@ -149,7 +157,7 @@ def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress
         else:
             stage("engine build (ONNX Runtime: offline-optimized graph saved with the export)")
         stage(f"LLM export ({opts.llm_precision})")
-        export_llm_onnxruntime(ref.llm, tmp / "llm", opts.llm_precision, opts.int4_block_size, progress)
+        export_llm_onnxruntime(ref.llm, tmp / "llm", opts.llm_precision, opts.int4_block_size, progress, opts.llm_graph, ref.info.path)
         _copy_tokenizer(info.path, tmp / "tokenizer")
         (tmp / "preprocessor_config.json").write_text(json.dumps({**info.preprocessor_config, "convllava_export": pcfg.to_dict()}, indent=2))
         manifest = {
@@ -168,7 +176,7 @@ def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress
                 "profile": profile.to_dict(),
                 "report": vis.report.get("heldout"),
             },
-            "llm": {"backend": "onnxruntime", "precision": opts.llm_precision, "folder": "llm", "vocab_size": ref.llm.config.vocab_size},
+            "llm": {"backend": "onnxruntime", "precision": opts.llm_precision, "graph": opts.llm_graph, "folder": "llm", "vocab_size": ref.llm.config.vocab_size},
             "preprocess": pcfg.to_dict(),
             "token_budget": {"max_visual_tokens_per_image": profile.max_visual_tokens if opts.mode == "native" and not opts.max_tokens else opts.max_tokens or (res // 64) ** 2, "max_context": int(info.config.get("tokenizer_model_max_length", 2048))},
             "prompt_template": "vicuna_v1",

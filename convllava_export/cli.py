@@ -216,13 +216,14 @@ def export_vision_cmd(checkpoint, output, precision, calib_images, calib_method,
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt-llm"]), default="onnxruntime", show_default=True)
 @click.option("--precision", default="fp32", show_default=True, help="onnxruntime: fp32|fp16|int8|int4; tensorrt-llm: fp16|int8-sq|int8|fp8|int4-awq")
 @click.option("--int4-block-size", type=click.IntRange(16), default=32, show_default=True, help="onnxruntime int4 (MatMulNBits) block size")
+@click.option("--graph", "llm_graph", type=click.Choice(["dynamo", "gqa"]), default="dynamo", show_default=True, help="onnxruntime: our exact export, or ORT's fused-attention layout (fp32/int8/int4; needs onnxruntime-genai)")
 @click.option("--awq-block-size", type=click.IntRange(8), default=128, show_default=True, help="tensorrt-llm int4-awq group size")
 @click.option("--calib-images", "--calib", "calib_images", default=None, help="tensorrt-llm: images for multimodal calibration prompts (folder, `calibrate` set, or 'builtin')")
 @click.option("--prompts", type=click.Path(path_type=Path), default=None, help="JSONL of calibration questions")
 @click.option("--calib-limit", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--vision-tower", type=click.Path(path_type=Path), default=None)
 @click.option("--force", is_flag=True)
-def export_llm_cmd(checkpoint, output, backend, precision, int4_block_size, awq_block_size, calib_images, prompts, calib_limit, vision_tower, force) -> None:
+def export_llm_cmd(checkpoint, output, backend, precision, int4_block_size, llm_graph, awq_block_size, calib_images, prompts, calib_limit, vision_tower, force) -> None:
     """Vicuna → ONNX Runtime decoder (KV cache, inputs_embeds) or a TensorRT-LLM checkpoint."""
     from .export.llm import ORT_PRECISIONS, export_llm_onnxruntime
     from .fsutil import atomic_output_dir
@@ -230,6 +231,13 @@ def export_llm_cmd(checkpoint, output, backend, precision, int4_block_size, awq_
 
     if backend == "onnxruntime" and precision not in ORT_PRECISIONS:
         raise ConvLlavaError(f"precision '{precision}' is not available for the onnxruntime backend (use {', '.join(ORT_PRECISIONS)})")
+    if llm_graph == "gqa":
+        from .export.llm_gqa import GQA_PRECISIONS, genai_available
+
+        if backend != "onnxruntime" or precision not in GQA_PRECISIONS:
+            raise ConvLlavaError(f"--graph gqa is for the onnxruntime backend at {', '.join(GQA_PRECISIONS)}")
+        if not genai_available():
+            raise ConvLlavaError("--graph gqa needs onnxruntime-genai's model builder: pip install 'convllava-export[genai]'")
     if backend == "tensorrt-llm":
         from .engines.tensorrt_llm import check_precision, local_compute_capability
 
@@ -239,7 +247,7 @@ def export_llm_cmd(checkpoint, output, backend, precision, int4_block_size, awq_
     ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, load_vision=backend == "tensorrt-llm", progress=say)
     with atomic_output_dir(output, force) as tmp:
         if backend == "onnxruntime":
-            export_llm_onnxruntime(ref.llm, tmp, precision, int4_block_size, progress=say)
+            export_llm_onnxruntime(ref.llm, tmp, precision, int4_block_size, progress=say, graph=llm_graph, tokenizer_dir=ref.info.path)
         else:
             from .calibration.prompts import load_questions, multimodal_sequences
             from .engines.tensorrt_llm import TrtLlmBuildConfig, export_trtllm_checkpoint, trtllm_build_command
@@ -290,6 +298,7 @@ def build_options(f):
         click.option("--max-size", default="2048x2048", show_default=True),
         click.option("--max-batch", type=click.IntRange(1), default=4, show_default=True),
         click.option("--int4-block-size", type=click.IntRange(16), default=32, show_default=True),
+        click.option("--llm-graph", type=click.Choice(["dynamo", "gqa"]), default="dynamo", show_default=True, help="gqa: ORT's fused-attention layout (fp32/int8/int4; pip install onnxruntime-genai)"),
         click.option("--threads", type=click.IntRange(1), default=None),
         click.option("--vision-tower", default=None),
         click.option("--force", is_flag=True, help="replace an existing build folder once the new one is complete"),
@@ -571,12 +580,18 @@ def bench_vision_cmd(reps, threads, shapes, workdir, json_path) -> None:
 @click.option("--decode-steps", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None)
 @click.option("--workdir", type=click.Path(path_type=Path), default=None, help="keep the exported graphs here (reused when present)")
+@click.option("--with-llama-cpp", is_flag=True, help="also llama.cpp Q4_0 on the same weights (needs llama-cpp-python and gguf)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
-def bench_llm_cmd(shape, prompt_len, decode_steps, threads, workdir, json_path) -> None:
+def bench_llm_cmd(shape, prompt_len, decode_steps, threads, workdir, with_llama_cpp, json_path) -> None:
     """Prefill/decode tokens/s: torch fp32 vs ONNX Runtime fp32/int8/int4, with the bandwidth bound."""
     from .benchmarks.llm import bench_llm, markdown
 
-    result = bench_llm(shape, prompt_len, decode_steps, threads, str(workdir) if workdir else None, progress=say)
+    if with_llama_cpp:
+        from .engines.llama_cpp import _require
+
+        _require("llama_cpp", "llama-cpp-python")
+        _require("gguf", "gguf")
+    result = bench_llm(shape, prompt_len, decode_steps, threads, str(workdir) if workdir else None, with_llama_cpp, progress=say)
     if json_path:
         json_path.write_text(json.dumps(result, indent=2))
     out.print(markdown(result))

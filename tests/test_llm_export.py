@@ -132,3 +132,76 @@ def test_modelopt_trtllm_checkpoint(tiny_checkpoint, tmp_path, precision, algo, 
     assert weights["transformer.layers.0.attention.qkv.weight"].dtype.itemsize == 1  # int8, or int4 packed in bytes
     assert any("scal" in k for k in weights)
     assert "--max_prompt_embedding_table_size 64" in res.output
+
+
+# -- the fused GroupQueryAttention layout (onnxruntime-genai's model builder) --------------------
+
+needs_genai = pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None, reason="onnxruntime-genai not installed: pip install -e '.[genai]'")
+
+
+@pytest.fixture(scope="module")
+def conformance_gqa(reference, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llm") / "gqa-fp32"
+    export_llm_onnxruntime(reference.llm, folder, "fp32", progress=lambda m: None, graph="gqa")
+    return folder
+
+
+@needs_genai
+def test_gqa_graph_greedy_parity_on_conformance(conformance_gqa, reference, conformance, manifest):
+    from convllava_export.engines.onnxruntime import OrtGqaDecoder, open_decoder
+
+    dec = open_decoder(conformance_gqa)
+    assert isinstance(dec, OrtGqaDecoder)
+    model = onnx.load(str(conformance_gqa / "decoder.onnx"), load_external_data=False)
+    assert sum(n.op_type == "GroupQueryAttention" for n in model.graph.node) == 2
+    assert {i.name for i in model.graph.input} >= {"attention_mask", "inputs_embeds", "past_key_values.1.value"}
+    for name, entry in manifest["images"].items():
+        g = np.load(conformance / "golden" / entry["npz"])
+        seq = g["inputs_embeds"][0]
+        res = generate(dec, reference.tokenizer, [seq], SamplingParams(max_new_tokens=64))[0]
+        assert res.token_ids == g["gen_ids_until_eos"].tolist(), name
+        logits = teacher_forced_logits(dec, seq, g["gen_ids_16"].tolist())
+        np.testing.assert_allclose(logits, g["gen_step_logits_16"], atol=1e-4, rtol=1e-4)
+
+
+@needs_genai
+def test_gqa_graph_padded_batch_matches_single(conformance_gqa, reference, conformance, manifest):
+    from convllava_export.engines.onnxruntime import open_decoder
+
+    dec = open_decoder(conformance_gqa)
+    seqs = [np.load(conformance / "golden" / e["npz"])["inputs_embeds"][0] for e in manifest["images"].values()]
+    seqs[1] = seqs[1][5:]
+    batch = generate(dec, reference.tokenizer, seqs, SamplingParams(max_new_tokens=20))
+    ref = TorchDecoder(reference)
+    for seq, got in zip(seqs, batch):
+        assert got.token_ids == generate(ref, reference.tokenizer, [seq], SamplingParams(max_new_tokens=20))[0].token_ids
+
+
+@needs_genai
+def test_gqa_int4_reports_agreement(tiny_reference, tmp_path):
+    from convllava_export.calibration.images import synthetic_pixels
+    from convllava_export.calibration.prompts import multimodal_sequences
+    from convllava_export.engines.onnxruntime import open_decoder
+    from convllava_export.preprocess import PreprocessConfig
+
+    folder = tmp_path / "gqa-int4"
+    spec = export_llm_onnxruntime(tiny_reference.llm, folder, "int4", block_size=32, progress=lambda m: None, graph="gqa")
+    assert spec.attributes["layout"] == "gqa" and spec.precision == "int4"
+    model = onnx.load(str(folder / "decoder.onnx"), load_external_data=False)
+    assert any(n.op_type == "MatMulNBits" for n in model.graph.node) and any(n.name == "/lm_head/last_position" for n in model.graph.node)
+    seqs = multimodal_sequences(tiny_reference, synthetic_pixels(PreprocessConfig(resolution=256), n=6, seed=9), ["What is shown in this image?"])
+    ref_dec, cand = TorchDecoder(tiny_reference), open_decoder(folder)
+    agreements, divergences = [], []
+    for seq in seqs:
+        want = generate(ref_dec, tiny_reference.tokenizer, [seq], SamplingParams(max_new_tokens=24))[0]
+        got = generate(cand, tiny_reference.tokenizer, [seq], SamplingParams(max_new_tokens=24))[0]
+        stats = logits_agreement(teacher_forced_logits(ref_dec, seq, want.token_ids), teacher_forced_logits(cand, seq, want.token_ids))
+        agreements.append(stats["top1_agreement"])
+        divergences.append(first_divergence(want.token_ids, got.token_ids))
+    print(f"gqa int4: teacher-forced top-1 agreement {np.mean(agreements):.3f}, first divergence {divergences}")
+    assert np.mean(agreements) >= 0.95
+
+
+def test_gqa_graph_refuses_what_it_cannot_build(tiny_checkpoint, tmp_path):
+    res = CliRunner().invoke(cli, ["export", "llm", str(tiny_checkpoint), "-o", str(tmp_path / "x"), "--graph", "gqa", "--precision", "fp16"])
+    assert res.exit_code == 2 and "--graph gqa is for the onnxruntime backend" in res.output and not (tmp_path / "x").exists()

@@ -66,15 +66,14 @@ def _decoder(kind: str, folder: str | None, shape: str, threads: int):
         table = llm.get_input_embeddings()
         holder = SimpleNamespace(llm=llm, dtype=torch.float32, embed_tokens=lambda ids: table(torch.as_tensor(ids)).detach().numpy())
         return TorchDecoder(holder)
-    from ..engines.onnxruntime import OrtDecoder
+    from ..engines.onnxruntime import open_decoder
 
-    return OrtDecoder(Path(folder), threads=threads)
+    return open_decoder(Path(folder), threads=threads)
 
 
 def _worker(kind: str, folder: str | None, shape: str, threads: int, prompt_len: int, decode_steps: int, queue) -> None:
     dec = _decoder(kind, folder, shape, threads)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, 31000, size=(1, prompt_len))
+    ids = prompt_ids(prompt_len)
     embeds = dec.embed(ids)
     mask = np.ones((1, prompt_len), dtype=np.int64)
     pos = np.arange(prompt_len)[None]
@@ -102,6 +101,32 @@ def _worker(kind: str, folder: str | None, shape: str, threads: int, prompt_len:
             "peak_rss_mb": peak_rss_mb(),
         }
     )
+
+
+def prompt_ids(prompt_len: int) -> np.ndarray:
+    """The benchmark's prompt: the same random ids for every backend."""
+    return np.random.default_rng(0).integers(3, 31000, size=(1, prompt_len))
+
+
+def _llama_cpp_worker(gguf: str, threads: int, prompt_len: int, decode_steps: int, queue) -> None:
+    from ..engines.llama_cpp import LlamaCppTimer
+
+    timer = LlamaCppTimer(Path(gguf), threads, n_ctx=prompt_len + decode_steps + 16)
+    prompt = prompt_ids(prompt_len)[0].tolist()
+    timer.run(prompt[:16], 1)  # warm-up
+    res = timer.run(prompt, decode_steps)
+    queue.put({"kind": "llama.cpp-q4_0", **res, "peak_rss_mb": peak_rss_mb()})
+
+
+def _gguf_worker(shape: str, work: str, queue) -> None:
+    from ..engines.llama_cpp import quantize_gguf, write_gguf
+
+    f16 = Path(work) / "llama-f16.gguf"
+    t = time.perf_counter()
+    write_gguf(build_llm(shape), f16)
+    quantize_gguf(f16, Path(work) / "llama-q4_0.gguf", "q4_0")
+    f16.unlink()
+    queue.put({"gguf_q4_0_s": time.perf_counter() - t})
 
 
 def _export_worker(shape: str, work: str, queue) -> None:
@@ -133,23 +158,38 @@ def _export_worker(shape: str, work: str, queue) -> None:
     queue.put(times)
 
 
+def gguf_weight_bytes(path: Path) -> int:
+    """Bytes of a GGUF's tensors read per token (all but the gathered token embedding table)."""
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors if t.name != "token_embd.weight")
+
+
 def weight_bytes(folder: Path) -> int:
     """Bytes of the decoder graph's weights (the embedding table is gathered, not streamed)."""
     return sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("decoder.onnx"))
 
 
-def bench_llm(shape: str = "tinyllama", prompt_len: int = 600, decode_steps: int = 32, threads: int | None = None, workdir: str | None = None, progress=print) -> dict[str, Any]:
+def bench_llm(
+    shape: str = "tinyllama", prompt_len: int = 600, decode_steps: int = 32, threads: int | None = None, workdir: str | None = None, with_llama_cpp: bool = False, progress=print
+) -> dict[str, Any]:
     threads = threads or os.cpu_count() or 1
     work = Path(workdir or tempfile.mkdtemp(prefix="bench-llm-"))
     exports = {}
     if not (work / "int4" / "decoder.onnx").exists():
         progress(f"exporting a random {shape}-shaped decoder, then int8 and int4 (this takes minutes)")
         exports = run_in_fresh_process(_export_worker, shape, str(work))
+    if with_llama_cpp and not (work / "llama-q4_0.gguf").exists():
+        progress("writing the same weights as GGUF and quantizing them to Q4_0 with llama.cpp")
+        exports.update(run_in_fresh_process(_gguf_worker, shape, str(work)))
     bw = {n: read_bandwidth_gbs(n) for n in sorted({1, threads})}
     results = {}
-    order = ["torch-fp32", "ort-fp32", "ort-int8", "ort-int4"]
+    order = ["torch-fp32", "ort-fp32", "ort-int8", "ort-int4"] + (["llama.cpp-q4_0"] if with_llama_cpp else [])
     for kind in order:
         progress(f"timing {kind}: prefill {prompt_len} tokens, decode {decode_steps} tokens at context {prompt_len}")
+        if kind == "llama.cpp-q4_0":
+            results[kind] = run_in_fresh_process(_llama_cpp_worker, str(work / "llama-q4_0.gguf"), threads, prompt_len, decode_steps)
+            continue
         folder = None if kind == "torch-fp32" else str(work / kind.split("-")[1])
         results[kind] = run_in_fresh_process(_worker, kind, folder, shape, threads, prompt_len, decode_steps)
     ref_tokens = results["torch-fp32"]["tokens"]
@@ -157,7 +197,10 @@ def bench_llm(shape: str = "tinyllama", prompt_len: int = 600, decode_steps: int
     rows = []
     for kind in order:
         r = results[kind]
-        wb = weight_bytes(work / kind.split("-")[1]) if kind != "torch-fp32" else weight_bytes(work / "fp32")
+        if kind == "llama.cpp-q4_0":
+            wb = gguf_weight_bytes(work / "llama-q4_0.gguf")
+        else:
+            wb = weight_bytes(work / kind.split("-")[1]) if kind != "torch-fp32" else weight_bytes(work / "fp32")
         rows.append(
             {
                 "backend": kind,

@@ -151,3 +151,71 @@ class OrtDecoder:
         outputs = io.get_outputs()
         self.past = outputs[1:]
         return outputs[0].numpy()[:, -1].astype(np.float32)
+
+
+class OrtGqaDecoder:
+    """The fused GroupQueryAttention graph (export/llm_gqa.py) behind the same Decoder protocol.
+
+    GroupQueryAttention takes positions from the mask and expects each sequence's tokens to start
+    at position 0, so a left-padded batch is run row by row, each row with its own cache (kept in
+    ONNX Runtime's buffers via IOBinding, like OrtDecoder). One request at a time, the common case,
+    is a single row.
+    """
+
+    def __init__(self, folder: Path, target: str = "cpu", threads: int | None = None) -> None:
+        from ..export.spec import PartSpec
+
+        folder = Path(folder)
+        self.spec = PartSpec.load(folder / "decoder.json")
+        self.session = create_session(folder / self.spec.graph, target, threads)
+        self.table = np.load(folder / "embed_tokens.npy", mmap_mode="r")
+        attrs = self.spec.attributes
+        self.vocab_size = int(attrs["vocab"])
+        self.kv_heads, self.head_dim = int(attrs["kv_heads"]), int(attrs["head_dim"])
+        self.past_names = [t.name for t in self.spec.inputs[2:]]
+        self.present_names = [t.name for t in self.spec.outputs[1:]]
+        self.device = "cpu" if target == "cpu" else "cuda"
+        self.rows: list[list[Any] | None] = []
+        self.lengths: list[int] = []
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return np.asarray(self.table[np.asarray(ids)], dtype=np.float32)
+
+    def reset(self) -> None:
+        self.rows, self.lengths = [], []
+
+    def _step(self, row: int, embeds: np.ndarray) -> np.ndarray:
+        total = self.lengths[row] + embeds.shape[1]
+        io = self.session.io_binding()
+        io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
+        io.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
+        past = self.rows[row]
+        if past is None:
+            empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+            for name in self.past_names:
+                io.bind_cpu_input(name, empty)
+        else:
+            for name, value in zip(self.past_names, past):
+                io.bind_ortvalue_input(name, value)
+        io.bind_output("logits", "cpu")
+        for name in self.present_names:
+            io.bind_output(name, self.device)
+        self.session.run_with_iobinding(io)
+        outputs = io.get_outputs()
+        self.rows[row], self.lengths[row] = outputs[1:], total
+        return outputs[0].numpy()[:, -1].astype(np.float32)
+
+    def forward(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        if not self.rows:  # prefill: drop each row's left padding
+            self.rows, self.lengths = [None] * len(embeds), [0] * len(embeds)
+            keep = np.asarray(attention_mask)[:, -embeds.shape[1] :].astype(bool)
+            return np.concatenate([self._step(b, embeds[b : b + 1, keep[b]]) for b in range(len(embeds))])
+        return np.concatenate([self._step(b, embeds[b : b + 1]) for b in range(len(embeds))])
+
+
+def open_decoder(folder: Path, target: str = "cpu", threads: int | None = None) -> OrtDecoder | OrtGqaDecoder:
+    """The decoder class for the graph layout recorded in decoder.json."""
+    from ..export.spec import PartSpec
+
+    layout = PartSpec.load(Path(folder) / "decoder.json").attributes.get("layout", "dynamo")
+    return (OrtGqaDecoder if layout == "gqa" else OrtDecoder)(Path(folder), target, threads)

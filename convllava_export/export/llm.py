@@ -153,11 +153,26 @@ def quantize_decoder(src: Path, dest: Path, precision: str, block_size: int = 32
     return info
 
 
-def export_llm_onnxruntime(llm: nn.Module, folder: Path, precision: str = "fp32", block_size: int = 32, progress: Progress = print) -> PartSpec:
-    """Export + quantize into `folder`: decoder.onnx, decoder.json, embed_tokens.npy."""
+GRAPHS = ("dynamo", "gqa")
+
+
+def export_llm_onnxruntime(
+    llm: nn.Module, folder: Path, precision: str = "fp32", block_size: int = 32, progress: Progress = print, graph: str = "dynamo", tokenizer_dir: Path | None = None
+) -> PartSpec:
+    """Export + quantize into `folder`: decoder.onnx, decoder.json, embed_tokens.npy.
+
+    graph="dynamo": our torch.onnx export (exact; every precision). graph="gqa": ORT's fused
+    layout from onnxruntime-genai's builder (fp32/int8/int4; faster on CPU), see llm_gqa.py.
+    """
     if precision not in ORT_PRECISIONS:
         raise ExportError(f"precision '{precision}' is not available for the onnxruntime backend (use {', '.join(ORT_PRECISIONS)})")
+    if graph not in GRAPHS:
+        raise ExportError(f"unknown decoder graph '{graph}' (use {', '.join(GRAPHS)})")
     folder.mkdir(parents=True, exist_ok=True)
+    if graph == "gqa":
+        from .llm_gqa import export_decoder_gqa
+
+        return export_decoder_gqa(llm.float(), folder, precision, block_size, tokenizer_dir, progress)
     if precision == "fp32":
         return export_decoder(llm.float(), folder, progress)
     scratch = folder / "fp32"

@@ -76,11 +76,11 @@ def load_vision(folder: Path, manifest: dict[str, Any], threads: int | None = No
 
 def load_decoder(folder: Path, manifest: dict[str, Any], threads: int | None = None, llm_target: str | None = None) -> tuple[Any, str]:
     """The build's LLM decoder and a description of it."""
-    from ..engines.onnxruntime import OrtDecoder
+    from ..engines.onnxruntime import open_decoder
 
     threads = threads or manifest.get("threads")
     llm_target = llm_target or ("cpu" if manifest["target"] == "cpu" else "cuda")
-    return OrtDecoder(folder / manifest["llm"]["folder"], llm_target, threads), f"onnxruntime {manifest['llm']['precision']}"
+    return open_decoder(folder / manifest["llm"]["folder"], llm_target, threads), f"onnxruntime {manifest['llm']['precision']}"
 
 
 def load_pipeline_from_manifest(

@@ -1,0 +1,126 @@
+"""llama.cpp on the same weights, for side-by-side CPU benchmarks (`bench llm --with-llama-cpp`).
+
+The users' CPU alternative to our ONNX Runtime decoder. `write_gguf` turns a transformers
+LLaMA into an f16 GGUF with the `gguf` package (tensor names and the q/k row order that
+llama.cpp's own converter uses), `quantize_gguf` calls llama.cpp's quantizer (Q4_0 by default)
+through llama-cpp-python, and `LlamaCppTimer` measures prefill and decode on it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConvLlavaError
+
+
+def _require(module: str, package: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConvLlavaError(f"--with-llama-cpp needs {package}: pip install {package} (llama-cpp-python compiles llama.cpp from source, several minutes)") from None
+
+
+def permute_for_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotate-half q/k row order → llama.cpp's interleaved pairs (what convert_hf_to_gguf does)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(model: Any) -> dict[str, np.ndarray]:
+    """transformers LlamaForCausalLM → {gguf tensor name: f16/f32 array}."""
+    cfg = model.config
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    f16 = lambda a: a.astype(np.float16)  # noqa: E731
+    out = {"token_embd.weight": f16(sd["model.embed_tokens.weight"]), "output_norm.weight": sd["model.norm.weight"].astype(np.float32)}
+    out["output.weight"] = f16(sd["lm_head.weight"] if "lm_head.weight" in sd else sd["model.embed_tokens.weight"])
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out[f"blk.{i}.attn_norm.weight"] = sd[p + "input_layernorm.weight"].astype(np.float32)
+        out[f"blk.{i}.ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"].astype(np.float32)
+        out[f"blk.{i}.attn_q.weight"] = f16(permute_for_rope(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads))
+        out[f"blk.{i}.attn_k.weight"] = f16(permute_for_rope(sd[p + "self_attn.k_proj.weight"], kv_heads))
+        out[f"blk.{i}.attn_v.weight"] = f16(sd[p + "self_attn.v_proj.weight"])
+        out[f"blk.{i}.attn_output.weight"] = f16(sd[p + "self_attn.o_proj.weight"])
+        out[f"blk.{i}.ffn_gate.weight"] = f16(sd[p + "mlp.gate_proj.weight"])
+        out[f"blk.{i}.ffn_up.weight"] = f16(sd[p + "mlp.up_proj.weight"])
+        out[f"blk.{i}.ffn_down.weight"] = f16(sd[p + "mlp.down_proj.weight"])
+    return out
+
+
+def write_gguf(model: Any, path: Path) -> Path:
+    """An f16 GGUF of a LLaMA with a placeholder SentencePiece vocabulary of the model's size
+    (byte tokens included, as llama.cpp's SPM vocabulary expects); for timing, not for text."""
+    gguf = _require("gguf", "gguf")
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("convllava-bench")
+    w.add_context_length(int(getattr(cfg, "max_position_embeddings", 4096)))
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += [f"t{i}" for i in range(cfg.vocab_size - len(tokens))]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
+    types += [gguf.TokenType.NORMAL] * (cfg.vocab_size - len(types))
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * cfg.vocab_size)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    for name, arr in gguf_tensors(model).items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def quantize_gguf(src: Path, dest: Path, kind: str = "q4_0", threads: int = 2) -> Path:
+    """llama.cpp's own quantizer, through llama-cpp-python's C API."""
+    llama_cpp = _require("llama_cpp", "llama-cpp-python")
+    ftype = {"q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[kind]
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dest).encode(), params)
+    if rc != 0:
+        raise ConvLlavaError(f"llama.cpp could not quantize {src} to {kind} (code {rc})")
+    return dest
+
+
+class LlamaCppTimer:
+    """Prefill a prompt, then decode one token at a time at that context."""
+
+    def __init__(self, gguf_path: Path, threads: int, n_ctx: int = 2048) -> None:
+        llama_cpp = _require("llama_cpp", "llama-cpp-python")
+        self.llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
+
+    def run(self, prompt: list[int], decode_steps: int) -> dict[str, Any]:
+        """Greedy: timed prefill of `prompt`, then `decode_steps` single-token evals."""
+        self.llm.reset()
+        t = time.perf_counter()
+        self.llm.eval(prompt)
+        prefill = time.perf_counter() - t
+        tokens = []
+        t = time.perf_counter()
+        for _ in range(decode_steps):
+            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            tokens.append(tok)
+            self.llm.eval([tok])
+        decode = time.perf_counter() - t
+        return {"prefill_tokens_per_s": len(prompt) / prefill, "decode_tokens_per_s": decode_steps / decode, "tokens": tokens}

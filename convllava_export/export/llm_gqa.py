@@ -1,0 +1,128 @@
+"""LLaMA decoder → ONNX Runtime's fused layout (GroupQueryAttention + MatMulNBits), for CPU speed.
+
+Our dynamo export (llm.py) is exact but runs attention as a dozen separate ops and concatenates
+the KV cache in the graph every step. onnxruntime-genai's model builder writes the layout ORT's
+CPU kernels are tuned for: rotary embedding, attention and the cache update fused into one
+GroupQueryAttention per layer, SkipSimplifiedLayerNorm, int4/int8 MatMulNBits. With
+`exclude_embeds` the graph takes `inputs_embeds`, so image features are spliced in exactly as
+with our own graph; generation stays in our loop (OrtGqaDecoder), since the genai generator
+cannot take embeddings for LLaMA. After the build, the graph is cut to compute logits for the
+last position only (prefill would otherwise run lm_head over every prompt token).
+
+Inputs: inputs_embeds [B,S,H], attention_mask [B,P+S], past_key_values.N.{key,value}
+[B,kvh,P,hd] (positions come from the mask). Outputs: logits [B,1,V], present.N.{key,value}.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from torch import nn
+
+from ..errors import ExportError
+from .spec import PartSpec, TensorSpec
+
+GRAPH = "decoder.onnx"
+EMBEDDINGS = "embed_tokens.npy"
+GQA_PRECISIONS = ("fp32", "int8", "int4")
+Progress = Callable[[str], None]
+
+
+def genai_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime_genai") is not None
+
+
+def last_position_logits(graph: Path) -> None:
+    """Insert Slice(seq: -1:) before the lm_head MatMul(NBits), in place (weights untouched)."""
+    model = onnx.load(str(graph), load_external_data=False)
+    nodes = list(model.graph.node)
+    head = next((n for n in nodes if n.name in ("/lm_head/MatMul", "/lm_head/MatMulNBits") or n.name.startswith("/lm_head/MatMul")), None)
+    if head is None:
+        raise ExportError(f"no lm_head MatMul in {graph}: the builder's graph layout changed; rebuild without --graph gqa")
+    consts = [
+        onnx.helper.make_tensor("lastpos_starts", onnx.TensorProto.INT64, [1], [-1]),
+        onnx.helper.make_tensor("lastpos_ends", onnx.TensorProto.INT64, [1], [np.iinfo(np.int64).max]),
+        onnx.helper.make_tensor("lastpos_axes", onnx.TensorProto.INT64, [1], [1]),
+    ]
+    model.graph.initializer.extend(consts)
+    sliced = head.input[0] + "_last"
+    slice_node = onnx.helper.make_node("Slice", [head.input[0], "lastpos_starts", "lastpos_ends", "lastpos_axes"], [sliced], name="/lm_head/last_position")
+    head.input[0] = sliced
+    idx = nodes.index(head)
+    del model.graph.node[:]
+    model.graph.node.extend([*nodes[:idx], slice_node, *nodes[idx:]])
+    for out in model.graph.output:
+        if out.name == "logits":
+            out.type.tensor_type.shape.dim[1].ClearField("dim_param")
+            out.type.tensor_type.shape.dim[1].dim_value = 1
+    onnx.save(model, str(graph))
+
+
+def export_decoder_gqa(llm: nn.Module, folder: Path, precision: str = "int4", block_size: int = 32, tokenizer_dir: Path | None = None, progress: Progress = print) -> PartSpec:
+    """Build `folder/decoder.onnx` (+ .data) in the fused layout, with embed_tokens.npy and decoder.json."""
+    if precision not in GQA_PRECISIONS:
+        raise ExportError(f"precision '{precision}' is not available for the gqa graph (use {', '.join(GQA_PRECISIONS)})")
+    if not genai_available():
+        raise ExportError("the gqa graph is built by onnxruntime-genai's model builder: pip install onnxruntime-genai (or use the default graph)")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".gqa-", dir=folder.parent) as tmp:
+        hf = Path(tmp) / "hf"
+        progress("writing the language model as a transformers folder for the builder")
+        llm.save_pretrained(hf, safe_serialization=True)
+        if tokenizer_dir:  # the builder writes tokenizer files for genai; ours come from the checkpoint
+            for f in Path(tokenizer_dir).iterdir():
+                if f.name.startswith(("tokenizer", "special_tokens_map")) and f.is_file():
+                    shutil.copy(f, hf / f.name)
+        else:
+            shutil.copy(Path(__file__).parents[1] / "data" / "tiny_tokenizer.model", hf / "tokenizer.model")
+        out = Path(tmp) / "out"
+        cmd = [
+            sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(Path(tmp) / "cache"),
+            "--extra_options", "exclude_embeds=true", f"filename={GRAPH}", f"block_size={block_size}",
+        ]
+        progress(f"building the fused {precision} graph (onnxruntime-genai model builder)")
+        log = Path(tmp) / "builder.log"
+        with log.open("w") as fh:
+            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+        if rc != 0 or not (out / GRAPH).exists():
+            tail = log.read_text(errors="replace")[-1500:]
+            raise ExportError(f"onnxruntime-genai's model builder failed (exit {rc}):\n{tail}")
+        genai_cfg = json.loads((out / "genai_config.json").read_text())
+        for f in out.iterdir():
+            if f.name.startswith(GRAPH) or f.name == "genai_config.json":
+                shutil.move(str(f), folder / f.name)
+    last_position_logits(folder / GRAPH)
+    table = llm.get_input_embeddings().weight.detach().float().numpy()
+    np.save(folder / EMBEDDINGS, table)
+    dec = genai_cfg["model"]["decoder"]
+    layers, kv_heads, head_dim, hidden = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"], dec["hidden_size"]
+    vocab = int(table.shape[0])
+    spec = PartSpec(
+        part="decoder",
+        graph=GRAPH,
+        precision=precision,
+        opset=max(o.version for o in onnx.load(str(folder / GRAPH), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")),
+        inputs=[
+            TensorSpec("inputs_embeds", "float32", ["batch", "sequence", hidden]),
+            TensorSpec("attention_mask", "int64", ["batch", "total_sequence"]),
+            *[TensorSpec(f"past_key_values.{i}.{k}", "float32", ["batch", kv_heads, "past_sequence", head_dim]) for i in range(layers) for k in ("key", "value")],
+        ],
+        outputs=[
+            TensorSpec("logits", "float32", ["batch", 1, vocab]),
+            *[TensorSpec(f"present.{i}.{k}", "float32", ["batch", kv_heads, "total_sequence", head_dim]) for i in range(layers) for k in ("key", "value")],
+        ],
+        attributes={"layout": "gqa", "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "hidden": hidden, "vocab": vocab, "block_size": block_size, "builder": "onnxruntime-genai"},
+    )
+    spec.save(folder)
+    return spec
