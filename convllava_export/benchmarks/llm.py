@@ -158,6 +158,17 @@ def _export_worker(shape: str, work: str, queue) -> None:
     queue.put(times)
 
 
+def _gqa_export_worker(shape: str, work: str, queue) -> None:
+    from ..export.llm_gqa import export_decoder_gqa
+
+    t = time.perf_counter()
+    export_decoder_gqa(build_llm(shape), Path(work) / "int4-gqa", "int4", 32, progress=lambda m: None)
+    queue.put({"export_int4_gqa_s": time.perf_counter() - t, "gqa_peak_rss_mb": peak_rss_mb()})
+
+
+FOLDERS = {"ort-fp32": "fp32", "ort-int8": "int8", "ort-int4": "int4", "ort-int4-gqa": "int4-gqa"}
+
+
 def gguf_weight_bytes(path: Path) -> int:
     """Bytes of a GGUF's tensors read per token (all but the gathered token embedding table)."""
     from gguf import GGUFReader
@@ -179,18 +190,24 @@ def bench_llm(
     if not (work / "int4" / "decoder.onnx").exists():
         progress(f"exporting a random {shape}-shaped decoder, then int8 and int4 (this takes minutes)")
         exports = run_in_fresh_process(_export_worker, shape, str(work))
+    from ..export.llm_gqa import genai_available
+
+    with_gqa = genai_available()
+    if with_gqa and not (work / "int4-gqa" / "decoder.onnx").exists():
+        progress("building the fused GroupQueryAttention int4 graph (onnxruntime-genai model builder)")
+        exports.update(run_in_fresh_process(_gqa_export_worker, shape, str(work)))
     if with_llama_cpp and not (work / "llama-q4_0.gguf").exists():
         progress("writing the same weights as GGUF and quantizing them to Q4_0 with llama.cpp")
         exports.update(run_in_fresh_process(_gguf_worker, shape, str(work)))
     bw = {n: read_bandwidth_gbs(n) for n in sorted({1, threads})}
     results = {}
-    order = ["torch-fp32", "ort-fp32", "ort-int8", "ort-int4"] + (["llama.cpp-q4_0"] if with_llama_cpp else [])
+    order = ["torch-fp32", "ort-fp32", "ort-int8", "ort-int4"] + (["ort-int4-gqa"] if with_gqa else []) + (["llama.cpp-q4_0"] if with_llama_cpp else [])
     for kind in order:
         progress(f"timing {kind}: prefill {prompt_len} tokens, decode {decode_steps} tokens at context {prompt_len}")
         if kind == "llama.cpp-q4_0":
             results[kind] = run_in_fresh_process(_llama_cpp_worker, str(work / "llama-q4_0.gguf"), threads, prompt_len, decode_steps)
             continue
-        folder = None if kind == "torch-fp32" else str(work / kind.split("-")[1])
+        folder = None if kind == "torch-fp32" else str(work / FOLDERS[kind])
         results[kind] = run_in_fresh_process(_worker, kind, folder, shape, threads, prompt_len, decode_steps)
     ref_tokens = results["torch-fp32"]["tokens"]
     best_bw = max(bw.values())
@@ -200,7 +217,7 @@ def bench_llm(
         if kind == "llama.cpp-q4_0":
             wb = gguf_weight_bytes(work / "llama-q4_0.gguf")
         else:
-            wb = weight_bytes(work / kind.split("-")[1]) if kind != "torch-fp32" else weight_bytes(work / "fp32")
+            wb = weight_bytes(work / FOLDERS.get(kind, "fp32"))
         rows.append(
             {
                 "backend": kind,
