@@ -62,6 +62,20 @@ def test_batch_with_padding_matches_single(conformance_decoder, reference, confo
         assert got.token_ids == generate(dec, reference.tokenizer, [seq], SamplingParams(max_new_tokens=20))[0].token_ids
 
 
+def agreement_report(reference, cand, seqs, label: str) -> float:
+    """Teacher-forced top-1 agreement with the torch reference (printed with the first free-running divergence)."""
+    ref_dec = TorchDecoder(reference)
+    agreements, divergences = [], []
+    for seq in seqs:
+        want = generate(ref_dec, reference.tokenizer, [seq], SamplingParams(max_new_tokens=24))[0]
+        got = generate(cand, reference.tokenizer, [seq], SamplingParams(max_new_tokens=24))[0]
+        stats = logits_agreement(teacher_forced_logits(ref_dec, seq, want.token_ids), teacher_forced_logits(cand, seq, want.token_ids))
+        agreements.append(stats["top1_agreement"])
+        divergences.append(first_divergence(want.token_ids, got.token_ids))
+    print(f"{label}: teacher-forced top-1 agreement {np.mean(agreements):.3f}, first divergence {divergences}")
+    return float(np.mean(agreements))
+
+
 @pytest.mark.parametrize("precision, op", [("int8", "MatMulInteger"), ("int4", "MatMulNBits"), ("fp16", None)])
 def test_quantized_variants_report_agreement(tiny_reference, tmp_path, precision, op):
     from convllava_export.calibration.images import synthetic_pixels
@@ -74,16 +88,7 @@ def test_quantized_variants_report_agreement(tiny_reference, tmp_path, precision
         model = onnx.load(str(folder / "decoder.onnx"))
         assert any(n.op_type == op for n in model.graph.node), f"no {op} in the {precision} graph"
     seqs = multimodal_sequences(tiny_reference, synthetic_pixels(PreprocessConfig(resolution=256), n=6, seed=9), ["What is shown in this image?"])
-    ref_dec, cand = TorchDecoder(tiny_reference), OrtDecoder(folder)
-    agreements, divergences = [], []
-    for seq in seqs:
-        want = generate(ref_dec, tiny_reference.tokenizer, [seq], SamplingParams(max_new_tokens=24))[0]
-        got = generate(cand, tiny_reference.tokenizer, [seq], SamplingParams(max_new_tokens=24))[0]
-        stats = logits_agreement(teacher_forced_logits(ref_dec, seq, want.token_ids), teacher_forced_logits(cand, seq, want.token_ids))
-        agreements.append(stats["top1_agreement"])
-        divergences.append(first_divergence(want.token_ids, got.token_ids))
-    print(f"{precision}: teacher-forced top-1 agreement {np.mean(agreements):.3f}, first divergence {divergences}")
-    assert np.mean(agreements) >= 0.95
+    assert agreement_report(tiny_reference, OrtDecoder(folder), seqs, precision) >= 0.95
 
 
 def test_ort_cli_errors(tiny_checkpoint, tmp_path):
@@ -190,16 +195,7 @@ def test_gqa_int4_reports_agreement(tiny_reference, tmp_path):
     model = onnx.load(str(folder / "decoder.onnx"), load_external_data=False)
     assert any(n.op_type == "MatMulNBits" for n in model.graph.node) and any(n.name == "/lm_head/last_position" for n in model.graph.node)
     seqs = multimodal_sequences(tiny_reference, synthetic_pixels(PreprocessConfig(resolution=256), n=6, seed=9), ["What is shown in this image?"])
-    ref_dec, cand = TorchDecoder(tiny_reference), open_decoder(folder)
-    agreements, divergences = [], []
-    for seq in seqs:
-        want = generate(ref_dec, tiny_reference.tokenizer, [seq], SamplingParams(max_new_tokens=24))[0]
-        got = generate(cand, tiny_reference.tokenizer, [seq], SamplingParams(max_new_tokens=24))[0]
-        stats = logits_agreement(teacher_forced_logits(ref_dec, seq, want.token_ids), teacher_forced_logits(cand, seq, want.token_ids))
-        agreements.append(stats["top1_agreement"])
-        divergences.append(first_divergence(want.token_ids, got.token_ids))
-    print(f"gqa int4: teacher-forced top-1 agreement {np.mean(agreements):.3f}, first divergence {divergences}")
-    assert np.mean(agreements) >= 0.95
+    assert agreement_report(tiny_reference, open_decoder(folder), seqs, "gqa int4") >= 0.95
 
 
 def test_gqa_graph_refuses_what_it_cannot_build(tiny_checkpoint, tmp_path):

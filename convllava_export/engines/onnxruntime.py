@@ -120,7 +120,7 @@ class OrtDecoder:
         attrs = self.spec.attributes
         self.vocab_size = int(attrs["vocab"])
         self.kv_heads, self.head_dim = int(attrs["kv_heads"]), int(attrs["head_dim"])
-        self.past_names = [t.name for t in self.spec.inputs[3:]]
+        self.past_names = [t.name for t in self.spec.inputs if t.name.startswith("past_key_values.")]
         self.present_names = [t.name for t in self.spec.outputs[1:]]
         self.dtype = np.float16 if self.spec.inputs[0].dtype == "float16" else np.float32
         self.device = "cpu" if target == "cpu" else "cuda"
@@ -132,66 +132,13 @@ class OrtDecoder:
     def reset(self) -> None:
         self.past = None
 
-    def forward(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def _run(self, inputs: dict[str, np.ndarray], past: list[Any] | None, batch: int) -> tuple[np.ndarray, list[Any]]:
+        """One step: bind the inputs and the cache (ORT values, or empty), keep the new cache in ORT."""
         io = self.session.io_binding()
-        io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=self.dtype))
-        io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        if self.past is None:
-            empty = np.zeros((embeds.shape[0], self.kv_heads, 0, self.head_dim), dtype=self.dtype)
-            for name in self.past_names:
-                io.bind_cpu_input(name, empty)
-        else:
-            for name, value in zip(self.past_names, self.past):
-                io.bind_ortvalue_input(name, value)
-        io.bind_output("logits", "cpu")
-        for name in self.present_names:
-            io.bind_output(name, self.device)
-        self.session.run_with_iobinding(io)
-        outputs = io.get_outputs()
-        self.past = outputs[1:]
-        return outputs[0].numpy()[:, -1].astype(np.float32)
-
-
-class OrtGqaDecoder:
-    """The fused GroupQueryAttention graph (export/llm_gqa.py) behind the same Decoder protocol.
-
-    GroupQueryAttention takes positions from the mask and expects each sequence's tokens to start
-    at position 0, so a left-padded batch is run row by row, each row with its own cache (kept in
-    ONNX Runtime's buffers via IOBinding, like OrtDecoder). One request at a time, the common case,
-    is a single row.
-    """
-
-    def __init__(self, folder: Path, target: str = "cpu", threads: int | None = None) -> None:
-        from ..export.spec import PartSpec
-
-        folder = Path(folder)
-        self.spec = PartSpec.load(folder / "decoder.json")
-        self.session = create_session(folder / self.spec.graph, target, threads)
-        self.table = np.load(folder / "embed_tokens.npy", mmap_mode="r")
-        attrs = self.spec.attributes
-        self.vocab_size = int(attrs["vocab"])
-        self.kv_heads, self.head_dim = int(attrs["kv_heads"]), int(attrs["head_dim"])
-        self.past_names = [t.name for t in self.spec.inputs[2:]]
-        self.present_names = [t.name for t in self.spec.outputs[1:]]
-        self.device = "cpu" if target == "cpu" else "cuda"
-        self.rows: list[list[Any] | None] = []
-        self.lengths: list[int] = []
-
-    def embed(self, ids: np.ndarray) -> np.ndarray:
-        return np.asarray(self.table[np.asarray(ids)], dtype=np.float32)
-
-    def reset(self) -> None:
-        self.rows, self.lengths = [], []
-
-    def _step(self, row: int, embeds: np.ndarray) -> np.ndarray:
-        total = self.lengths[row] + embeds.shape[1]
-        io = self.session.io_binding()
-        io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
-        io.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
-        past = self.rows[row]
+        for name, value in inputs.items():
+            io.bind_cpu_input(name, value)
         if past is None:
-            empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+            empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
             for name in self.past_names:
                 io.bind_cpu_input(name, empty)
         else:
@@ -202,8 +149,41 @@ class OrtGqaDecoder:
             io.bind_output(name, self.device)
         self.session.run_with_iobinding(io)
         outputs = io.get_outputs()
-        self.rows[row], self.lengths[row] = outputs[1:], total
-        return outputs[0].numpy()[:, -1].astype(np.float32)
+        return outputs[0].numpy()[:, -1].astype(np.float32), outputs[1:]
+
+    def forward(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        inputs = {
+            "inputs_embeds": np.ascontiguousarray(embeds, dtype=self.dtype),
+            "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
+            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
+        }
+        logits, self.past = self._run(inputs, self.past, embeds.shape[0])
+        return logits
+
+
+class OrtGqaDecoder(OrtDecoder):
+    """The fused GroupQueryAttention graph (export/llm_gqa.py) behind the same Decoder protocol.
+
+    GroupQueryAttention takes positions from the mask and expects each sequence's tokens to start
+    at position 0, so a left-padded batch is run row by row, each row with its own cache (kept in
+    ONNX Runtime's buffers via IOBinding, like OrtDecoder). One request at a time, the common case,
+    is a single row.
+    """
+
+    def __init__(self, folder: Path, target: str = "cpu", threads: int | None = None) -> None:
+        super().__init__(folder, target, threads)
+        self.rows: list[list[Any] | None] = []
+        self.lengths: list[int] = []
+
+    def reset(self) -> None:
+        self.rows, self.lengths = [], []
+
+    def _step(self, row: int, embeds: np.ndarray) -> np.ndarray:
+        total = self.lengths[row] + embeds.shape[1]
+        inputs = {"inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32), "attention_mask": np.ones((1, total), dtype=np.int64)}
+        logits, self.rows[row] = self._run(inputs, self.rows[row], 1)
+        self.lengths[row] = total
+        return logits
 
     def forward(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         if not self.rows:  # prefill: drop each row's left padding
