@@ -22,6 +22,14 @@ def run_in_fresh_process(target, *args):
     q = ctx.Queue()
     p = ctx.Process(target=target, args=(*args, q))
     p.start()
-    res = q.get()
+    import queue
+
+    while True:  # a worker that dies (crash, OOM kill) must not leave us waiting forever
+        try:
+            res = q.get(timeout=5)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                raise RuntimeError(f"benchmark worker {getattr(target, '__name__', target)} exited with code {p.exitcode} before reporting") from None
     p.join()
     return res

@@ -110,6 +110,11 @@ class LlamaCppTimer:
         llama_cpp = _require("llama_cpp", "llama-cpp-python")
         self.llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
 
+    def _last_argmax(self) -> int:
+        """Greedy pick from the last evaluated position (the only one with logits)."""
+        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
+        return int(np.argmax(logits))
+
     def run(self, prompt: list[int], decode_steps: int) -> dict[str, Any]:
         """Greedy: timed prefill of `prompt`, then `decode_steps` single-token evals."""
         self.llm.reset()
@@ -119,7 +124,7 @@ class LlamaCppTimer:
         tokens = []
         t = time.perf_counter()
         for _ in range(decode_steps):
-            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            tok = self._last_argmax()
             tokens.append(tok)
             self.llm.eval([tok])
         decode = time.perf_counter() - t
