@@ -47,6 +47,11 @@ def test_optimized_graph_matches(fp32_export, reference):
     want = reference.encode_images(x)
     assert np.abs(got - want).max() / np.abs(want).max() <= 1e-4
     assert fp32_export.report["heldout"]["cosine_min"] > 0.99999
+    ort_graph = onnx.load(str(fp32_export.folder / "vision.ort.onnx"), load_external_data=False)
+    ops = {n.op_type for n in ort_graph.graph.node}
+    assert "BiasGelu" in ops and "Erf" not in ops  # our GELU fusion reached the ORT graph
+    portable = {n.op_type for n in onnx.load(str(fp32_export.folder / "vision.onnx"), load_external_data=False).graph.node}
+    assert "Erf" in portable and "BiasGelu" not in portable  # the TensorRT graph keeps standard ops
 
 
 def test_conformance_end_to_end(fp32_export, reference, conformance, manifest):

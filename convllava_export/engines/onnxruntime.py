@@ -78,10 +78,29 @@ def create_session(path: Path, target: str = "cpu", threads: int | None = None, 
 
 
 def save_optimized(src: Path, dest: Path, threads: int | None = None) -> None:
-    """Offline-optimize for CPU (constant folding, GELU/LayerNorm/QLinear fusions) so loads are fast."""
+    """Offline-optimize for CPU so loads are fast: our BiasGelu fusion (ort_fusions.py), then
+    ORT's own (constant folding, LayerNorm, QDQ → QLinear ops)."""
+    import shutil
+    import tempfile
+
+    import onnx
     import onnxruntime as ort
 
-    ort.InferenceSession(str(src), sess_options=session_options(threads, optimized_path=dest), providers=["CPUExecutionProvider"])
+    from .ort_fusions import fuse_gelu
+
+    model = onnx.load(str(src))
+    if not fuse_gelu(model):
+        del model
+        ort.InferenceSession(str(src), sess_options=session_options(threads, optimized_path=dest), providers=["CPUExecutionProvider"])
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=".fused-", dir=Path(dest).parent))
+    try:
+        big = model.ByteSize() > (1 << 30)
+        onnx.save(model, str(tmp / "fused.onnx"), save_as_external_data=big, location="fused.onnx.data")
+        del model
+        ort.InferenceSession(str(tmp / "fused.onnx"), sess_options=session_options(threads, optimized_path=dest), providers=["CPUExecutionProvider"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class OrtVision:
