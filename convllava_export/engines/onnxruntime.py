@@ -95,8 +95,8 @@ def save_optimized(src: Path, dest: Path, threads: int | None = None) -> None:
         return
     tmp = Path(tempfile.mkdtemp(prefix=".fused-", dir=Path(dest).parent))
     try:
-        big = model.ByteSize() > (1 << 30)
-        onnx.save(model, str(tmp / "fused.onnx"), save_as_external_data=big, location="fused.onnx.data")
+        # external data always: a protobuf cannot hold over 2 GB (the released tower is 2.8 GB)
+        onnx.save(model, str(tmp / "fused.onnx"), save_as_external_data=True, location="fused.onnx.data")
         del model
         ort.InferenceSession(str(tmp / "fused.onnx"), sess_options=session_options(threads, optimized_path=dest), providers=["CPUExecutionProvider"])
     finally:
