@@ -587,10 +587,11 @@ def bench_llm_cmd(shape, prompt_len, decode_steps, threads, workdir, with_llama_
     from .benchmarks.llm import bench_llm, markdown
 
     if with_llama_cpp:
-        from .engines.llama_cpp import _require
+        from .engines.llama_cpp import WHY
+        from .extras import require
 
-        _require("llama_cpp", "llama-cpp-python")
-        _require("gguf", "gguf")
+        require("llama_cpp", purpose=WHY)
+        require("gguf", purpose=WHY)
     result = bench_llm(shape, prompt_len, decode_steps, threads, str(workdir) if workdir else None, with_llama_cpp, progress=say)
     if json_path:
         json_path.write_text(json.dumps(result, indent=2))

@@ -14,6 +14,9 @@ EXTRAS = {
     "tensorrt_llm": "trtllm",
     "modelopt": "quant",
     "ray": "ray",
+    "onnxruntime_genai": "genai",
+    "llama_cpp": "bench",
+    "gguf": "bench",
 }
 
 

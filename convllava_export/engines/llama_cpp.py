@@ -15,15 +15,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConvLlavaError
+from ..extras import require
 
-
-def _require(module: str, package: str):
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ConvLlavaError(f"--with-llama-cpp needs {package}: pip install {package} (llama-cpp-python compiles llama.cpp from source, several minutes)") from None
+WHY = "--with-llama-cpp (llama-cpp-python compiles llama.cpp from source: several minutes)"
 
 
 def permute_for_rope(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -56,7 +50,7 @@ def gguf_tensors(model: Any) -> dict[str, np.ndarray]:
 def write_gguf(model: Any, path: Path) -> Path:
     """An f16 GGUF of a LLaMA with a placeholder SentencePiece vocabulary of the model's size
     (byte tokens included, as llama.cpp's SPM vocabulary expects); for timing, not for text."""
-    gguf = _require("gguf", "gguf")
+    gguf = require("gguf", purpose=WHY)
     cfg = model.config
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("convllava-bench")
@@ -92,7 +86,7 @@ def write_gguf(model: Any, path: Path) -> Path:
 
 def quantize_gguf(src: Path, dest: Path, kind: str = "q4_0", threads: int = 2) -> Path:
     """llama.cpp's own quantizer, through llama-cpp-python's C API."""
-    llama_cpp = _require("llama_cpp", "llama-cpp-python")
+    llama_cpp = require("llama_cpp", purpose=WHY)
     ftype = {"q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[kind]
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
@@ -107,7 +101,7 @@ class LlamaCppTimer:
     """Prefill a prompt, then decode one token at a time at that context."""
 
     def __init__(self, gguf_path: Path, threads: int, n_ctx: int = 2048) -> None:
-        llama_cpp = _require("llama_cpp", "llama-cpp-python")
+        llama_cpp = require("llama_cpp", purpose=WHY)
         self.llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
 
     def _last_argmax(self) -> int:

@@ -37,9 +37,9 @@ Progress = Callable[[str], None]
 
 
 def genai_available() -> bool:
-    import importlib.util
+    from ..extras import available
 
-    return importlib.util.find_spec("onnxruntime_genai") is not None
+    return available("onnxruntime_genai")
 
 
 def last_position_logits(graph: Path) -> None:

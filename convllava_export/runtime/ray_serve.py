@@ -24,14 +24,14 @@ import numpy as np
 from ..errors import ConvLlavaError
 from ..extras import require
 
-require("ray.serve", "ray[serve]", "serving on Ray (--engine ray)")
+require("ray.serve", "ray", "serving on Ray (--engine ray)")
 from ray import serve  # noqa: E402
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError  # noqa: E402
 
 from ..prompt import Conversation  # noqa: E402
 from .generation import Timings, TokenEvent  # noqa: E402
 from .sampling import SamplingParams  # noqa: E402
-from .server import ApiError, Finished, ServerLimits, create_app  # noqa: E402
+from .server import ApiError, Finished, ServerLimits, create_app, stream_one  # noqa: E402
 
 APP_NAME = "convllava"
 GPU_TARGETS = ("cuda", "tensorrt", "jetson")
@@ -128,14 +128,9 @@ class VisionEncoder:
     """The build's vision engine; concurrent single-image calls are batched when shapes match."""
 
     def __init__(self, build_dir: str, threads: int | None, max_batch_size: int, batch_wait_timeout_s: float) -> None:
-        from ..build import read_manifest
-        from .build_loader import check_libraries, load_vision, verify_files
+        from .build_loader import load_pipeline
 
-        folder = Path(build_dir)
-        manifest = read_manifest(folder)
-        verify_files(folder, manifest)
-        check_libraries(manifest)
-        self.vision, self.description = load_vision(folder, manifest, threads)
+        self.vision = load_pipeline(build_dir, threads=threads, parts=("vision",)).vision
         self.encode_batch.set_max_batch_size(max_batch_size)
         self.encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_sizes: list[int] = []
@@ -183,21 +178,18 @@ class LLMWorker:
     def stream(self, conv: Conversation, image_embeds: list[np.ndarray], params: SamplingParams, timings: Timings) -> Iterator[list[TokenEvent | Finished | WorkerError]]:
         from .pipeline import Request
 
-        tokens = 0
         pending: list[TokenEvent | Finished | WorkerError] = []
         last = 0.0  # the first token is sent at once
         try:
-            for ev in self.pipeline.stream([Request(conv)], params, image_embeds=[image_embeds], timings=[timings]):
-                tokens += 1
-                pending.append(ev)
+            for item in stream_one(self.pipeline, Request(conv), params, [image_embeds], [timings]):
+                pending.append(item)
                 now = time.perf_counter()
-                if now - last >= self.interval:
+                if now - last >= self.interval and not isinstance(item, Finished):
                     yield pending
                     pending, last = [], now
         except ConvLlavaError as exc:
-            yield [*pending, WorkerError(400, str(exc))]
-            return
-        yield [*pending, Finished(timings, tokens, self.pipeline.last_prompt_tokens[0] if self.pipeline.last_prompt_tokens else 0)]
+            pending.append(WorkerError(400, str(exc)))
+        yield pending
 
     def check_health(self) -> None:
         if self.pipeline.decoder is None:

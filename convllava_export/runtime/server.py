@@ -18,7 +18,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Protocol
 
 from ..errors import ConvLlavaError
@@ -202,6 +202,18 @@ class Finished:
     prompt_tokens: int
 
 
+def stream_one(
+    pipeline: Pipeline, request: Request, params: SamplingParams, image_embeds: list | None = None, timings: list[Timings] | None = None
+) -> Iterator[TokenEvent | Finished]:
+    """One request's token events, then its Finished (usage and timings): what every backend streams."""
+    tokens = 0
+    for ev in pipeline.stream([request], params, image_embeds=image_embeds, timings=timings):
+        tokens += 1
+        yield ev
+    t = pipeline.last_timings[0] if pipeline.last_timings else Timings()
+    yield Finished(t, tokens, pipeline.last_prompt_tokens[0] if pipeline.last_prompt_tokens else 0)
+
+
 class ChatBackend(Protocol):
     """What the HTTP app needs from whatever runs generation (one process, or Ray replicas)."""
 
@@ -241,14 +253,10 @@ class LocalBackend:
 
         def run() -> None:
             try:
-                tokens = 0
-                for ev in pipeline.stream([prepared], params):
+                for item in stream_one(pipeline, prepared, params):
                     if cancel.is_set():
                         break
-                    tokens += 1
-                    loop.call_soon_threadsafe(events.put_nowait, ev)
-                t = pipeline.last_timings[0] if pipeline.last_timings else Timings()
-                loop.call_soon_threadsafe(events.put_nowait, Finished(t, tokens, pipeline.last_prompt_tokens[0] if pipeline.last_prompt_tokens else 0))
+                    loop.call_soon_threadsafe(events.put_nowait, item)
             except ConvLlavaError as exc:
                 loop.call_soon_threadsafe(events.put_nowait, ApiError(400, str(exc), "messages"))
             except Exception as exc:  # noqa: BLE001
