@@ -78,18 +78,18 @@ def create_session(path: Path, target: str = "cpu", threads: int | None = None, 
 
 
 def save_optimized(src: Path, dest: Path, threads: int | None = None) -> None:
-    """Offline-optimize for CPU so loads are fast: our BiasGelu fusion (ort_fusions.py), then
-    ORT's own (constant folding, LayerNorm, QDQ → QLinear ops)."""
+    """Offline-optimize for CPU so loads are fast: our rewrites (ort_fusions.py: BiasGelu, 7-bit
+    int8 weights), then ORT's own (constant folding, LayerNorm, QDQ → integer ops)."""
     import shutil
     import tempfile
 
     import onnx
     import onnxruntime as ort
 
-    from .ort_fusions import fuse_gelu
+    from .ort_fusions import fuse_gelu, narrow_int8_weights
 
     model = onnx.load(str(src))
-    if not fuse_gelu(model):
+    if not (fuse_gelu(model) + narrow_int8_weights(model)):
         del model
         ort.InferenceSession(str(src), sess_options=session_options(threads, optimized_path=dest), providers=["CPUExecutionProvider"])
         return

@@ -246,7 +246,10 @@ def quantize_int8(src: Path, dest: Path, pixels: list[np.ndarray], method: str =
     if method not in methods:
         raise ExportError(f"unknown calibration method '{method}' (use {', '.join(CALIBRATION_METHODS)})")
     progress(f"calibrating int8 ({method}) on {len(pixels)} images")
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    # Q/DQ on the MatMul inputs only (TensorRT's recommended placement): a Q/DQ pair on the
+    # outputs as well made ORT requantize and dequantize every MLP output (0.76x vs 0.65x of
+    # fp32 time on a full-width tower at 768², same cosine).
+    extra: dict[str, Any] = {"ActivationSymmetric": True, "WeightSymmetric": True, "OpTypesToExcludeOutputQuantization": INT8_OPS}
     if method == "percentile":
         extra["CalibPercentile"] = 99.99
     with _calibrate_one_image_at_a_time(), quiet_logs(), contextlib.redirect_stdout(None):
