@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -61,22 +61,6 @@ def split_heldout(pixels: list[np.ndarray], fraction: float = 0.25) -> tuple[lis
         return pixels, pixels
     k = max(1, int(round(len(pixels) * fraction)))
     return pixels[:-k], pixels[-k:]
-
-
-class PixelReader:
-    """onnxruntime.quantization CalibrationDataReader over preprocessed images."""
-
-    def __init__(self, pixels: list[np.ndarray], input_name: str = "pixel_values") -> None:
-        self.pixels = pixels
-        self.input_name = input_name
-        self._it: Iterator[np.ndarray] = iter(pixels)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        nxt = next(self._it, None)
-        return None if nxt is None else {self.input_name: nxt}
-
-    def rewind(self) -> None:
-        self._it = iter(self.pixels)
 
 
 def calibration_source(source: str | os.PathLike | None, cfg: PreprocessConfig, limit: int = 64, progress: Callable[[str], None] | None = None) -> tuple[list[np.ndarray], str]:

@@ -177,86 +177,60 @@ def save_model(model: onnx.ModelProto, dest: Path) -> None:
     onnx.save(model, str(dest), save_as_external_data=large, location=dest.name + ".data" if large else None)
 
 
-@contextlib.contextmanager
-def _calibrate_one_image_at_a_time() -> Iterator[None]:
-    """Two onnxruntime calibration limits, worked around for the length of one quantize call.
-
-    - Calibrators keep every image's calibration outputs until `collect_data` returns (for the
-      histogram methods, whole activation tensors). Feeding it one image at a time bounds that
-      to one image (MinMax merges ranges, histograms merge counts). Note: the full-size int8
-      export still peaks at ~19 GB RSS with MinMax, so that peak comes from elsewhere
-      (BENCHMARKS.md); this bounds only what grows with the number of images.
-    - HistogramCollector stacks each batch's arrays into one, which fails when images differ in
-      shape (native mode): flatten each first.
-    """
-    from onnxruntime.quantization.calibrate import HistogramCalibrater, HistogramCollector, MinMaxCalibrater
-
-    class _One:
-        def __init__(self, item):
-            self.item = item
-
-        def get_next(self):
-            item, self.item = self.item, None
-            return item
-
-    originals = {cls: cls.collect_data for cls in (MinMaxCalibrater, HistogramCalibrater)}
-
-    def per_image(cls):
-        def collect_data(self, reader):
-            while (item := reader.get_next()) is not None:
-                originals[cls](self, _One(item))
-
-        return collect_data
-
-    collect = HistogramCollector.collect
-
-    def flat_collect(self, name_to_arr):
-        flat = {k: np.concatenate([np.ravel(a) for a in v]) if isinstance(v, list) else v for k, v in name_to_arr.items()}
-        return collect(self, flat)
-
-    for cls in originals:
-        cls.collect_data = per_image(cls)
-    HistogramCollector.collect = flat_collect
-    try:
-        yield
-    finally:
-        for cls, fn in originals.items():
-            cls.collect_data = fn
-        HistogramCollector.collect = collect
-
-
 INT8_OPS = ["MatMul", "Gemm"]
 
 
-def quantize_int8(src: Path, dest: Path, pixels: list[np.ndarray], method: str = "minmax", progress: Progress = _noop) -> None:
+def quantize_int8(src: Path, dest: Path, pixels: list[np.ndarray], method: str = "minmax", progress: Progress = _noop) -> Path:
     """Explicit symmetric Q/DQ, per-channel int8 weights, int8 activations calibrated on images.
 
-    This QDQ form runs on ONNX Runtime (fused to QLinear ops on CPU) and is what TensorRT's
+    This QDQ form runs on ONNX Runtime (fused to integer ops on CPU) and is what TensorRT's
     explicit-quantization path consumes. LayerNorm and the GELU stay in float. Only the MatMuls
     (the blocks' pointwise MLPs and the projector: nearly all of ConvNeXt's FLOPs) are quantized;
     the convolutions (stem, downsampling, depthwise 7×7) stay in float. Measured on a
     full-width tower at 768² (BENCHMARKS.md): quantizing the convolutions too was slower (0.83×
     vs 0.74× of fp32 time) and less accurate (embeds cosine 0.982 vs 0.987).
-    """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from ..calibration.images import PixelReader
+    Calibration runs first on its own (calibration/ranges.py: one session, weights read once)
+    and its ranges are saved beside `dest` as `vision_calibration.json` (ONNX Runtime's
+    calibration cache format), which `quantize_static` then reads instead of calibrating.
+    Returns that file's path.
+    """
+    import inspect
+
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    from ..calibration.ranges import collect_ranges
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
     if method not in methods:
         raise ExportError(f"unknown calibration method '{method}' (use {', '.join(CALIBRATION_METHODS)})")
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        import onnxruntime
+
+        raise ExportError(f"int8 export needs an onnxruntime whose quantize_static takes calibration_cache_path (1.32 works; installed: {onnxruntime.__version__}): pip install -U onnxruntime")
     progress(f"calibrating int8 ({method}) on {len(pixels)} images")
+    try:
+        ranges = collect_ranges(src, pixels, method, INT8_OPS, progress=progress)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    cache = dest.parent / "vision_calibration.json"
+    save_tensors_data(ranges, cache)
+    progress(f"quantizing {len(ranges.data)} activations and their MatMul weights to int8")
     # Q/DQ on the MatMul inputs only (TensorRT's recommended placement): a Q/DQ pair on the
     # outputs as well made ORT requantize and dequantize every MLP output (0.76x vs 0.65x of
     # fp32 time on a full-width tower at 768², same cosine).
     extra: dict[str, Any] = {"ActivationSymmetric": True, "WeightSymmetric": True, "OpTypesToExcludeOutputQuantization": INT8_OPS}
-    if method == "percentile":
-        extra["CalibPercentile"] = 99.99
-    with _calibrate_one_image_at_a_time(), quiet_logs(), contextlib.redirect_stdout(None):
+    with quiet_logs(), contextlib.redirect_stdout(None):
         quantize_static(
             str(src),
             str(dest),
-            PixelReader(pixels),
+            None,
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QInt8,
@@ -265,7 +239,9 @@ def quantize_int8(src: Path, dest: Path, pixels: list[np.ndarray], method: str =
             op_types_to_quantize=INT8_OPS,
             use_external_data_format=src.stat().st_size > EXTERNAL_DATA_BYTES or (src.parent / (src.name + ".data")).exists(),
             extra_options=extra,
+            calibration_cache_path=str(cache),
         )
+    return cache
 
 
 def quantize_fp8(src: Path, dest: Path, pixels: list[np.ndarray], progress: Progress = _noop) -> None:
