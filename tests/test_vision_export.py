@@ -102,6 +102,8 @@ def test_int8_qdq(tiny_reference, tiny_pixels, tmp_path, method):
     ort_inits = onnx.load(str(tmp_path / "v8" / "vision.ort.onnx")).graph.initializer
     int8_weights = [onnx.numpy_helper.to_array(i) for i in ort_inits if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
     assert int8_weights and max(int(np.abs(w).max()) for w in int8_weights) <= 64  # 7-bit on the CPU graph
+    assert res.report["ort_graph_rewrites"]["int8_weights_narrowed_to_7_bits"] == len(matmuls)
+    assert (tmp_path / "v8" / "vision_calibration.json").is_file()
     held_report = res.report["heldout"]
     assert held_report["finite"] and held_report["cosine_mean"] > 0.99 and held_report["cosine_min"] > 0.98
 

@@ -77,9 +77,10 @@ def create_session(path: Path, target: str = "cpu", threads: int | None = None, 
     return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers_for(target, **provider_kw))
 
 
-def save_optimized(src: Path, dest: Path, threads: int | None = None) -> None:
+def save_optimized(src: Path, dest: Path, threads: int | None = None) -> dict[str, int]:
     """Offline-optimize for CPU so loads are fast: our rewrites (ort_fusions.py: BiasGelu, 7-bit
-    int8 weights), then ORT's own (constant folding, LayerNorm, QDQ → integer ops)."""
+    int8 weights), then ORT's own (constant folding, LayerNorm, QDQ → integer ops).
+    Returns how many of each of our rewrites were applied."""
     import shutil
     import tempfile
 
@@ -89,10 +90,11 @@ def save_optimized(src: Path, dest: Path, threads: int | None = None) -> None:
     from .ort_fusions import fuse_gelu, narrow_int8_weights
 
     model = onnx.load(str(src))
-    if not (fuse_gelu(model) + narrow_int8_weights(model)):
+    rewrites = {"bias_gelu_fused": fuse_gelu(model), "int8_weights_narrowed_to_7_bits": narrow_int8_weights(model)}
+    if not any(rewrites.values()):
         del model
         ort.InferenceSession(str(src), sess_options=session_options(threads, optimized_path=dest), providers=["CPUExecutionProvider"])
-        return
+        return rewrites
     tmp = Path(tempfile.mkdtemp(prefix=".fused-", dir=Path(dest).parent))
     try:
         # external data always: a protobuf cannot hold over 2 GB (the released tower is 2.8 GB)
@@ -101,6 +103,7 @@ def save_optimized(src: Path, dest: Path, threads: int | None = None) -> None:
         ort.InferenceSession(str(tmp / "fused.onnx"), sess_options=session_options(threads, optimized_path=dest), providers=["CPUExecutionProvider"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return rewrites
 
 
 class OrtVision:

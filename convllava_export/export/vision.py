@@ -319,7 +319,7 @@ def export_vision(
     spec.save(folder)
     if precision != "fp8":  # fp8 Q/DQ is for TensorRT; ONNX Runtime's CPU kernels do not run it
         progress("saving the ONNX Runtime-optimized graph")
-        save_optimized(folder / GRAPH, folder / "vision.ort.onnx", threads)
+        report["ort_graph_rewrites"] = save_optimized(folder / GRAPH, folder / "vision.ort.onnx", threads)
         if heldout_pixels:
             progress(f"comparing against the torch fp32 reference on {len(heldout_pixels)} held-out images")
             engine = OrtVision(folder / "vision.ort.onnx", threads=threads)
