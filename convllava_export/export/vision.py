@@ -25,7 +25,6 @@ GRAPH = "vision.onnx"
 OPSET = 18
 EXTERNAL_DATA_BYTES = 1 << 30  # use external data above 1 GiB (protobuf's hard limit is 2 GiB)
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 FP16_MAX = 65504.0
 FP16_KEEP_FP32 = ["LayerNormalization"]
 
@@ -197,19 +196,11 @@ def quantize_int8(src: Path, dest: Path, pixels: list[np.ndarray], method: str =
     """
     import inspect
 
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
 
     from ..calibration.ranges import collect_ranges
 
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
-    if method not in methods:
-        raise ExportError(f"unknown calibration method '{method}' (use {', '.join(CALIBRATION_METHODS)})")
     if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
         import onnxruntime
 
@@ -235,7 +226,7 @@ def quantize_int8(src: Path, dest: Path, pixels: list[np.ndarray], method: str =
             per_channel=True,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
-            calibrate_method=methods[method],
+            calibrate_method=ranges.calibration_method,
             op_types_to_quantize=INT8_OPS,
             use_external_data_format=src.stat().st_size > EXTERNAL_DATA_BYTES or (src.parent / (src.name + ".data")).exists(),
             extra_options=extra,
