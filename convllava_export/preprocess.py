@@ -2,6 +2,10 @@
 
 `pad` reproduces LLaVA's `expand2square` + CLIPImageProcessor exactly: PIL bicubic resize of
 uint8 pixels, rescale in float64 then cast to float32, normalize in float32.
+
+Every mode's cost is bounded by the config whatever the aspect ratio: `pad` never builds a canvas
+with a side above PAD_MAX_SIDE (or the resolution), `native` never exceeds DEFAULT_MAX_TOKENS
+unless given a larger `max_tokens`, an explicit size is its own bound.
 """
 
 from __future__ import annotations
@@ -22,7 +26,17 @@ STRIDE = 64
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MAX_PIXELS = 64_000_000  # decoded pixels; a 8000x8000 image is fine, a bomb is not
+# pad: the square canvas is at most this wide, so padding never allocates more than decoding the
+# largest image load_image accepts by default (8000² = DEFAULT_MAX_PIXELS, 256 MB as Pillow RGB).
+# Only an image whose long side exceeds it is shrunk first: 24 Mpx photos (6000x4000) stay exact,
+# a 1x100000 strip (official canvas 10^10 pixels, 30-40 GB) costs the same as an 8000x8000 photo.
+PAD_MAX_SIDE = math.isqrt(DEFAULT_MAX_PIXELS)
+# native without max_tokens: LLaVA's context is 2048 tokens, so a larger image could not be prompted
+# anyway; 2048 tokens are 8.4 Mpx, 100 MB of float32 pixel_values. 16:9 at 1536 (1032 tokens) fits.
+DEFAULT_MAX_TOKENS = 2048
 MODES = ("pad", "native")
+ORIENTATION = 0x0112  # the EXIF tag
+WHITE = (255, 255, 255)
 
 
 @dataclass(frozen=True)
@@ -85,32 +99,31 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def native_size(height: int, width: int, resolution: int, max_tokens: int | None = None) -> tuple[int, int]:
-    """Paper §4.3: short side → resolution, aspect kept, each side rounded to a multiple of 64.
+    """Paper §4.3: short side → resolution, aspect kept, each side rounded to a multiple of 64 (≥ 64).
 
-    When (H/64)(W/64) exceeds max_tokens the image is scaled down (aspect kept) until it fits.
+    When (H/64)(W/64) exceeds max_tokens (DEFAULT_MAX_TOKENS when None, so that no aspect ratio makes
+    the input unbounded) the image is scaled down, aspect kept as far as 64-px sides allow.
     """
     if height <= 0 or width <= 0:
         raise ImageError(f"image has an empty side ({width}x{height})")
+    if max_tokens is None:
+        max_tokens = DEFAULT_MAX_TOKENS
+    elif max_tokens < 1:
+        raise ImageError(f"max_tokens must be >= 1, got {max_tokens}")
     scale = resolution / min(height, width)
 
     def rounded(s: float) -> tuple[int, int]:
         return (max(STRIDE, round(height * s / STRIDE) * STRIDE), max(STRIDE, round(width * s / STRIDE) * STRIDE))
 
     h, w = rounded(scale)
-    if max_tokens is not None:
-        if max_tokens < 1:
-            raise ImageError(f"max_tokens must be >= 1, got {max_tokens}")
-        tokens = (h // STRIDE) * (w // STRIDE)
-        if tokens > max_tokens:
-            scale *= math.sqrt(max_tokens / tokens)
-            h, w = rounded(scale)
-            while (h // STRIDE) * (w // STRIDE) > max_tokens:
-                if h >= w and h > STRIDE:
-                    h -= STRIDE
-                elif w > STRIDE:
-                    w -= STRIDE
-                else:
-                    h -= STRIDE
+    tokens = (h // STRIDE) * (w // STRIDE)
+    if tokens > max_tokens:
+        h, w = rounded(scale * math.sqrt(max_tokens / tokens))
+        if (h // STRIDE) * (w // STRIDE) > max_tokens:
+            # rounding, or a short side held at 64 (extreme aspect): cut the long side to fit, in one step
+            short = min(h, w, max_tokens * STRIDE)
+            long = max(STRIDE, max_tokens // (short // STRIDE) * STRIDE)
+            h, w = (long, short) if h >= w else (short, long)
     return h, w
 
 
@@ -151,15 +164,57 @@ def load_image(source: str | os.PathLike | Image.Image | bytes, max_pixels: int 
         finally:
             Image.MAX_IMAGE_PIXELS = old
     try:
-        img = ImageOps.exif_transpose(img) or img
+        if img.getexif().get(ORIENTATION, 1) != 1:  # transposing copies the pixels: only when needed
+            img = ImageOps.exif_transpose(img) or img
     except Exception:  # noqa: BLE001 - a broken EXIF block should not reject the pixels
         pass
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return img.convert("RGB")
+    try:
+        return _to_rgb(img)
+    except (ValueError, ImportError) as exc:  # ImportError: a Pillow built without lcms, for LAB
+        raise ImageError(f"{name} has pixel mode {img.mode}, which cannot be converted to RGB: {exc}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode → 8-bit RGB, transparent pixels composited on white.
+
+    Pillow's own convert("RGB") clips 16-bit, 32-bit and float greyscale to 0..255 (a 16-bit photo
+    comes out white), so those are scaled here first, and its LAB conversion uses lcms's optimised 8-bit tables (up to ~25 levels
+    off), so LAB goes through an unoptimised lcms transform. Other modes (1, L, P, CMYK, YCbCr,
+    HSV, ...) are Pillow's conversion.
+    """
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = _wide_grey_to_8bit(img)
+    if img.mode == "LAB":  # CIELAB, D50 white (Pillow's and ICC's convention) → sRGB
+        from PIL import ImageCms
+
+        lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")
+        return ImageCms.applyTransform(img, ImageCms.buildTransform(lab, srgb, "LAB", "RGB", flags=0x0100))  # cmsFLAGS_NOOPTIMIZE
+    alpha = img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info
+    if alpha or (img.mode == "P" and img.palette is not None and img.palette.mode.endswith("A")):
+        rgba = (img.convert("LA") if img.mode == "La" else img).convert("RGBA")
+        out = Image.new("RGB", img.size, WHITE)
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB image too
+
+
+def _wide_grey_to_8bit(img: Image.Image) -> Image.Image:
+    """Greyscale wider than 8 bits → `L`, out-of-range values clipped.
+
+    `I;16*` and `I` are taken as 16-bit samples (what 16-bit PNG/TIFF greyscale decodes to):
+    round(v·255/65535). `F` is taken as 0..1, the float-image convention (NaN → 0): round(v·255).
+
+    A `transparency` grey value (PNG tRNS) becomes an alpha channel, matched on the 16-bit samples.
+    """
+    a = np.asarray(img)
+    if img.mode == "F":
+        grey = np.rint(np.clip(np.nan_to_num(a, nan=0.0), 0.0, 1.0) * 255)
+    else:
+        grey = (np.clip(a, 0, 65535).astype(np.uint32) + 128) // 257  # v/257 = v·255/65535, never a tie
+    out = Image.fromarray(grey.astype(np.uint8))
+    if "transparency" in img.info:
+        return Image.merge("LA", (out, Image.fromarray(np.where(a == img.info["transparency"], 0, 255).astype(np.uint8))))
+    return out
 
 
 def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -195,19 +250,47 @@ def _resize_shortest_then_crop(img: Image.Image, size: int, resample: int) -> Im
     return img.crop((left, top, left + size, top + size)) if (new_w, new_h) != (size, size) else img
 
 
+def _pad_canvas(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
+    """`expand_to_square`, bit-exact with LLaVA up to a canvas side of max(PAD_MAX_SIDE, resolution).
+
+    Above it, the image is shrunk (aspect kept, same resample) onto a canvas of that side, at the
+    place (edges rounded to the pixel) the official canvas has it. The extra resample and the
+    sub-pixel shift differ from the official result (which allocates side² pixels, 30-40 GB for a
+    1x100000 strip) by well under a grey level on average, a few levels along sharp edges.
+    """
+    w, h = img.size
+    side, fill = max(w, h), tuple(int(m * 255) for m in cfg.mean)
+    limit = max(PAD_MAX_SIDE, cfg.resolution)
+    if side <= limit:
+        return expand_to_square(img, fill)
+    s = limit / side
+    x0, y0 = (side - w) // 2 * s, (side - h) // 2 * s
+    left, top = round(x0), round(y0)
+    size = (max(1, round(x0 + w * s) - left), max(1, round(y0 + h * s) - top))
+    out = Image.new(img.mode, (limit, limit), fill)
+    out.paste(img.resize(size, resample=cfg.resample), (left, top))
+    return out
+
+
 def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
-    """RGB image → pixel_values [3,H,W] float32."""
+    """RGB image → pixel_values [3,H,W] float32.
+
+    Rescale and normalize go through a 256-entry table per channel: the same float64-then-float32
+    arithmetic as CLIPImageProcessor, bit for bit, without a float64 copy of the image.
+    """
     if cfg.size is None and cfg.mode == "pad":
-        fill = tuple(int(m * 255) for m in cfg.mean)
-        img = _resize_shortest_then_crop(expand_to_square(img, fill), cfg.resolution, cfg.resample)
+        img = _resize_shortest_then_crop(_pad_canvas(img, cfg), cfg.resolution, cfg.resample)
     else:
         h, w = target_size(img, cfg)
         check_size(h, w)
         img = img.resize((w, h), resample=cfg.resample)
     arr = np.asarray(img, dtype=np.uint8)
-    x = (arr.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
-    x = (x - np.asarray(cfg.mean, dtype=np.float32)) / np.asarray(cfg.std, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    table = (np.arange(256, dtype=np.float64) * cfg.rescale_factor).astype(np.float32)
+    table = (table[None] - np.asarray(cfg.mean, dtype=np.float32)[:, None]) / np.asarray(cfg.std, dtype=np.float32)[:, None]
+    out = np.empty((3, *arr.shape[:2]), dtype=np.float32)
+    for c in range(3):
+        out[c] = table[c][arr[..., c]]
+    return out
 
 
 def preprocess_batch(images: list[Image.Image], cfg: PreprocessConfig) -> list[np.ndarray]:
