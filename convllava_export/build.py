@@ -2,6 +2,7 @@
 
 Layout of a build folder:
     manifest.json                 what was built, from what, with which libraries; file checksums
+                                  (whole-file and spot sha256s, and a digest of that list: see `file_entries`)
     preprocessor_config.json      the tower's preprocessing + mode / resolution / token budget
     tokenizer/                    the checkpoint's tokenizer files
     vision/  vision.onnx, vision.ort.onnx, vision.json, vision_report.json[, vision.engine(.json)]
@@ -25,7 +26,7 @@ import numpy as np
 
 from . import __version__
 from .errors import BuildError, ConvLlavaError
-from .fsutil import atomic_output_dir, sha256_file
+from .fsutil import SPOT_BLOCK, SPOT_BLOCKS, TOOL_NAME, atomic_output_dir, check_destination, json_sha256, sha256_file, spot_sha256
 
 SCHEMA_VERSION = 1
 TARGETS = ("cpu", "cuda", "tensorrt", "jetson")
@@ -123,12 +124,11 @@ def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress
     from .export.llm import export_llm_onnxruntime
     from .export.vision import export_vision
     from .model.reference import ReferenceModel
-    from .preprocess import PreprocessConfig
+    from .preprocess import DEFAULT_MAX_TOKENS, PreprocessConfig
 
     _validate(opts)
     dest = Path(dest)
-    if dest.exists() and not opts.force:
-        raise BuildError(f"build folder {dest} already exists; pass --force to replace it (only once the new build is complete)")
+    check_destination(dest, opts.force, BuildError)
     info = read_checkpoint(checkpoint, opts.vision_tower)
     res = opts.resolution or info.native_resolution
     profile = VisionProfile.from_strings(opts.min_size, opts.opt_size or f"{res}x{res}", opts.max_size, (1, 1, opts.max_batch))
@@ -148,7 +148,7 @@ def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress
         raise BuildError(f"vision precision {opts.vision_precision} needs --calib-images DIR (or a `calibrate` set, or --calib-images builtin)")
     pixels, _ = calibration_source(opts.calib_images, pcfg, opts.calib_limit, progress)
     cal, held = split_heldout(pixels)
-    with atomic_output_dir(dest, opts.force) as tmp:
+    with atomic_output_dir(dest, opts.force, BuildError) as tmp:
         stage(f"vision export ({opts.vision_precision})")
         vis = export_vision(ref.vision, tmp / "vision", opts.vision_precision, cal, held, opts.calib_method, opts.threads, progress)
         if opts.target in ("tensorrt", "jetson"):
@@ -162,7 +162,7 @@ def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress
         (tmp / "preprocessor_config.json").write_text(json.dumps({**info.preprocessor_config, "convllava_export": pcfg.to_dict()}, indent=2))
         manifest = {
             "schema_version": SCHEMA_VERSION,
-            "tool": {"name": "convllava-export", "version": __version__},
+            "tool": {"name": TOOL_NAME, "version": __version__},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "host": {"machine": platform.machine(), "python": platform.python_version()},
             "libraries": library_versions(),
@@ -178,17 +178,32 @@ def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress
             },
             "llm": {"backend": "onnxruntime", "precision": opts.llm_precision, "graph": opts.llm_graph, "folder": "llm", "vocab_size": ref.llm.config.vocab_size},
             "preprocess": pcfg.to_dict(),
-            "token_budget": {"max_visual_tokens_per_image": profile.max_visual_tokens if opts.mode == "native" and not opts.max_tokens else opts.max_tokens or (res // 64) ** 2, "max_context": int(info.config.get("tokenizer_model_max_length", 2048))},
+            "token_budget": {"max_visual_tokens_per_image": min(profile.max_visual_tokens, DEFAULT_MAX_TOKENS) if opts.mode == "native" and not opts.max_tokens else opts.max_tokens or (res // 64) ** 2, "max_context": int(info.config.get("tokenizer_model_max_length", 2048))},
             "prompt_template": "vicuna_v1",
             "threads": opts.threads,
         }
         stage("smoke test and reference check")
         manifest["checks"] = _smoke_test(tmp, manifest, ref, pcfg, progress) if opts.smoke_test else {}
-        manifest["files"] = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest["files"], manifest["integrity"] = file_entries(tmp)
         manifest["build_seconds"] = round(time.perf_counter() - started, 2)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     progress(f"build written to {dest} in {manifest['build_seconds']:.1f} s")
     return manifest
+
+
+def file_entries(folder: Path, block: int = SPOT_BLOCK, blocks: int = SPOT_BLOCKS) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The manifest's `files` (size, sha256 and spot sha256 of every file) and `integrity` sections.
+
+    `integrity` holds the spot-check sampling and a sha256 of the `files` section itself, so an
+    edit of that list is noticed. This detects corruption and accidental changes; it is not a
+    signature: whoever can write the folder can rewrite the manifest and its digest too.
+    """
+    files = {
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p), "spot_sha256": spot_sha256(p, block, blocks)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+    return files, {"spot_block_bytes": block, "spot_blocks": blocks, "files_sha256": json_sha256(files)}
 
 
 def _build_trt(folder: Path, opts: BuildOptions, profile, progress: Progress) -> None:
@@ -206,7 +221,7 @@ def _copy_tokenizer(src: Path, dest: Path) -> None:
     dest.mkdir()
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
-            shutil.copy2(src / name, dest / name)
+            shutil.copyfile(src / name, dest / name)  # not copy2: the checkpoint's modes would override the umask
 
 
 def _smoke_test(folder: Path, manifest: dict, ref, pcfg, progress: Progress) -> dict[str, Any]:

@@ -92,6 +92,37 @@ def inspect(path: Path, vision_tower: Path | None, as_json: bool) -> None:
     out.print(table)
 
 
+@cli.command("verify")
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="machine-readable result on stdout")
+def verify_cmd(build_dir: Path, as_json: bool) -> None:
+    """Hash every file of a build in full against its manifest (loading only samples large files)."""
+    import time
+
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    from .build import read_manifest
+    from .errors import BuildError
+    from .runtime.build_loader import check_files
+
+    manifest = read_manifest(build_dir)
+    files = manifest.get("files", {})
+    total = sum(entry.get("bytes", 0) for entry in files.values() if isinstance(entry, dict))
+    started = time.perf_counter()
+    columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("sha256", total=total)
+        result = check_files(build_dir, manifest, full=True, progress=lambda n: bar.advance(task, n))
+    seconds = time.perf_counter() - started
+    if as_json:
+        report = {"build": str(build_dir), "intact": not result.problems, "problems": result.problems, "files": len(files), "bytes": result.hashed_bytes, "seconds": round(seconds, 3)}
+        out.print_json(json.dumps(report))
+    if result.problems:
+        more = f"; and {len(result.problems) - 10} more" if len(result.problems) > 10 else ""
+        raise BuildError(f"{build_dir} differs from its manifest: {'; '.join(result.problems[:10])}{more}. Rebuild it or restore it from a copy.")
+    say(f"{build_dir}: intact ({len(files)} files, {result.hashed_bytes / 1e9:.2f} GB hashed in {seconds:.1f} s)")
+
+
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="image file (repeatable)")
@@ -190,11 +221,10 @@ def export_vision_cmd(checkpoint, output, precision, calib_images, calib_method,
     from .engines.profiles import VisionProfile
     from .export.spec import PartSpec
     from .export.vision import export_vision
-    from .fsutil import atomic_output_dir
+    from .fsutil import atomic_output_dir, check_destination
     from .model.reference import ReferenceModel
 
-    if output.exists() and not force:
-        raise ConvLlavaError(f"destination {output} already exists; pass --force to replace it")
+    check_destination(output, force)
     ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, load_llm=False, progress=say)
     cfg = make_preprocess_cfg(ref.info.preprocessor_config, mode or "native", resolution, max_tokens, size)
     res = ref.info.native_resolution
@@ -226,7 +256,7 @@ def export_vision_cmd(checkpoint, output, precision, calib_images, calib_method,
 def export_llm_cmd(checkpoint, output, backend, precision, int4_block_size, llm_graph, awq_block_size, calib_images, prompts, calib_limit, vision_tower, force) -> None:
     """Vicuna → ONNX Runtime decoder (KV cache, inputs_embeds) or a TensorRT-LLM checkpoint."""
     from .export.llm import ORT_PRECISIONS, export_llm_onnxruntime
-    from .fsutil import atomic_output_dir
+    from .fsutil import atomic_output_dir, check_destination
     from .model.reference import ReferenceModel
 
     if backend == "onnxruntime" and precision not in ORT_PRECISIONS:
@@ -242,8 +272,7 @@ def export_llm_cmd(checkpoint, output, backend, precision, int4_block_size, llm_
         from .engines.tensorrt_llm import check_precision, local_compute_capability
 
         check_precision(precision, local_compute_capability() if precision == "fp8" else (9, 0))
-    if output.exists() and not force:
-        raise ConvLlavaError(f"destination {output} already exists; pass --force to replace it")
+    check_destination(output, force)
     ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, load_vision=backend == "tensorrt-llm", progress=say)
     with atomic_output_dir(output, force) as tmp:
         if backend == "onnxruntime":
@@ -431,6 +460,7 @@ def demo_cmd(workdir: Path, threads) -> None:
 @click.option("--max-queue", type=click.IntRange(0), default=8, show_default=True, help="waiting requests before 429")
 @click.option("--max-body-mb", type=click.FloatRange(0.01), default=20.0, show_default=True)
 @click.option("--max-image-pixels", type=click.IntRange(1), default=40_000_000, show_default=True)
+@click.option("--max-images", type=click.IntRange(1), default=None, help="images per request (default: the build's vision engine batch)")
 @click.option("--threads", type=click.IntRange(1), default=None, help="intra-op threads (per replica with --engine ray)")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="one process, or a Ray Serve application")
 @click.option("--replicas", type=click.IntRange(1), default=1, show_default=True, help="[ray] LLM replicas")
@@ -446,20 +476,27 @@ def demo_cmd(workdir: Path, threads) -> None:
 @click.option("--address", default=None, help="[ray] existing cluster: auto or ray://HOST:PORT (default: start a local Ray instance)")
 @click.option("--write-config", type=click.Path(path_type=Path), default=None, help="[ray] write a Serve config YAML for `serve deploy` / KubeRay and exit")
 def serve_cmd(
-    build_dir: Path, host, port, model_name, allow_local_files, max_tokens_limit, max_queue, max_body_mb, max_image_pixels, threads,
+    build_dir: Path, host, port, model_name, allow_local_files, max_tokens_limit, max_queue, max_body_mb, max_image_pixels, max_images, threads,
     engine, replicas, min_replicas, max_replicas, target_ongoing_requests, vision_replicas, gpus_per_replica, vision_gpus, cpus_per_replica,
     max_batch_size, batch_wait_ms, address, write_config,
 ) -> None:
     """OpenAI-compatible server: POST /v1/chat/completions, GET /v1/models, /health, /metrics."""
+    from .runtime.netutil import bind_listen_socket, host_port
     from .runtime.server import ServerLimits, serve
 
-    limits = ServerLimits(int(max_body_mb * (1 << 20)), max_image_pixels, 8, max_tokens_limit, max_queue, allow_local_files)
+    limits = ServerLimits(
+        max_body_bytes=int(max_body_mb * (1 << 20)), max_image_pixels=max_image_pixels, max_images=max_images,
+        max_tokens=max_tokens_limit, max_queue=max_queue, allow_local_files=allow_local_files,
+    )
     if engine == "local":
         if write_config or address:
             raise ConvLlavaError("--write-config and --address are for --engine ray")
-        pipe = _load_build(build_dir, threads)
-        say(f"serving {build_dir} as '{model_name}' on http://{host}:{port}/v1 ({pipe.info.get('vision')}, {pipe.info.get('llm')})")
-        serve(pipe, host, port, model_name, limits)
+        sock = bind_listen_socket(host, port)  # a busy port fails now, not after loading the model
+        with sock:
+            pipe = _load_build(build_dir, threads)
+            where = host_port(host, sock.getsockname()[1])
+            say(f"serving {build_dir} as '{model_name}' on http://{where}/v1 ({pipe.info.get('vision')}, {pipe.info.get('llm')})")
+            serve(pipe, host, port, model_name, limits, sock=sock)
         return
     from dataclasses import asdict
 
@@ -480,6 +517,8 @@ def serve_cmd(
         write_config.write_text(yaml.safe_dump(config, sort_keys=False))
         say(f"wrote {write_config}: deploy it with `serve deploy {write_config}` (Ray cluster) or as a RayService's serveConfigV2 (KubeRay)")
         return
+    if not address:  # a local Ray instance will bind host:port here; on a cluster the port is the head node's
+        bind_listen_socket(host, port).close()
     ray_serve.run(opts, address, host, port, say=say)
 
 
@@ -498,10 +537,12 @@ def serve_cmd(
 @click.option("--vision-tower", default=None)
 def validate_cmd(builds, reference, data, question, limit, max_new_tokens, output, min_cosine, min_agreement, max_kl, min_accuracy, vision_tower) -> None:
     """Measure builds against the fp32 reference; JSON + HTML report; gates set the exit code."""
+    from .fsutil import writable_dir
     from .validation.data import load_items
     from .validation.report import write_reports
     from .validation.run import Gates, validate
 
+    writable_dir(output)  # before minutes of validation
     items = load_items(data, question, limit)
     gates = Gates(min_cosine, min_agreement, max_kl, min_accuracy)
     report, images = validate([str(b) for b in builds], reference, items, gates, max_new_tokens, vision_tower, progress=say)
@@ -538,11 +579,10 @@ def calibrate_cmd(checkpoint, images, prompts, output, limit, max_mb, mode, reso
     """Make a reusable calibration set: preprocessed images + spliced multimodal prompts."""
     from .calibration.dataset import write_calibration_set
     from .calibration.prompts import load_questions
-    from .fsutil import atomic_output_dir
+    from .fsutil import atomic_output_dir, check_destination
     from .model.reference import ReferenceModel
 
-    if output.exists() and not force:
-        raise ConvLlavaError(f"destination {output} already exists; pass --force to replace it")
+    check_destination(output, force)
     questions = load_questions(prompts)
     ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, progress=say)
     cfg = make_preprocess_cfg(ref.info.preprocessor_config, mode, resolution, max_tokens, None)

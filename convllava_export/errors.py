@@ -21,5 +21,9 @@ class BuildError(ConvLlavaError):
     """A build folder is missing, mismatched or cannot be used here."""
 
 
+class PromptError(ConvLlavaError):
+    """A prompt does not fit its images (e.g. `<image>` placeholders vs images given)."""
+
+
 class MissingExtraError(ConvLlavaError):
     """An optional dependency is not installed."""

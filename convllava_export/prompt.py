@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import PromptError
+
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_INDEX = -200
 SYSTEM_V1 = (
@@ -79,13 +81,22 @@ def count_images(ids: Sequence[int]) -> int:
     return sum(1 for t in ids if t == IMAGE_TOKEN_INDEX)
 
 
+def check_image_count(ids: Sequence[int], num_images: int) -> None:
+    """Refuse a prompt whose `<image>` placeholders do not match the images: a user error, so
+    callers can check it before encoding any image."""
+    n = count_images(ids)
+    if n != num_images:
+        raise PromptError(
+            f"the prompt has {n} <image> placeholder(s) but {num_images} image(s) were given; "
+            "use one <image> per image, or none to put the images before the question"
+        )
+
+
 def splice_embeddings(
     ids: Sequence[int], images: Sequence[np.ndarray], embed: Callable[[np.ndarray], np.ndarray]
 ) -> np.ndarray:
     """Text embeddings with each -200 replaced by that image's rows ([N_i, hidden] each)."""
-    n = count_images(ids)
-    if n != len(images):
-        raise ValueError(f"the prompt has {n} <image> placeholder(s) but {len(images)} image(s) were given")
+    check_image_count(ids, len(images))
     arr = np.asarray(ids, dtype=np.int64)
     cuts = np.flatnonzero(arr == IMAGE_TOKEN_INDEX)
     pieces: list[np.ndarray] = []
@@ -107,7 +118,7 @@ def prompt_table_ids(ids: Sequence[int], image_token_counts: Sequence[int], voca
     `vocab_size + i`; the sequence is then exactly as long as the spliced embeddings.
     """
     if count_images(ids) != len(image_token_counts):
-        raise ValueError("one token count per <image> placeholder is needed")
+        raise PromptError(f"one token count per <image> placeholder is needed: {count_images(ids)} placeholder(s), {len(image_token_counts)} count(s)")
     out: list[int] = []
     row = 0
     k = 0

@@ -74,9 +74,11 @@ def test_tensorrt_vision_needs_tensorrt(tiny_build):
 
 
 def test_existing_build_replaced_only_with_force_and_only_when_complete(tiny_checkpoint, tiny_build, tmp_path, monkeypatch):
+    import shutil
+
     dest = tmp_path / "out"
-    dest.mkdir()
-    (dest / "previous.txt").write_text("keep me")
+    shutil.copytree(tiny_build, dest)
+    previous = (dest / "manifest.json").read_text()
     with pytest.raises(BuildError, match="--force"):
         build(tiny_checkpoint, dest, BuildOptions(), progress=lambda m: None)
     import convllava_export.export.llm as llm_mod
@@ -87,7 +89,7 @@ def test_existing_build_replaced_only_with_force_and_only_when_complete(tiny_che
     monkeypatch.setattr(llm_mod, "export_llm_onnxruntime", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         build(tiny_checkpoint, dest, BuildOptions(force=True), progress=lambda m: None)
-    assert (dest / "previous.txt").read_text() == "keep me"
+    assert (dest / "manifest.json").read_text() == previous
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from convllava_export.errors import PromptError
 from convllava_export.model.reference import TorchDecoder
 from convllava_export.prompt import (
     IMAGE_TOKEN_INDEX,
@@ -38,7 +39,7 @@ def test_two_images_splice(reference):
     assert seq.shape == (len(ids) - 2 + 8, 64)
     first = ids.index(IMAGE_TOKEN_INDEX)
     np.testing.assert_array_equal(seq[first : first + 3], a)
-    with pytest.raises(ValueError, match="2 <image> placeholder"):
+    with pytest.raises(PromptError, match="2 <image> placeholder"):
         splice_embeddings(ids, [a], reference.embed_tokens)
 
 

@@ -228,6 +228,7 @@ def test_atomic_dir_keeps_previous_on_failure(tmp_path):
     dest = tmp_path / "out"
     dest.mkdir()
     (dest / "old.txt").write_text("previous build")
+    (dest / "vision.json").write_text(json.dumps({"part": "vision", "graph": "vision.onnx", "opset": 18, "inputs": []}))  # one of ours: --force may replace it
     with pytest.raises(RuntimeError):
         with atomic_output_dir(dest, force=True) as tmp:
             (tmp / "half.onnx").write_text("partial")

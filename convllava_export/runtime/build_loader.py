@@ -2,33 +2,99 @@
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import BuildError
-from ..fsutil import sha256_file
+from ..fsutil import json_sha256, sha256_file, spot_sha256
 from ..preprocess import PreprocessConfig
 from .pipeline import Pipeline
 
-FULL_HASH_LIMIT = 256 << 20  # files above this are checked by size unless verify="full"
+FULL_HASH_LIMIT = 256 << 20  # at load, files up to this size are hashed whole, larger ones spot-checked
+log = logging.getLogger(__name__)
 
 
-def verify_files(folder: Path, manifest: dict[str, Any], mode: str | bool = True) -> None:
-    """Every file listed exists with its size; small ones (or all, mode='full') by sha256."""
+@dataclass
+class FileCheck:
+    """What a check of a build's files found."""
+
+    problems: list[str] = field(default_factory=list)
+    size_only: list[str] = field(default_factory=list)  # large files of an old manifest (no spot sha256)
+    hashed_bytes: int = 0
+
+
+def _present(folder: Path) -> set[str]:
+    """Every entry of the folder that is not a real directory (links included, not followed)."""
+    found = set()
+    for root, dirs, files in os.walk(folder):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            found.add(Path(root, name).relative_to(folder).as_posix())
+    return found
+
+
+def check_files(
+    folder: Path, manifest: dict[str, Any], full: bool = False, full_hash_limit: int = FULL_HASH_LIMIT, progress: Callable[[int], None] | None = None
+) -> FileCheck:
+    """Compare a build folder with its manifest; see `verify_files` for what is checked when.
+
+    `full`: sha256 of every whole file (`convllava-export verify`); `progress(n)` per n bytes hashed.
+    """
+    folder = Path(folder)
+    result = FileCheck()
+    files: dict[str, Any] = manifest.get("files", {})
+    integrity = manifest.get("integrity")
+    if integrity is not None and json_sha256(files) != integrity.get("files_sha256"):
+        result.problems.append("manifest.json's file list was edited (its digest does not match)")
+    for rel in sorted(_present(folder) - files.keys() - {"manifest.json"}):
+        result.problems.append(f"{rel} is not part of the build")
+    for rel, entry in files.items():
+        path = folder / rel
+        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
+            result.problems.append(f"manifest.json's entry for {rel} is malformed")
+        elif PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts:
+            result.problems.append(f"{rel} is outside the build folder")
+        elif path.is_symlink() or not path.is_file():
+            result.problems.append(f"{rel} is missing" if not os.path.lexists(path) else f"{rel} is not a regular file")
+        elif path.stat().st_size != entry["bytes"]:
+            result.problems.append(f"{rel} is {path.stat().st_size} bytes, expected {entry['bytes']}")
+        elif full or entry["bytes"] <= full_hash_limit:
+            result.hashed_bytes += entry["bytes"]
+            if sha256_file(path, progress) != entry["sha256"]:
+                result.problems.append(f"{rel} has a different checksum")
+        elif integrity is not None and "spot_sha256" in entry:
+            if spot_sha256(path, integrity["spot_block_bytes"], integrity["spot_blocks"]) != entry["spot_sha256"]:
+                result.problems.append(f"{rel} has a different checksum (sampled blocks)")
+        else:
+            result.size_only.append(rel)
+    return result
+
+
+def verify_files(folder: Path, manifest: dict[str, Any], mode: str | bool = True, full_hash_limit: int = FULL_HASH_LIMIT) -> None:
+    """Refuse a build that differs from its manifest (corruption, a partial copy, an accidental edit).
+
+    Load-time checks (`mode=True`): the digest of the manifest's file list; no file that the list
+    does not name (besides manifest.json); every listed file present, regular, of its size; files
+    up to `full_hash_limit` by whole-file sha256, larger ones by the sha256 of sampled blocks
+    (fsutil.spot_sha256: first, last and evenly spaced 1 MiB blocks), which misses a change
+    between the samples. `mode='full'` hashes every whole file. Manifests written before spot
+    checks existed get their large files checked by size only, with a warning. This is
+    detection, not authentication: anyone who can write the folder can rewrite the manifest.
+    """
     if not mode:
         return
-    bad = []
-    for rel, entry in manifest.get("files", {}).items():
-        path = folder / rel
-        if not path.is_file():
-            bad.append(f"{rel} is missing")
-        elif path.stat().st_size != entry["bytes"]:
-            bad.append(f"{rel} is {path.stat().st_size} bytes, expected {entry['bytes']}")
-        elif (mode == "full" or entry["bytes"] <= FULL_HASH_LIMIT) and sha256_file(path) != entry["sha256"]:
-            bad.append(f"{rel} has a different checksum")
-    if bad:
-        raise BuildError(f"build folder {folder} was modified or is incomplete: {'; '.join(bad[:5])}. Rebuild it.")
+    result = check_files(folder, manifest, full=mode == "full", full_hash_limit=full_hash_limit)
+    if result.problems:
+        raise BuildError(f"build folder {folder} was modified or is incomplete: {'; '.join(result.problems[:5])}. Rebuild it.")
+    if result.size_only:
+        log.warning(
+            "%s: its manifest predates spot checks, so %s were checked by size only; `convllava-export verify %s` hashes every file",
+            folder, ", ".join(result.size_only), folder,
+        )
 
 
 def check_libraries(manifest: dict[str, Any]) -> None:
@@ -93,6 +159,7 @@ def load_pipeline_from_manifest(
     parts: tuple[str, ...] = ("vision", "llm"),
 ) -> Pipeline:
     """A Pipeline over the build; `parts` loads only some engines (a Ray replica needs one)."""
+    from ..engines.profiles import VisionProfile
     from ..tokenizer import load_tokenizer
 
     folder = Path(folder)
@@ -101,7 +168,13 @@ def load_pipeline_from_manifest(
     vision, vision_info = load_vision(folder, manifest, threads, vision_backend) if "vision" in parts else (None, "not loaded")
     decoder, llm_info = load_decoder(folder, manifest, threads, llm_target) if "llm" in parts else (None, "not loaded")
     tokenizer = load_tokenizer(folder / "tokenizer")
-    info = {"build": str(folder), "target": manifest["target"], "vision": vision_info, "llm": llm_info}
+    info = {
+        "build": folder.resolve().name,  # not the path: /health is public
+        "target": manifest["target"],
+        "vision": vision_info,
+        "llm": llm_info,
+        "max_images": VisionProfile.from_dict(manifest["vision"]["profile"]).max_batch,  # images per vision-engine run
+    }
     pipe = Pipeline(vision, decoder, tokenizer, preprocess_config(manifest), info)
     pipe.max_context = int(manifest.get("token_budget", {}).get("max_context", 2048))
     return pipe

@@ -72,8 +72,30 @@ class GenerationResult:
     timings: Timings = field(default_factory=Timings)
 
 
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that is the start of some stop string.
+
+    Only the last len(stop)-1 characters can matter, and only where the stop's first character
+    occurs, so the cost is bounded by the stop strings' lengths, not by the text's.
+    """
+    longest = 0
+    for s in stops:
+        tail = text[-(len(s) - 1) :] if len(s) > 1 else ""
+        i = tail.find(s[0])
+        while i >= 0 and len(tail) - i > longest:
+            if s.startswith(tail[i:]):
+                longest = len(tail) - i
+                break
+            i = tail.find(s[0], i + 1)
+    return longest
+
+
 class _Detokenizer:
-    """Incremental text with stop strings: holds back text that could still become a stop string."""
+    """Incremental text with stop strings: holds back text that could still become a stop string.
+
+    A stop string cannot start inside text already emitted (that text was emitted because no
+    stop could begin there), so each step searches only from the first unemitted character.
+    """
 
     def __init__(self, tokenizer, stop: Sequence[str]) -> None:
         self.tokenizer = tokenizer
@@ -86,22 +108,16 @@ class _Detokenizer:
         """Add a token; return (new printable text, hit a stop string)."""
         self.ids.append(token_id)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        for s in self.stop:
-            pos = text.find(s)
-            if pos >= 0:
-                self.text = text[:pos]
-                delta = self.text[self.emitted :]
-                self.emitted = len(self.text)
-                return delta, True
+        hits = [pos for pos in (text.find(s, self.emitted) for s in self.stop) if pos >= 0]
+        if hits:
+            self.text = text[: min(hits)]
+            delta = self.text[self.emitted :]
+            self.emitted = len(self.text)
+            return delta, True
         self.text = text
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence from byte-fallback tokens
             return "", False
-        safe = len(text)
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    safe = min(safe, len(text) - k)
-                    break
+        safe = len(text) - held_back(text, self.stop)
         delta = text[self.emitted : safe]
         self.emitted = max(self.emitted, safe)
         return delta, False

@@ -15,12 +15,12 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConvLlavaError
-from ..preprocess import PreprocessConfig, load_image, preprocess
-from ..prompt import IMAGE_TOKEN, Conversation, build_prompt, splice_embeddings, tokenize_with_images
+from ..preprocess import PreprocessConfig, load_image, preprocess, visual_tokens
+from ..prompt import IMAGE_TOKEN, Conversation, build_prompt, check_image_count, splice_embeddings, tokenize_with_images
 from .generation import Decoder, GenerationResult, Timings, TokenEvent, generate, stream_tokens
 from .sampling import SamplingParams
 
-ImageInput = str | bytes | Image.Image
+ImageInput = str | bytes | Image.Image | np.ndarray  # ndarray: preprocessed pixel values [3, H, W]
 
 
 class VisionBackend(Protocol):
@@ -45,6 +45,14 @@ class Request:
     images: Sequence[ImageInput] = ()
 
 
+def max_piece_chars(tokenizer: Any) -> int:
+    """The longest vocabulary piece in characters: a prompt of N characters has at least N/this tokens."""
+    try:
+        return max(1, max(len(p) for p in tokenizer.get_vocab()))
+    except (AttributeError, TypeError, ValueError):
+        return 64
+
+
 class Pipeline:
     def __init__(
         self, vision: VisionBackend, decoder: Decoder, tokenizer: Any, preprocess_cfg: PreprocessConfig, info: dict | None = None
@@ -55,6 +63,7 @@ class Pipeline:
         self.preprocess_cfg = preprocess_cfg
         self.info = info or {}
         self.max_context: int | None = None
+        self.piece_chars = max_piece_chars(tokenizer) if tokenizer is not None else 64
         self.last_timings: list[Timings] = []
         self.last_prompt_tokens: list[int] = []
 
@@ -72,21 +81,31 @@ class Pipeline:
         return load_pipeline(build_dir, **kwargs)
 
     # -- preparing inputs -----------------------------------------------------------------
-    def encode_images(self, images: Sequence[ImageInput], timings: Timings) -> list[np.ndarray]:
-        """Preprocess and encode; images of equal shape go through the vision engine together."""
+    def vision_batch(self) -> int | None:
+        """Images per vision-engine run: the engine profile's max batch, when the build says."""
+        return self.info.get("max_images")
+
+    def pixel_values(self, images: Sequence[ImageInput]) -> list[np.ndarray]:
+        """Each image decoded and preprocessed in turn, so one full-size decoded image is in
+        memory at a time. An ndarray is taken as already-preprocessed pixel values [3, H, W]."""
+        return [im if isinstance(im, np.ndarray) else preprocess(load_image(im), self.preprocess_cfg) for im in images]
+
+    def encode_pixels(self, pixels: Sequence[np.ndarray], timings: Timings) -> list[np.ndarray]:
+        """Images of equal shape go through the vision engine together, at most the engine
+        profile's batch at a time."""
         t0 = time.perf_counter()
-        pixels = [preprocess(load_image(im), self.preprocess_cfg) for im in images]
-        t1 = time.perf_counter()
         out: list[np.ndarray | None] = [None] * len(pixels)
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, p in enumerate(pixels):
             by_shape.setdefault(p.shape, []).append(i)
-        for idx in by_shape.values():
-            embeds = self.vision.encode(np.stack([pixels[i] for i in idx]))
-            for j, i in enumerate(idx):
-                out[i] = embeds[j]
-        timings.preprocess_s += t1 - t0
-        timings.vision_s += time.perf_counter() - t1
+        step = self.vision_batch() or len(pixels)
+        for same in by_shape.values():
+            for k in range(0, len(same), step):
+                idx = same[k : k + step]
+                embeds = self.vision.encode(np.stack([pixels[i] for i in idx]))
+                for j, i in enumerate(idx):
+                    out[i] = embeds[j]
+        timings.vision_s += time.perf_counter() - t0
         return [o for o in out if o is not None]
 
     def prompt_text(self, request: Request) -> str:
@@ -96,24 +115,39 @@ class Pipeline:
             return request.prompt  # already templated
         return build_prompt(request.prompt, num_images=len(request.images))
 
+    def _context_error(self, what: str, visual: int) -> ConvLlavaError:
+        return ConvLlavaError(
+            f"the prompt is {what} ({visual} visual), above the model's context of {self.max_context} tokens; "
+            "shorten the text or use fewer or smaller images (native mode: lower --max-tokens)"
+        )
+
     def prepare(self, request: Request, timings: Timings, image_embeds: Sequence[np.ndarray] | None = None) -> np.ndarray:
         """The spliced embedding sequence [S, hidden] for one request.
 
+        Cost is bounded before each expensive step: the text's length before tokenizing (a
+        prompt of N characters has at least N / longest-piece tokens); the token count (text +
+        visual tokens of the preprocessed images) before the vision engine or the embedding runs.
         `image_embeds` skips the vision engine (encoded elsewhere, e.g. by a Ray vision replica);
         `request.images` then only counts the images for the prompt template.
         """
-        ids = tokenize_with_images(self.tokenizer, self.prompt_text(request))
+        text = self.prompt_text(request)
+        if self.max_context is not None and len(text) > 2 * self.max_context * self.piece_chars:
+            raise self._context_error(f"{len(text)} characters, far", 0)
+        ids = tokenize_with_images(self.tokenizer, text)
+        given = len(image_embeds) if image_embeds is not None else len(request.images)
+        check_image_count(ids, given)
         if image_embeds is not None:
-            embeds = list(image_embeds)
+            visual = sum(len(e) for e in image_embeds)
         else:
-            embeds = self.encode_images(request.images, timings) if request.images else []
-        seq = splice_embeddings(ids, embeds, self.decoder.embed)
-        if self.max_context is not None and len(seq) > self.max_context:
-            raise ConvLlavaError(
-                f"the prompt is {len(seq)} tokens ({sum(len(e) for e in embeds)} visual), above the model's context of "
-                f"{self.max_context}; use fewer or smaller images (native mode: lower --max-tokens)"
-            )
-        return seq
+            t0 = time.perf_counter()
+            pixels = self.pixel_values(request.images)
+            timings.preprocess_s += time.perf_counter() - t0
+            visual = sum(visual_tokens(p.shape[1], p.shape[2]) for p in pixels)
+        total = len(ids) - given + visual
+        if self.max_context is not None and total > self.max_context:
+            raise self._context_error(f"{total} tokens", visual)
+        embeds = list(image_embeds) if image_embeds is not None else self.encode_pixels(pixels, timings)
+        return splice_embeddings(ids, embeds, self.decoder.embed)
 
     # -- generation -----------------------------------------------------------------------
     def stream(

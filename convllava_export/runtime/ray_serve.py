@@ -31,7 +31,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError 
 from ..prompt import Conversation  # noqa: E402
 from .generation import Timings, TokenEvent  # noqa: E402
 from .sampling import SamplingParams  # noqa: E402
-from .server import ApiError, Finished, ServerLimits, create_app, stream_one  # noqa: E402
+from .server import ApiError, Finished, ImageSource, ServerLimits, create_app, image_pixels, stream_one  # noqa: E402
 
 APP_NAME = "convllava"
 GPU_TARGETS = ("cuda", "tensorrt", "jetson")
@@ -207,20 +207,14 @@ class RayBackend:
         self.preprocess_cfg = preprocess_config(manifest)
         self.concurrency = opts.max_replicas if opts.max_replicas is not None else opts.replicas
         self.info = {
-            "build": opts.build_dir,
+            "build": Path(opts.build_dir).name,
             "target": manifest["target"],
             "engine": "ray",
             "vision": f"{manifest['vision']['backend']} {manifest['vision']['precision']}",
             "llm": f"onnxruntime {manifest['llm']['precision']}",
             "llm_replicas": self.concurrency,
+            "max_images": int(manifest["vision"]["profile"].get("max_batch", 4)),
         }
-
-    def prepare(self, conv: Conversation, images: list[bytes | str]) -> tuple[Conversation, list[np.ndarray], float]:
-        from ..preprocess import load_image, preprocess
-
-        t0 = time.perf_counter()
-        pixels = [preprocess(load_image(im, max_pixels=self.limits.max_image_pixels), self.preprocess_cfg) for im in images]
-        return conv, pixels, time.perf_counter() - t0
 
     async def _with_retries(self, call, what: str):
         for attempt in range(self.opts.retries + 1):
@@ -231,9 +225,10 @@ class RayBackend:
                     raise ApiError(503, f"{what} failed: its replica died ({type(exc).__name__}); retry the request", kind="server_error", code="replica_unavailable") from None
                 await asyncio.sleep(0.25 * (attempt + 1))
 
-    async def stream(self, prepared: tuple[Conversation, list[np.ndarray], float], params: SamplingParams) -> AsyncIterator[TokenEvent | Finished]:
-        conv, pixels, preprocess_s = prepared
-        timings = Timings(preprocess_s=preprocess_s)
+    async def stream(self, conv: Conversation, images: list[ImageSource], params: SamplingParams) -> AsyncIterator[TokenEvent | Finished]:
+        t0 = time.perf_counter()
+        pixels = await asyncio.to_thread(image_pixels, images, self.limits, self.preprocess_cfg)  # admitted already; off the event loop
+        timings = Timings(preprocess_s=time.perf_counter() - t0)
         t0 = time.perf_counter()
 
         async def encode_all() -> list[np.ndarray]:

@@ -12,14 +12,19 @@ import asyncio
 import base64
 import binascii
 import json
+import logging
+import math
+import socket
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Protocol
+
+import numpy as np
 
 from ..errors import ConvLlavaError
 from ..extras import require
@@ -27,22 +32,34 @@ from ..extras import require
 require("fastapi", "fastapi", "the HTTP server")
 from fastapi import FastAPI  # noqa: E402
 from fastapi import Request as HttpRequest  # noqa: E402  (module level: FastAPI resolves annotations here)
+from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse  # noqa: E402
 
-from ..prompt import SYSTEM_V1, Conversation
+from ..preprocess import PreprocessConfig, preprocess
+from ..prompt import IMAGE_TOKEN, SYSTEM_V1, Conversation
 from .generation import Timings, TokenEvent
 from .pipeline import Pipeline, Request
 from .sampling import SamplingParams
 
+log = logging.getLogger("convllava_export.server")
+
 
 @dataclass
 class ServerLimits:
-    max_body_bytes: int = 20 << 20
-    max_image_pixels: int = 40_000_000
-    max_images: int = 8
+    """What one request may cost. Each limit is checked before the step it protects."""
+
+    max_body_bytes: int = 20 << 20  # counted while reading, chunked bodies too
+    max_image_pixels: int = 40_000_000  # checked from the image header, before decoding
+    max_images: int | None = None  # per request; None: the build's vision profile batch (8 without one)
     max_tokens: int = 1024
-    max_queue: int = 8  # waiting requests beyond the one running
+    max_queue: int = 8  # waiting requests beyond those running; 429 with Retry-After beyond
+    max_stop: int = 16  # stop strings per request
+    max_stop_chars: int = 256  # characters per stop string
     allow_local_files: bool = False
+
+
+DEFAULT_MAX_IMAGES = 8
+RETRY_AFTER_S = 1
 
 
 class ApiError(Exception):
@@ -52,6 +69,13 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def internal_error(exc: BaseException, where: str) -> ApiError:
+    """A 500 whose body says nothing about the server's internals; the log gets the traceback."""
+    ref = uuid.uuid4().hex[:12]
+    log.error("%s failed (ref %s)", where, ref, exc_info=exc)
+    return ApiError(500, f"internal error (ref {ref}); the server log has the details", kind="server_error")
 
 
 class Metrics:
@@ -102,95 +126,147 @@ class Metrics:
             return "\n".join(lines) + "\n"
 
 
-def decode_image_url(url: str, limits: ServerLimits) -> bytes | str:
+@dataclass(frozen=True)
+class ImageSource:
+    """An image as the client sent it; decoded only once the request is admitted, off the event loop."""
+
+    data: str  # base64 payload of a data: URL, or a local path
+    is_path: bool = False
+
+
+def image_source(url: str, limits: ServerLimits) -> ImageSource:
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
         if ";base64" not in header:
             raise ApiError(400, "image data URLs must be base64 encoded (data:image/png;base64,...)", "messages")
-        try:
-            return base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(400, "image data URL is not valid base64", "messages") from None
+        return ImageSource(payload)
     if url.startswith(("http://", "https://")):
         raise ApiError(400, "this server never fetches images from the network: send them as data: URLs", "messages")
-    path = url[len("file://"):] if url.startswith("file://") else url
     if not limits.allow_local_files:
         raise ApiError(400, "local image paths are disabled: send images as data: URLs, or start the server with --allow-local-files", "messages")
-    if not Path(path).is_file():
-        raise ApiError(400, f"image file not found: {path}", "messages")
-    return path
+    return ImageSource(url[len("file://"):] if url.startswith("file://") else url, is_path=True)
 
 
-def parse_chat(body: dict[str, Any], limits: ServerLimits) -> tuple[Conversation, list[bytes | str]]:
-    """OpenAI messages → vicuna_v1 conversation + images in order."""
+def open_image(source: ImageSource, limits: ServerLimits):
+    """Decode one image within the pixel limit (header checked before the pixels are decoded).
+
+    Local paths get one wording for every failure, so a client cannot probe which files exist.
+    """
+    from ..preprocess import load_image
+
+    if source.is_path:
+        try:
+            if not Path(source.data).is_file():  # also refuses FIFOs and devices, which could block
+                raise FileNotFoundError
+            return load_image(source.data, max_pixels=limits.max_image_pixels)
+        except (OSError, ConvLlavaError):
+            raise ApiError(400, f"cannot use image file {source.data!r}: it must be a readable image file within the limits", "messages") from None
+    try:
+        raw = base64.b64decode(source.data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "image data URL is not valid base64", "messages") from None
+    try:
+        return load_image(raw, max_pixels=limits.max_image_pixels)
+    except ConvLlavaError as exc:
+        raise ApiError(400, str(exc), "messages") from None
+
+
+def image_pixels(images: list[ImageSource], limits: ServerLimits, cfg: PreprocessConfig) -> list[np.ndarray]:
+    """Decode and preprocess each image in turn: one decoded full-size image in memory at a time."""
+    return [preprocess(open_image(im, limits), cfg) for im in images]
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ApiError(400, f"{where} must be a string", "messages")
+    if IMAGE_TOKEN in value:
+        raise ApiError(400, f"{where} contains '{IMAGE_TOKEN}': attach images as image_url content parts instead", "messages")
+    return value
+
+
+def parse_chat(body: dict[str, Any], limits: ServerLimits) -> tuple[Conversation, list[ImageSource]]:
+    """OpenAI messages → vicuna_v1 conversation + images in order (not decoded yet)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
+    max_images = limits.max_images or DEFAULT_MAX_IMAGES
     conv = Conversation()
-    images: list[bytes | str] = []
+    images: list[ImageSource] = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
             raise ApiError(400, f"messages[{i}] needs a role of system, user or assistant", "messages")
         content = msg.get("content")
         texts, msg_images = [], []
         if isinstance(content, str):
-            texts.append(content)
+            texts.append(_text(content, f"messages[{i}].content"))
         elif isinstance(content, list):
-            for part in content:
+            for j, part in enumerate(content):
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text":
-                    texts.append(str(part.get("text", "")))
+                    texts.append(_text(part.get("text"), f"messages[{i}].content[{j}].text"))
                 elif kind == "image_url":
                     url = part.get("image_url")
                     url = url.get("url") if isinstance(url, dict) else url
                     if not isinstance(url, str):
-                        raise ApiError(400, f"messages[{i}]: image_url needs a url", "messages")
-                    msg_images.append(decode_image_url(url, limits))
+                        raise ApiError(400, f"messages[{i}].content[{j}]: image_url needs a url string", "messages")
+                    if len(images) + len(msg_images) >= max_images:
+                        raise ApiError(400, f"more than {max_images} images in one request (this server's limit)", "messages")
+                    msg_images.append(image_source(url, limits))
                 else:
-                    raise ApiError(400, f"messages[{i}]: unsupported content part type {kind!r}", "messages")
+                    raise ApiError(400, f"messages[{i}].content[{j}]: unsupported content part type {str(kind)[:40]!r}", "messages")
         elif content is not None:
             raise ApiError(400, f"messages[{i}].content must be a string or a list of parts", "messages")
         text = "\n".join(texts)
-        if msg["role"] == "system":
-            conv.system = text or SYSTEM_V1
-        elif msg["role"] == "user":
+        if msg["role"] == "user":
             conv.add_user(text, num_images=len(msg_images))
             images += msg_images
+        elif msg_images:
+            raise ApiError(400, f"messages[{i}]: only user messages can carry images", "messages")
+        elif msg["role"] == "system":
+            conv.system = text or SYSTEM_V1
         else:
-            if msg_images:
-                raise ApiError(400, "assistant messages cannot carry images", "messages")
             conv.add_assistant(text)
     if conv.messages and conv.messages[-1][0] != conv.roles[0]:
         raise ApiError(400, "the last message must be from the user", "messages")
-    if len(images) > limits.max_images:
-        raise ApiError(400, f"{len(images)} images in one request; the limit is {limits.max_images}", "messages")
     conv.add_assistant(None)
     return conv, images
 
 
+def _field(body: dict[str, Any], names: tuple[str, ...], kinds: tuple[type, ...], what: str, default: Any) -> Any:
+    """body[name] for the first name present, strictly typed: a bool is not a number, NaN/inf are not numbers."""
+    name = next((n for n in names if body.get(n) is not None), names[0])
+    value = body.get(name)
+    if value is None:
+        return default
+    number = float in kinds or int in kinds
+    if (bool not in kinds and isinstance(value, bool)) or not isinstance(value, kinds) or (number and isinstance(value, float) and not math.isfinite(value)):
+        raise ApiError(400, f"'{name}' must be {what}", name)
+    return value
+
+
 def parse_sampling(body: dict[str, Any], limits: ServerLimits) -> SamplingParams:
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", min(256, limits.max_tokens)))
-    if not isinstance(max_tokens, int) or max_tokens < 1:
+    max_tokens = _field(body, ("max_completion_tokens", "max_tokens"), (int,), "a positive integer", min(256, limits.max_tokens))
+    if max_tokens < 1:
         raise ApiError(400, "max_tokens must be a positive integer", "max_tokens")
     if max_tokens > limits.max_tokens:
         raise ApiError(400, f"max_tokens {max_tokens} is above this server's limit of {limits.max_tokens}", "max_tokens")
-    if body.get("n", 1) != 1:
+    if _field(body, ("n",), (int,), "the integer 1", 1) != 1:
         raise ApiError(400, "only n=1 is supported", "n")
-    stop = body.get("stop") or ()
-    stop = (stop,) if isinstance(stop, str) else tuple(stop)
-    try:
-        params = SamplingParams(
-            max_new_tokens=max_tokens,
-            temperature=float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0),
-            top_p=float(body.get("top_p", 1.0) if body.get("top_p") is not None else 1.0),
-            seed=body.get("seed"),
-            stop=stop,
-            ignore_eos=bool(body.get("ignore_eos", False)),
-        )
-        params.validate()
-    except (TypeError, ValueError) as exc:
-        raise ApiError(400, str(exc)) from None
-    return params
+    temperature = float(_field(body, ("temperature",), (int, float), "a finite number", 1.0))
+    if not 0 <= temperature <= 2:
+        raise ApiError(400, f"temperature must be between 0 and 2, got {temperature}", "temperature")
+    top_p = float(_field(body, ("top_p",), (int, float), "a finite number", 1.0))
+    if not 0 < top_p <= 1:
+        raise ApiError(400, f"top_p must be in (0, 1], got {top_p}", "top_p")
+    seed = _field(body, ("seed",), (int,), "an integer", None)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise ApiError(400, "seed must be an integer in [0, 2^63)", "seed")
+    stop = _field(body, ("stop",), (str, list), "a string or a list of strings", [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if len(stop) > limits.max_stop or not all(isinstance(s, str) and len(s) <= limits.max_stop_chars for s in stop):
+        raise ApiError(400, f"'stop' must be at most {limits.max_stop} strings of at most {limits.max_stop_chars} characters", "stop")
+    ignore_eos = _field(body, ("ignore_eos",), (bool,), "a boolean", False)
+    return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop), ignore_eos=ignore_eos)
 
 
 @dataclass
@@ -217,20 +293,23 @@ def stream_one(
 class ChatBackend(Protocol):
     """What the HTTP app needs from whatever runs generation (one process, or Ray replicas)."""
 
-    info: dict[str, Any]
+    info: dict[str, Any]  # shown on /health: no paths or secrets
     concurrency: int  # requests it runs at once; the app queues max_queue more before 429
 
-    def prepare(self, conv: Conversation, images: list[bytes | str]) -> Any:
-        """Decode/check inputs before queueing, so a bad image is a 400 (ApiError/ConvLlavaError)."""
-        ...
+    def stream(self, conv: Conversation, images: list[ImageSource], params: SamplingParams) -> AsyncIterator[TokenEvent | Finished]:
+        """Decode the images (off the event loop), then token events and one Finished.
 
-    def stream(self, prepared: Any, params: SamplingParams) -> AsyncIterator[TokenEvent | Finished]:
-        """Token events, then one Finished; failures raise ApiError."""
+        Failures raise ApiError: a client's mistake (bad image, prompt too long) as a 4xx.
+        """
         ...
 
 
 class LocalBackend:
-    """Generation in this process: one worker thread, since a Pipeline is not re-entrant."""
+    """Generation in this process: one worker thread, since a Pipeline is not re-entrant.
+
+    Images are decoded by that worker when the request's turn comes, so a queued request
+    holds only the bytes it was sent.
+    """
 
     concurrency = 1
 
@@ -240,27 +319,29 @@ class LocalBackend:
         self.info = pipeline.info
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convllava-generate")
 
-    def prepare(self, conv: Conversation, images: list[bytes | str]) -> Request:
-        from ..preprocess import load_image
-
-        return Request(conv, [load_image(im, max_pixels=self.limits.max_image_pixels) for im in images])
-
-    async def stream(self, prepared: Request, params: SamplingParams) -> AsyncIterator[TokenEvent | Finished]:
+    async def stream(self, conv: Conversation, images: list[ImageSource], params: SamplingParams) -> AsyncIterator[TokenEvent | Finished]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
-        pipeline = self.pipeline
+        pipeline, limits = self.pipeline, self.limits
 
         def run() -> None:
             try:
-                for item in stream_one(pipeline, prepared, params):
+                if cancel.is_set():  # the client left while queued
+                    return
+                t0 = time.perf_counter()
+                request = Request(conv, image_pixels(images, limits, pipeline.preprocess_cfg))
+                timings = Timings(preprocess_s=time.perf_counter() - t0)
+                for item in stream_one(pipeline, request, params, timings=[timings]):
                     if cancel.is_set():
                         break
                     loop.call_soon_threadsafe(events.put_nowait, item)
+            except ApiError as err:
+                loop.call_soon_threadsafe(events.put_nowait, err)
             except ConvLlavaError as exc:
                 loop.call_soon_threadsafe(events.put_nowait, ApiError(400, str(exc), "messages"))
             except Exception as exc:  # noqa: BLE001
-                loop.call_soon_threadsafe(events.put_nowait, ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error"))
+                loop.call_soon_threadsafe(events.put_nowait, internal_error(exc, "generation"))
 
         self.worker.submit(run)
         try:
@@ -275,9 +356,36 @@ class LocalBackend:
             cancel.set()  # the client went away or the stream ended: stop generating
 
 
+async def read_body(request: HttpRequest, limit: int) -> bytes:
+    """The request body, refused as soon as it passes `limit` (Content-Length or not)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"request body of {length} bytes is above the limit of {limit}", code="body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"request body is above the limit of {limit} bytes", code="body_too_large")
+    return bytes(body)
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "request body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
 def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", limits: ServerLimits | None = None):
     """The OpenAI-compatible FastAPI app over a Pipeline (this process) or any ChatBackend."""
     limits = limits or ServerLimits()
+    if limits.max_images is None:  # as many as one vision-engine run takes
+        limits = replace(limits, max_images=int(getattr(backend, "info", {}).get("max_images") or DEFAULT_MAX_IMAGES))
     if isinstance(backend, Pipeline):
         backend = LocalBackend(backend, limits)
     app = FastAPI(title="convllava-export", version="1")
@@ -288,18 +396,16 @@ def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", l
 
     def error_response(err: ApiError) -> JSONResponse:
         metrics.request(err.status)
-        return JSONResponse(err.body(), status_code=err.status)
-
-    @app.middleware("http")
-    async def limit_body(request: HttpRequest, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-            return error_response(ApiError(413, f"request body of {length} bytes is above the limit of {limits.max_body_bytes}", code="body_too_large"))
-        return await call_next(request)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status == 429 else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     @app.exception_handler(Exception)
-    async def unexpected(request: HttpRequest, exc: Exception):  # never take the server down
-        return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error"))
+    async def unexpected(request: HttpRequest, exc: Exception):  # never take the server down, never leak internals
+        return error_response(internal_error(exc, f"{request.method} {request.url.path}"))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: HttpRequest, exc: RequestValidationError):
+        return error_response(ApiError(400, "invalid request"))
 
     @app.get("/health")
     async def health():
@@ -315,45 +421,51 @@ def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", l
 
     @app.post("/v1/chat/completions")
     async def chat(request: HttpRequest):
-        body_bytes = await request.body()
-        if len(body_bytes) > limits.max_body_bytes:
-            return error_response(ApiError(413, f"request body is above the limit of {limits.max_body_bytes} bytes", code="body_too_large"))
         try:
-            body = json.loads(body_bytes)
-            if not isinstance(body, dict):
-                raise ValueError("not an object")
-        except (ValueError, UnicodeDecodeError):
-            return error_response(ApiError(400, "request body must be a JSON object"))
-        try:
-            if body.get("model") not in (None, model_name):
-                raise ApiError(404, f"model {body.get('model')!r} does not exist; this server serves {model_name!r}", "model", code="model_not_found")
+            body = await asyncio.to_thread(parse_json, await read_body(request, limits.max_body_bytes))
+            model = body.get("model")
+            if model is not None and model != model_name:
+                raise ApiError(404, f"model {str(model)[:100]!r} does not exist; this server serves {model_name!r}", "model", code="model_not_found")
+            stream = _field(body, ("stream",), (bool,), "a boolean", False)
             conv, images = parse_chat(body, limits)
             params = parse_sampling(body, limits)
-            prepared = backend.prepare(conv, images)
         except ApiError as err:
             return error_response(err)
-        except ConvLlavaError as exc:
-            return error_response(ApiError(400, str(exc), "messages"))
         if state["active"] >= capacity:
             return error_response(ApiError(429, f"server busy: {state['active']} requests running or queued (limit {capacity}); retry later", kind="rate_limit_error", code="queue_full"))
         state["active"] += 1
         metrics.queue_depth = state["active"]
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        events = backend.stream(prepared, params)
+        events = backend.stream(conv, images, params)
 
         async def finish() -> None:
             await events.aclose()
             state["active"] -= 1
             metrics.queue_depth = state["active"]
 
-        if body.get("stream"):
+        # The first event decides the status: a bad image or an over-long prompt is a 4xx, not a 200 stream.
+        try:
+            first = await anext(events)
+        except ApiError as err:
+            await finish()
+            return error_response(err)
+        except BaseException:
+            await finish()
+            raise
+
+        async def all_events():
+            yield first
+            async for item in events:
+                yield item
+
+        if stream:
 
             async def sse():
                 try:
                     head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name}
                     yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': {'role': 'assistant', 'content': ''}, 'finish_reason': None}]})}\n\n"
                     try:
-                        async for item in events:
+                        async for item in all_events():
                             if isinstance(item, Finished):
                                 metrics.generation(item.timings, item.completion_tokens)
                                 metrics.request(200)
@@ -370,7 +482,7 @@ def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", l
             return StreamingResponse(sse(), media_type="text/event-stream")
         text, reason = "", "length"
         try:
-            async for item in events:
+            async for item in all_events():
                 if isinstance(item, Finished):
                     done = item
                 else:
@@ -398,7 +510,11 @@ def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", l
     return app
 
 
-def serve(pipeline: Pipeline, host: str = "127.0.0.1", port: int = 8000, model_name: str = "convllava", limits: ServerLimits | None = None) -> None:
+def serve(
+    pipeline: Pipeline, host: str = "127.0.0.1", port: int = 8000, model_name: str = "convllava", limits: ServerLimits | None = None, sock: socket.socket | None = None
+) -> None:
+    """Run the app with uvicorn; `sock` is a socket bound beforehand (bind errors before the model loads)."""
     import uvicorn
 
-    uvicorn.run(create_app(pipeline, model_name, limits), host=host, port=port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(create_app(pipeline, model_name, limits), host=host, port=port, log_level="warning"))
+    server.run(sockets=[sock] if sock is not None else None)
