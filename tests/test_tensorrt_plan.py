@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from convllava_export.engines.profiles import VisionProfile
-from convllava_export.engines.tensorrt import check_engine_compat, plan_build
+from convllava_export.engines.tensorrt import (
+    TRT_TO_NUMPY,
+    check_engine_compat,
+    check_io_tensors,
+    numpy_dtype,
+    parse_trt_version,
+    plan_build,
+    plan_io,
+    plan_to_dict,
+    read_timing_cache,
+    resolved_shape,
+    runtime_settings,
+    timing_cache_key,
+    timing_cache_path,
+    trt_dtype_name,
+    write_timing_cache,
+)
 from convllava_export.errors import BuildError, ExportError
 
 PROFILE = VisionProfile.from_strings("64x64", "1536x1536", "2048x2048", (1, 1, 4))
@@ -41,13 +58,29 @@ def test_plan_trt10_uses_builder_flags():
     plan = plan_build("int8", "10.3.0", PROFILE)
     assert not plan.strongly_typed and plan.builder_flags == ["INT8", "FP16"]
     assert plan_build("fp16", "10.7.0", PROFILE).builder_flags == ["FP16"]
-    assert plan_build("fp32", "10.7.0", PROFILE, version_compatible=True).builder_flags == ["VERSION_COMPATIBLE"]
+    assert plan_build("fp32", "10.7.0", PROFILE).lean_runtime is None
+
+
+def test_plan_version_compatible_embeds_lean_runtime():
+    # VERSION_COMPATIBLE without EXCLUDE_LEAN_RUNTIME: the plan carries the lean runtime it needs.
+    plan = plan_build("fp32", "10.7.0", PROFILE, version_compatible=True)
+    assert plan.builder_flags == ["VERSION_COMPATIBLE"] and plan.lean_runtime == "embedded"
+    assert plan_build("fp16", "10.7.0", PROFILE, version_compatible=True).builder_flags == ["FP16", "VERSION_COMPATIBLE"]
+    plan11 = plan_build("int8", "11.1.0", PROFILE, version_compatible=True)
+    assert plan11.builder_flags == ["VERSION_COMPATIBLE"] and plan11.network_flags == []
+    for p in (plan, plan11):
+        assert "EXCLUDE_LEAN_RUNTIME" not in p.builder_flags
+        d = plan_to_dict(p)
+        assert d["lean_runtime"] == "embedded" and d["profile"] == PROFILE.to_dict()
+    with pytest.raises(ExportError, match="8.6"):
+        plan_build("fp32", "8.5.3", PROFILE, version_compatible=True)
 
 
 def test_plan_trt11_is_strongly_typed():
     for precision in ("fp16", "int8", "fp8"):
         plan = plan_build(precision, "11.2.0", PROFILE, compute_capability=(9, 0))
-        assert plan.strongly_typed and plan.builder_flags == []
+        # strong typing is always on in 11.x: no precision flags, no network typing flag
+        assert plan.strongly_typed and plan.builder_flags == [] and plan.network_flags == []
 
 
 def test_fp8_refused_on_orin():
@@ -57,21 +90,205 @@ def test_fp8_refused_on_orin():
 
 
 META = {"tensorrt_version": "10.3.0", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": [9, 0], "version_compatible": False}
+H100 = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": [9, 0]}
+COMPAT = {**META, "version_compatible": True, "lean_runtime": "embedded"}
 
 
-def test_engine_compat():
-    gpu = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": [9, 0]}
-    check_engine_compat(META, "10.3.0", gpu)
+def test_parse_trt_version():
+    assert parse_trt_version("10.3.0.26") == (10, 3, 0, 26)
+    assert parse_trt_version("10.7.0.post1") == (10, 7, 0)
+    assert parse_trt_version(" 11.1 ") == (11, 1)
+    for bad in ("ten", "10", "", "?"):
+        with pytest.raises(BuildError, match="cannot read TensorRT version"):
+            parse_trt_version(bad)
+
+
+def test_engine_compat_plain_engine_needs_same_version():
+    check_engine_compat(META, "10.3.0", H100)
+    check_engine_compat(META, "10.3.0.26", H100)  # the build number is often left out of tensorrt.__version__
+    check_engine_compat({**META, "tensorrt_version": "10.3.0.26"}, "10.3.0.26", H100)
+    with pytest.raises(BuildError, match="built with TensorRT 10.3.0.26 but this is TensorRT 10.3.0.30"):
+        check_engine_compat({**META, "tensorrt_version": "10.3.0.26"}, "10.3.0.30", H100)
     with pytest.raises(BuildError, match="built with TensorRT 10.3.0 but this is TensorRT 10.7.0"):
-        check_engine_compat(META, "10.7.0", gpu)
+        check_engine_compat(META, "10.7.0", H100)
+    with pytest.raises(BuildError, match="built with TensorRT 10.3.0 but this is TensorRT 10.2.0"):
+        check_engine_compat(META, "10.2.0", H100)
+    with pytest.raises(BuildError, match="cannot be compared"):
+        check_engine_compat({**META, "tensorrt_version": "?"}, "10.3.0", H100)
+
+
+def test_engine_compat_gpu_must_match():
     with pytest.raises(BuildError, match="sm_87"):
         check_engine_compat(META, "10.3.0", {"gpu_name": "Orin", "compute_capability": [8, 7]})
     with pytest.raises(BuildError, match="Rebuild it on this GPU"):
         check_engine_compat(META, "10.3.0", {"gpu_name": "NVIDIA H200", "compute_capability": [9, 0]})
-    compat = {**META, "version_compatible": True}
-    check_engine_compat(compat, "10.7.0", gpu)
-    with pytest.raises(BuildError, match="version-compatible"):
-        check_engine_compat(compat, "11.0.0", gpu)
+    # version compatibility is not hardware compatibility
+    with pytest.raises(BuildError, match="Rebuild it on this GPU"):
+        check_engine_compat(COMPAT, "10.7.0", {"gpu_name": "NVIDIA H200", "compute_capability": [9, 0]})
+
+
+def test_engine_compat_version_compatible_newer_runtime():
+    for newer in ("10.3.0", "10.3.1", "10.7.0", "10.16.1.11", "11.0.0", "11.4.1"):
+        check_engine_compat(COMPAT, newer, H100)
+    for older in ("10.2.0", "10.0.1", "8.6.1"):
+        with pytest.raises(BuildError, match="version-compatible with TensorRT 10.3.0"):
+            check_engine_compat(COMPAT, older, H100)
+    # only the documented cross-major pairs (10 -> 11, 8 -> 9/10)
+    with pytest.raises(BuildError, match="cannot load it"):
+        check_engine_compat(COMPAT, "12.0.0", H100)
+    check_engine_compat({**COMPAT, "tensorrt_version": "8.6.1"}, "10.3.0", H100)
+    with pytest.raises(BuildError, match="cannot load it"):
+        check_engine_compat({**COMPAT, "tensorrt_version": "8.6.1"}, "11.0.0", H100)
+    with pytest.raises(BuildError, match="8.6"):
+        check_engine_compat({**COMPAT, "tensorrt_version": "8.5.3"}, "8.6.1", H100)
+
+
+def test_engine_compat_refuses_excluded_lean_runtime():
+    # what earlier builds wrote: version-compatible, built with EXCLUDE_LEAN_RUNTIME, no lean_runtime key
+    legacy = {**META, "version_compatible": True}
+    for version in ("10.3.0", "10.7.0"):
+        with pytest.raises(BuildError, match="without an embedded lean runtime"):
+            check_engine_compat(legacy, version, H100)
+
+
+def test_runtime_settings_allow_host_code_only_for_embedded_lean_runtime():
+    assert runtime_settings(COMPAT) == {"engine_host_code_allowed": True}
+    assert runtime_settings(META) == {"engine_host_code_allowed": False}
+    assert runtime_settings({**META, "version_compatible": True}) == {"engine_host_code_allowed": False}
+
+
+def test_build_plan_and_load_rules_agree():
+    """What plan_build writes into the metadata is what check_engine_compat / runtime_settings accept."""
+    plan = plan_build("fp16", "10.3.0", PROFILE, version_compatible=True)
+    meta = {**H100, "tensorrt_version": plan.trt_version, "version_compatible": plan.version_compatible, "lean_runtime": plan.lean_runtime}
+    check_engine_compat(meta, "10.8.0", H100)
+    assert runtime_settings(meta)["engine_host_code_allowed"]
+    plain = plan_build("fp16", "10.3.0", PROFILE)
+    meta = {**H100, "tensorrt_version": plain.trt_version, "version_compatible": plain.version_compatible, "lean_runtime": plain.lean_runtime}
+    check_engine_compat(meta, "10.3.0", H100)
+    assert not runtime_settings(meta)["engine_host_code_allowed"]
+
+
+H200 = {"gpu_name": "NVIDIA H200", "compute_capability": [9, 0]}
+ORIN = {"gpu_name": "Orin", "compute_capability": [8, 7]}
+
+
+def test_timing_cache_key_distinct_per_gpu_and_version():
+    keys = {
+        timing_cache_key(gpu, version)
+        for gpu in (H100, H200, ORIN, {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": [8, 9]})
+        for version in ("10.3.0", "10.7.0", "11.1.0")
+    }
+    assert len(keys) == 12
+    key = timing_cache_key(H100, "10.3.0")
+    assert key.startswith("nvidia-h100-80gb-hbm3-sm90-trt10.3.0-")
+    assert key == timing_cache_key(dict(H100), "10.3.0")  # deterministic
+    assert all(c.isalnum() or c in "-." for c in key)
+    # names that slug alike still get different files
+    assert timing_cache_key({"gpu_name": "A/B", "compute_capability": [9, 0]}, "10.3.0") != timing_cache_key(
+        {"gpu_name": "A B", "compute_capability": [9, 0]}, "10.3.0"
+    )
+
+
+def test_timing_cache_path(tmp_path):
+    default = tmp_path / "convllava-export" / "timing.cache"  # what build.py passes
+    p = timing_cache_path(default, H100, "10.3.0")
+    assert p.parent == default.parent and p.name == f"timing-{timing_cache_key(H100, '10.3.0')}.cache"
+    assert timing_cache_path(default, H200, "10.3.0") != p
+    assert timing_cache_path(default, H100, "10.7.0") != p
+    folder = tmp_path / "caches"
+    assert timing_cache_path(folder, H100, "10.3.0") == folder / f"timing-{timing_cache_key(H100, '10.3.0')}.cache"
+    existing = tmp_path / "dir.with.dots"
+    existing.mkdir()
+    assert timing_cache_path(existing, H100, "10.3.0").parent == existing
+    assert timing_cache_path(None, H100, "10.3.0") is None
+
+
+def test_timing_cache_read_write(tmp_path):
+    lines: list[str] = []
+    path = tmp_path / "sub" / "timing-x.cache"
+    assert read_timing_cache(path, lines.append) == b""
+    assert read_timing_cache(None, lines.append) == b""
+    write_timing_cache(path, b"\x00cache")
+    assert read_timing_cache(path, lines.append) == b"\x00cache"
+    write_timing_cache(path, b"new")
+    assert path.read_bytes() == b"new" and sorted(q.name for q in path.parent.iterdir()) == ["timing-x.cache"]
+    assert lines == []
+
+
+def test_timing_cache_not_a_file_starts_fresh(tmp_path):
+    path = tmp_path / "timing-x.cache"
+    path.mkdir()  # a folder where the file should be: a fresh cache, no crash
+    assert read_timing_cache(path, lambda line: None) == b""
+
+
+def test_timing_cache_unreadable_file_warns(tmp_path, monkeypatch):
+    lines: list[str] = []
+    path = tmp_path / "timing-x.cache"
+    path.write_bytes(b"cache")
+
+    def denied(self):  # an I/O error on read (what a chmod 000 file gives a non-root user)
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    assert read_timing_cache(path, lines.append) == b""
+    assert len(lines) == 1 and lines[0].startswith("warning: cannot read the TensorRT timing cache") and "fresh" in lines[0]
+
+
+def test_dtype_table():
+    assert TRT_TO_NUMPY["FLOAT"] == np.float32 and TRT_TO_NUMPY["HALF"] == np.float16
+    assert TRT_TO_NUMPY["INT8"] == np.int8 and TRT_TO_NUMPY["UINT8"] == np.uint8
+    assert TRT_TO_NUMPY["INT32"] == np.int32 and TRT_TO_NUMPY["INT64"] == np.int64 and TRT_TO_NUMPY["BOOL"] == np.bool_
+    for name in ("BF16", "FP8", "INT4", "FP4"):
+        assert TRT_TO_NUMPY[name] is None
+        with pytest.raises(BuildError, match="no numpy equivalent"):
+            numpy_dtype(name)
+    assert numpy_dtype("DataType.HALF") == np.float16
+    with pytest.raises(BuildError, match="unknown TensorRT data type"):
+        numpy_dtype("COMPLEX")
+
+
+def test_trt_dtype_name():
+    class Enumish:  # what a pybind11 enum exposes: .name
+        name = "BF16"
+
+    assert trt_dtype_name(Enumish()) == "BF16"
+    assert trt_dtype_name("DataType.FLOAT") == "FLOAT"
+    assert trt_dtype_name("half") == "HALF"
+
+
+def test_plan_io_reads_engine_dtypes():
+    assert plan_io("FLOAT", "FLOAT") == plan_io("DataType.FLOAT", "DataType.FLOAT")
+    p = plan_io("FLOAT", "FLOAT")
+    assert (p.input_torch, p.output_torch, p.cast_input, p.cast_output) == ("float32", "float32", False, False)
+    p = plan_io("FLOAT", "HALF")
+    assert (p.output_torch, p.cast_output, p.cast_input) == ("float16", True, False)
+    p = plan_io("HALF", "BF16")
+    assert (p.input_torch, p.output_torch, p.cast_input, p.cast_output) == ("float16", "bfloat16", True, True)
+    for bad in (("INT8", "FLOAT"), ("FLOAT", "FP8"), ("FLOAT", "INT32")):
+        with pytest.raises(BuildError, match="only FLOAT, HALF or BF16"):
+            plan_io(*bad)
+
+
+def test_plan_io_torch_names_exist():
+    import torch
+
+    for name in ("FLOAT", "HALF", "BF16"):
+        p = plan_io(name, name)
+        assert isinstance(getattr(torch, p.output_torch), torch.dtype)
+
+
+def test_io_tensor_names_and_shapes():
+    check_io_tensors(["pixel_values"], ["image_embeds"])
+    with pytest.raises(BuildError, match="expected input 'pixel_values'"):
+        check_io_tensors(["images"], ["image_embeds"])
+    with pytest.raises(BuildError, match="expected input"):
+        check_io_tensors(["pixel_values", "mask"], ["image_embeds"])
+    with pytest.raises(BuildError, match="expected input"):
+        check_io_tensors(["pixel_values"], ["features"])
+    assert resolved_shape([2, 144, 4096], "image_embeds") == (2, 144, 4096)
+    with pytest.raises(BuildError, match="could not resolve the shape"):
+        resolved_shape((2, -1, 4096), "image_embeds")
 
 
 def _gpu_and_trt() -> str | None:
@@ -93,10 +310,43 @@ def test_build_and_run_engine(reference, tmp_path):
     export_fp32(reference.vision, tmp_path)
     import tensorrt as trt
 
+    from convllava_export.engines.tensorrt import gpu_identity
+
     plan = plan_build("fp32", trt.__version__, VisionProfile.from_strings("64x64", "256x256", "512x512", (1, 1, 2)))
-    build_engine(tmp_path / "vision.onnx", tmp_path, plan, timing_cache=tmp_path / "timing.cache")
+    lines: list[str] = []
+    build_engine(tmp_path / "vision.onnx", tmp_path, plan, timing_cache=tmp_path / "timing.cache", progress=lines.append)
+    cache = timing_cache_path(tmp_path / "timing.cache", gpu_identity(), trt.__version__)
+    assert cache.is_file() and cache.stat().st_size > 0
     engine = TrtVision(tmp_path)
     x = np.random.default_rng(0).standard_normal((2, 3, 192, 320)).astype(np.float32)
-    np.testing.assert_allclose(engine.encode(x), reference.encode_images(x), atol=1e-3, rtol=1e-3)
+    out = engine.encode(x)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, reference.encode_images(x), atol=1e-3, rtol=1e-3)
     with pytest.raises(ExportError, match="outside the engine's profile"):
         engine.encode(np.zeros((1, 3, 1024, 64), np.float32))
+    # a corrupt cache for this GPU/TensorRT: a warning line and a fresh cache, not a crash
+    cache.write_bytes(b"not a timing cache")
+    lines.clear()
+    (tmp_path / "again").mkdir()
+    build_engine(tmp_path / "vision.onnx", tmp_path / "again", plan, timing_cache=tmp_path / "timing.cache", progress=lines.append)
+    assert any(line.startswith("warning: TensorRT timing cache") for line in lines)
+    assert cache.read_bytes() != b"not a timing cache"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_and_trt() is not None, reason=_gpu_and_trt() or "")
+def test_version_compatible_engine_loads_with_embedded_lean_runtime(reference, tmp_path):
+    from convllava_export.engines.tensorrt import TrtVision, build_engine
+    from convllava_export.export.vision import export_fp32
+
+    export_fp32(reference.vision, tmp_path)
+    import tensorrt as trt
+
+    plan = plan_build("fp32", trt.__version__, VisionProfile.from_strings("64x64", "128x128", "256x256", (1, 1, 1)), version_compatible=True)
+    build_engine(tmp_path / "vision.onnx", tmp_path, plan, progress=lambda _: None)
+    import json
+
+    meta = json.loads((tmp_path / "vision.engine.json").read_text())
+    assert meta["lean_runtime"] == "embedded" and "EXCLUDE_LEAN_RUNTIME" not in meta["builder_flags"]
+    x = np.random.default_rng(1).standard_normal((1, 3, 128, 192)).astype(np.float32)
+    np.testing.assert_allclose(TrtVision(tmp_path).encode(x), reference.encode_images(x), atol=1e-3, rtol=1e-3)

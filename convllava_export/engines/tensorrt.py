@@ -1,21 +1,30 @@
 """TensorRT vision engines: build from the ONNX graph, save with metadata, load safely, run.
 
-The plan (network flags, builder flags, profile, compatibility rules) is plain code tested
-without a GPU. Only `build_engine`, `load_engine` and `TrtVision` touch TensorRT itself.
+The plan (network flags, builder flags, profile, compatibility rules, timing-cache key, I/O
+dtypes) is plain code over plain data, tested without a GPU. Only `build_engine`,
+`load_engine` and `TrtVision` touch TensorRT itself.
 
 - TensorRT 10.x (and JetPack 6 on Orin): weak typing still exists, so reduced precision comes
   from builder flags (FP16; INT8/FP8 with the graph's explicit Q/DQ).
-- TensorRT 11.x: every network is strongly typed; precision must already be in the ONNX
-  (fp16 casts, Q/DQ nodes): no precision flags are set.
+- TensorRT 11.x: every network is strongly typed and the precision flags are removed
+  (TensorRT 11 migration guide, "Strongly Typed Networks Are Now Required"); precision must
+  already be in the ONNX (fp16 casts, Q/DQ nodes): no precision or network flags are set.
+
+Version-compatible engines embed TensorRT's lean runtime (see `plan_build` and
+`check_engine_compat` for why, and docs/tensorrt.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import tempfile
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -25,11 +34,62 @@ from .profiles import VisionProfile
 
 ENGINE = "vision.engine"
 ENGINE_META = "vision.engine.json"
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "image_embeds"
 FP8_MIN_CC = (8, 9)  # Ada / Hopper and newer; Jetson Orin is 8.7
+VERSION_COMPAT_MIN = (8, 6)  # "Version compatibility is supported from version 8.6" (both builder and runtime)
+LEAN_EMBEDDED = "embedded"
+# Across a major-version boundary only these (built major, runtime major) pairs load a
+# version-compatible engine. TensorRT 10 docs (Version Compatibility): TensorRT 8 engines run on
+# TensorRT 9 and 10; TensorRT 11.4 support matrix (Engine Portability): "TensorRT 10
+# version-compatible engines can run with a TensorRT 11 runtime, and TensorRT 8 [...] with a
+# TensorRT 10 runtime. No other combination across major versions is supported."
+CROSS_MAJOR_COMPAT = frozenset({(8, 9), (8, 10), (10, 11)})
+
+Progress = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# versions
+
+
+def parse_trt_version(version: str) -> tuple[int, ...]:
+    """'10.3.0.26' -> (10, 3, 0, 26); '10.7.0.post1' -> (10, 7, 0). Refuses anything else."""
+    parts: list[int] = []
+    for piece in str(version).strip().split("."):
+        if not piece.isdigit():
+            break
+        parts.append(int(piece))
+    if len(parts) < 2:
+        raise BuildError(f"cannot read TensorRT version '{version}' (expected MAJOR.MINOR[.PATCH[.BUILD]])")
+    return tuple(parts)
 
 
 def trt_major(version: str) -> int:
-    return int(str(version).split(".")[0])
+    return parse_trt_version(version)[0]
+
+
+def _version_str(version: str) -> str:
+    return ".".join(map(str, parse_trt_version(version)))
+
+
+def _release(version: str) -> tuple[int, int, int]:
+    """(major, minor, patch); a missing patch counts as 0."""
+    p = parse_trt_version(version)
+    return (p + (0, 0))[:3]  # type: ignore[return-value]
+
+
+def _same_version(a: str, b: str) -> bool:
+    """Same release: equal major.minor.patch, and equal build numbers where both strings have one
+    ('10.3.0' == '10.3.0.26': `tensorrt.__version__` is usually written without the build)."""
+    pa, pb = parse_trt_version(a), parse_trt_version(b)
+    if _release(a) != _release(b):
+        return False
+    return len(pa) < 4 or len(pb) < 4 or pa[3:] == pb[3:]
+
+
+# ---------------------------------------------------------------------------------------------
+# build plan
 
 
 @dataclass
@@ -44,6 +104,8 @@ class BuildPlan:
     version_compatible: bool = False
     workspace_bytes: int = 4 << 30
     notes: list[str] = field(default_factory=list)
+    network_flags: list[str] = field(default_factory=list)
+    lean_runtime: str | None = None  # "embedded" for version-compatible engines, else None
 
 
 def plan_build(
@@ -54,7 +116,20 @@ def plan_build(
     version_compatible: bool = False,
     workspace_bytes: int = 4 << 30,
 ) -> BuildPlan:
-    """Decide network typing and builder flags for a precision on a TensorRT version and GPU."""
+    """Decide network typing and builder flags for a precision on a TensorRT version and GPU.
+
+    Version-compatible builds set `VERSION_COMPATIBLE` and deliberately *not*
+    `EXCLUDE_LEAN_RUNTIME`. The TensorRT docs (Version Compatibility) call embedding "the
+    recommended approach": the plan carries a copy of the lean runtime of the building version,
+    and a newer TensorRT loads that copy to deserialize and run it, once the runtime is told to
+    trust host code in the plan (`engine_host_code_allowed`). With `EXCLUDE_LEAN_RUNTIME` the
+    plan only loads through `Runtime.load_runtime(path)` of a lean runtime library "built with
+    the same version of TensorRT" as the plan (Runtime.load_runtime docstring; trtexec's
+    `--excludeLeanRuntime`: "the user must explicitly specify a valid lean runtime"), i.e. a
+    `libnvinfer_lean` of the *build* machine's TensorRT would have to be shipped beside the
+    engine and match the target's CUDA/driver. The build folder is meant to be self-contained
+    and checksummed as a whole, so the lean runtime goes inside the plan.
+    """
     profile.validate()
     if precision not in ("fp32", "fp16", "int8", "fp8"):
         raise ExportError(f"unknown TensorRT precision '{precision}'")
@@ -67,39 +142,176 @@ def plan_build(
     major = trt_major(trt_version)
     notes: list[str] = []
     if major >= 11:
+        # Strong typing is always on in 11.x: create_network() takes no typing flag.
         strongly_typed, flags = True, []
         notes.append("TensorRT 11: strongly typed; precision comes from the ONNX graph")
     else:
         strongly_typed = False
         flags = {"fp32": [], "fp16": ["FP16"], "int8": ["INT8", "FP16"], "fp8": ["FP8", "FP16"]}[precision]
         notes.append("TensorRT 10: builder precision flags")
+    lean = None
     if version_compatible:
+        if parse_trt_version(trt_version)[:2] < VERSION_COMPAT_MIN:
+            raise ExportError(f"version-compatible engines need TensorRT >= 8.6 to build; this is {trt_version}")
         flags = [*flags, "VERSION_COMPATIBLE"]
+        lean = LEAN_EMBEDDED
+        notes.append("version-compatible: the lean runtime is embedded in the plan; loading it runs host code from the plan")
         if not strongly_typed and precision != "fp32":
             notes.append("version-compatible engines restrict tactics; expect slower kernels")
-    return BuildPlan(precision, str(trt_version), strongly_typed, flags, profile, version_compatible, workspace_bytes, notes)
+    return BuildPlan(
+        precision, str(trt_version), strongly_typed, flags, profile, version_compatible, workspace_bytes, notes,
+        network_flags=[], lean_runtime=lean,
+    )
 
 
-def gpu_identity() -> dict[str, Any]:
-    """Name and compute capability of GPU 0 (through torch, which the project always has)."""
+def plan_to_dict(plan: BuildPlan) -> dict[str, Any]:
+    d = asdict(plan)
+    d["profile"] = plan.profile.to_dict()
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# timing cache
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-") or "gpu"
+
+
+def timing_cache_key(gpu: dict[str, Any], trt_version: str) -> str:
+    """A file-name-safe key naming the GPU model, its compute capability and the TensorRT version.
+
+    A timing cache records tactic timings of one device and one TensorRT build: `set_timing_cache`
+    fails when "the CUDA device property in the provided cache is different from current
+    environment", and `ITimingCache.combine` only accepts a cache "generated by a TensorRT build
+    of exact same version". The short hash covers the exact strings so names that slug alike stay
+    apart.
+    """
+    cc = "".join(str(int(c)) for c in gpu["compute_capability"])
+    version = _version_str(trt_version)
+    exact = json.dumps([gpu["gpu_name"], list(gpu["compute_capability"]), str(trt_version)])
+    digest = hashlib.sha256(exact.encode()).hexdigest()[:8]
+    return f"{_slug(gpu['gpu_name'])}-sm{cc}-trt{version}-{digest}"
+
+
+def timing_cache_path(base: Path | str | None, gpu: dict[str, Any], trt_version: str) -> Path | None:
+    """Where the timing cache for this GPU and TensorRT version lives.
+
+    `base` is a folder (no suffix, or an existing directory): the cache is
+    `base/timing-<key>.cache`; or a file name (`~/.cache/convllava-export/timing.cache`): the
+    cache is its sibling `timing-<key>.cache`. None: no persistent cache.
+    """
+    if base is None:
+        return None
+    base = Path(base).expanduser()
+    key = timing_cache_key(gpu, trt_version)
+    if base.is_dir() or not base.suffix:
+        return base / f"timing-{key}.cache"
+    return base.with_name(f"{base.stem}-{key}{base.suffix}")
+
+
+def read_timing_cache(path: Path | None, progress: Progress = print) -> bytes:
+    """The stored cache bytes, or b"" (a fresh cache) when there is none or it cannot be read."""
+    if path is None or not path.is_file():
+        return b""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        progress(f"warning: cannot read the TensorRT timing cache {path} ({exc}); starting a fresh one")
+        return b""
+
+
+def write_timing_cache(path: Path, data: bytes) -> None:
+    """Replace `path` atomically (a unique temporary file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _attach_timing_cache(config, blob: bytes, path: Path | None, progress: Progress):
+    """Create and attach a timing cache from `blob`; a corrupt or mismatched one is replaced by a fresh one.
+
+    `IBuilderConfig.set_timing_cache` returns False when the cache's device header does not match
+    (we keep `ignore_mismatch=False`: the file is keyed per GPU and TensorRT version, so a
+    mismatch means the file is wrong); `create_timing_cache` of damaged bytes may return None or
+    raise. The fresh cache overwrites the bad file after the build. The returned cache must
+    outlive the build ("The cache must not be destroyed until after the engine is built").
+    """
+    if blob:
+        try:
+            cache = config.create_timing_cache(blob)
+            why = "could not be loaded"
+            if cache is not None:
+                if config.set_timing_cache(cache, ignore_mismatch=False):
+                    return cache
+                why = "does not match this GPU / TensorRT version"
+        except Exception as exc:  # noqa: BLE001 - any failure here means "unusable cache"
+            why = f"is unreadable ({exc})"
+        progress(f"warning: TensorRT timing cache {path} {why}; starting a fresh one")
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        progress("warning: TensorRT refused a fresh timing cache; building without one")
+        return None
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------
+# compatibility
+
+
+def gpu_identity(device: int | None = None) -> dict[str, Any]:
+    """Name and compute capability of a GPU (the current one by default), through torch."""
     import torch
 
     if not torch.cuda.is_available():
         raise BuildError("no CUDA GPU is visible: TensorRT engines need one (use --target cpu for ONNX Runtime)")
-    props = torch.cuda.get_device_properties(0)
+    index = torch.cuda.current_device() if device is None else device
+    props = torch.cuda.get_device_properties(index)
     return {"gpu_name": props.name, "compute_capability": [props.major, props.minor]}
 
 
 def check_engine_compat(meta: dict[str, Any], trt_version: str, gpu: dict[str, Any]) -> None:
-    """Refuse an engine built for another GPU or TensorRT version, saying how to fix it."""
-    built = meta.get("tensorrt_version", "?")
+    """Refuse an engine this TensorRT and GPU cannot load, saying how to fix it.
+
+    - Plain engines load only on the TensorRT version that built them.
+    - Version-compatible engines with the lean runtime embedded (`lean_runtime: "embedded"`) load
+      on the same or a newer TensorRT of the same major version, or across the major-version pairs
+      TensorRT documents (`CROSS_MAJOR_COMPAT`: 10 -> 11, 8 -> 9/10); never on an older one.
+    - Version-compatible engines without `lean_runtime` in their metadata were built by an
+      earlier convllava-export with `EXCLUDE_LEAN_RUNTIME`; they need `load_runtime()` of the
+      building version's lean library, which a build folder does not carry: refused, rebuild.
+    - Version compatibility is not hardware compatibility: the GPU model must still match.
+    """
+    built = str(meta.get("tensorrt_version", "?"))
+    try:
+        pb, pr = parse_trt_version(built), parse_trt_version(trt_version)
+    except BuildError:
+        raise BuildError(
+            f"engine metadata names TensorRT version '{built}', which cannot be compared with {trt_version}. Rebuild it here."
+        ) from None
     if meta.get("version_compatible"):
-        if trt_major(built) != trt_major(trt_version) or tuple(map(int, trt_version.split(".")[:2])) < tuple(map(int, built.split(".")[:2])):
+        if meta.get("lean_runtime") != LEAN_EMBEDDED:
+            raise BuildError(
+                f"engine was built version-compatible with TensorRT {built} without an embedded lean runtime "
+                "(EXCLUDE_LEAN_RUNTIME), so only that version's lean runtime library could load it and the build "
+                "does not include one. Rebuild it (convllava-export build ... --target tensorrt)."
+            )
+        if pb[:2] < VERSION_COMPAT_MIN or pr[:2] < VERSION_COMPAT_MIN:
+            raise BuildError(f"version compatibility needs TensorRT >= 8.6 on both sides (built {built}, this is {trt_version}). Rebuild it here.")
+        same_major = pb[0] == pr[0]
+        if _release(trt_version) < _release(built) or not (same_major or (pb[0], pr[0]) in CROSS_MAJOR_COMPAT):
             raise BuildError(
                 f"engine was built version-compatible with TensorRT {built}; this is TensorRT {trt_version}, which cannot "
-                "load it (same major version, same or newer minor needed). Rebuild it here."
+                "load it (a version-compatible engine loads on the same or a newer TensorRT of the same major version, "
+                "or TensorRT 10 engines on TensorRT 11). Rebuild it here."
             )
-    elif built != trt_version:
+    elif not _same_version(built, trt_version):
         raise BuildError(
             f"engine was built with TensorRT {built} but this is TensorRT {trt_version}: engines are tied to the "
             "TensorRT version that built them. Rebuild it here (convllava-export build ... --target tensorrt)."
@@ -116,14 +328,123 @@ def check_engine_compat(meta: dict[str, Any], trt_version: str, gpu: dict[str, A
         )
 
 
-def build_engine(onnx_path: Path, folder: Path, plan: BuildPlan, timing_cache: Path | None = None, progress=print) -> Path:
-    """Build and serialize the engine into `folder` with its metadata JSON; returns the engine path."""
+def runtime_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """Runtime attributes to set before deserializing an engine with this metadata.
+
+    An embedded lean runtime is host code inside the plan: TensorRT deserializes such a plan only
+    when `Runtime.engine_host_code_allowed` is True ("only deserialize trusted plans this way").
+    The plan is trusted because `Pipeline.from_build` verifies the build's checksums first.
+    """
+    return {"engine_host_code_allowed": bool(meta.get("version_compatible")) and meta.get("lean_runtime") == LEAN_EMBEDDED}
+
+
+# ---------------------------------------------------------------------------------------------
+# I/O tensors and dtypes
+
+# TensorRT DataType member names -> numpy (None: numpy has no such type).
+TRT_TO_NUMPY: dict[str, Any] = {
+    "FLOAT": np.dtype(np.float32),
+    "HALF": np.dtype(np.float16),
+    "BF16": None,
+    "INT8": np.dtype(np.int8),
+    "UINT8": np.dtype(np.uint8),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "BOOL": np.dtype(np.bool_),
+    "FP8": None,
+    "INT4": None,
+    "FP4": None,
+}
+# Float types a device buffer for `pixel_values` / `image_embeds` may have -> torch dtype name.
+TRT_FLOAT_TO_TORCH = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16"}
+
+
+def trt_dtype_name(dtype: Any) -> str:
+    """'HALF' from trt.DataType.HALF (pybind enum `.name`) or from the string 'DataType.HALF'."""
+    name = getattr(dtype, "name", None)
+    if not isinstance(name, str):
+        name = str(dtype)
+    return name.rsplit(".", 1)[-1].upper()
+
+
+def numpy_dtype(trt_name: str) -> np.dtype:
+    """The numpy dtype of a TensorRT DataType name; refuses types numpy lacks."""
+    name = trt_dtype_name(trt_name)
+    if name not in TRT_TO_NUMPY:
+        raise BuildError(f"unknown TensorRT data type {name}")
+    dt = TRT_TO_NUMPY[name]
+    if dt is None:
+        raise BuildError(f"TensorRT data type {name} has no numpy equivalent")
+    return dt
+
+
+@dataclass(frozen=True)
+class IoPlan:
+    """Device buffer dtypes for the engine's tensors; the host side is always fp32."""
+
+    input_torch: str
+    output_torch: str
+    cast_input: bool  # host fp32 is uploaded, then cast on the device to the engine's input type
+    cast_output: bool  # the engine's output is cast to fp32 on the device before the copy back
+
+
+def plan_io(input_dtype: str, output_dtype: str) -> IoPlan:
+    """Buffers for `pixel_values` / `image_embeds` of the given TensorRT dtypes (names or enums)."""
+    i, o = trt_dtype_name(input_dtype), trt_dtype_name(output_dtype)
+    for what, name in ((INPUT_NAME, i), (OUTPUT_NAME, o)):
+        if name not in TRT_FLOAT_TO_TORCH:
+            raise BuildError(
+                f"engine tensor '{what}' is {name}; only FLOAT, HALF or BF16 are supported (keep the graph's I/O in "
+                "floating point). Rebuild it from this tool's ONNX export."
+            )
+    return IoPlan(TRT_FLOAT_TO_TORCH[i], TRT_FLOAT_TO_TORCH[o], i != "FLOAT", o != "FLOAT")
+
+
+def check_io_tensors(inputs: list[str], outputs: list[str]) -> None:
+    """The engine must take exactly `pixel_values` and produce `image_embeds`."""
+    if list(inputs) != [INPUT_NAME] or OUTPUT_NAME not in outputs:
+        raise BuildError(
+            f"engine has inputs {list(inputs)} and outputs {list(outputs)}; expected input '{INPUT_NAME}' and output "
+            f"'{OUTPUT_NAME}'. Rebuild it from this tool's ONNX export."
+        )
+
+
+def resolved_shape(dims: Any, name: str) -> tuple[int, ...]:
+    """A tensor shape with every dimension known (TensorRT reports -1 for unresolved ones)."""
+    shape = tuple(int(d) for d in dims)
+    if any(d < 0 for d in shape):
+        raise BuildError(f"TensorRT could not resolve the shape of '{name}' ({shape}); the input shape was not accepted")
+    return shape
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorRT: build, load, run
+
+_TRT_LOGGER = None
+
+
+def _logger(trt):
+    """One process-wide logger: it must outlive every builder, runtime and engine created with it."""
+    global _TRT_LOGGER
+    if _TRT_LOGGER is None:
+        _TRT_LOGGER = trt.Logger(trt.Logger.WARNING)
+    return _TRT_LOGGER
+
+
+def build_engine(onnx_path: Path, folder: Path, plan: BuildPlan, timing_cache: Path | None = None, progress: Progress = print) -> Path:
+    """Build and serialize the engine into `folder` with its metadata JSON; returns the engine path.
+
+    `timing_cache` is a base path (folder or file name); the file actually used is keyed by GPU
+    and TensorRT version (`timing_cache_path`).
+    """
     trt = require("tensorrt", "gpu", "TensorRT engines")
     gpu = gpu_identity()
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = _logger(trt)
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
-    network = builder.create_network(flags)
+    net_flags = 0
+    for name in plan.network_flags:
+        net_flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
+    network = builder.create_network(net_flags)
     parser = trt.OnnxParser(network, logger)
     progress(f"parsing {onnx_path.name} for TensorRT {trt.__version__}")
     if not parser.parse_from_file(str(onnx_path)):
@@ -133,32 +454,32 @@ def build_engine(onnx_path: Path, folder: Path, plan: BuildPlan, timing_cache: P
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
     for flag in plan.builder_flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
-    if plan.version_compatible:
-        config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
     profile = builder.create_optimization_profile()
     lo, opt, hi = plan.profile.shapes()
-    profile.set_shape("pixel_values", lo, opt, hi)
+    profile.set_shape(INPUT_NAME, lo, opt, hi)
     config.add_optimization_profile(profile)
-    cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache_path = timing_cache_path(timing_cache, gpu, trt.__version__)
+    cache = _attach_timing_cache(config, read_timing_cache(cache_path, progress), cache_path, progress)
     progress(f"building TensorRT engine ({plan.precision}, profile {lo} .. {hi}); this takes minutes")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError("TensorRT failed to build the engine (see the TensorRT log above)")
     engine_path = folder / ENGINE
     engine_path.write_bytes(bytes(serialized))
-    if timing_cache is not None:
-        tmp = timing_cache.with_suffix(".tmp")
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-        os.replace(tmp, timing_cache)
+    if cache_path is not None and cache is not None:
+        try:
+            write_timing_cache(cache_path, bytes(cache.serialize()))
+        except OSError as exc:
+            progress(f"warning: could not save the TensorRT timing cache {cache_path} ({exc})")
     meta = {
         "tensorrt_version": trt.__version__,
         **gpu,
         "precision": plan.precision,
         "strongly_typed": plan.strongly_typed,
         "builder_flags": plan.builder_flags,
+        "network_flags": plan.network_flags,
         "version_compatible": plan.version_compatible,
+        "lean_runtime": plan.lean_runtime,
         "profile": plan.profile.to_dict(),
         "onnx": onnx_path.name,
     }
@@ -167,50 +488,73 @@ def build_engine(onnx_path: Path, folder: Path, plan: BuildPlan, timing_cache: P
 
 
 def load_engine(folder: Path):
-    """Deserialize after checking metadata against this GPU and TensorRT version."""
+    """Deserialize after checking metadata against this GPU and TensorRT version.
+
+    Returns (engine, meta, runtime): keep the runtime alive as long as the engine (TensorRT:
+    destroying the runtime before its engines is undefined behaviour).
+    """
     trt = require("tensorrt", "gpu", "TensorRT engines")
     meta_path = folder / ENGINE_META
     if not meta_path.is_file():
         raise BuildError(f"{meta_path} is missing: cannot tell which GPU and TensorRT version built the engine")
     meta = json.loads(meta_path.read_text())
     check_engine_compat(meta, trt.__version__, gpu_identity())
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    if meta.get("version_compatible"):
-        runtime.engine_host_code_allowed = True
+    runtime = trt.Runtime(_logger(trt))
+    for attr, value in runtime_settings(meta).items():
+        setattr(runtime, attr, value)
     engine = runtime.deserialize_cuda_engine((folder / ENGINE).read_bytes())
     if engine is None:
-        raise BuildError(f"TensorRT could not deserialize {folder / ENGINE}")
-    return engine, meta
+        raise BuildError(f"TensorRT could not deserialize {folder / ENGINE} (see the TensorRT log above); rebuild it here")
+    return engine, meta, runtime
 
 
 class TrtVision:
-    """Vision engine on TensorRT: host numpy in, host numpy out, torch CUDA buffers between."""
+    """Vision engine on TensorRT: host numpy in, host fp32 numpy out, torch CUDA buffers between.
+
+    Copy in, inference and copy out are all enqueued on one torch stream whose handle is given to
+    `execute_async_v3`, and that stream is synchronized before the output is read, so the three
+    are ordered; the device buffers are allocated while that stream is current, so torch's
+    caching allocator does not hand their memory to other work on another stream too early. One
+    execution context runs one inference at a time: `encode` is serialized by a lock.
+    """
 
     def __init__(self, folder: Path) -> None:
         import torch
 
         self.torch = torch
-        self.engine, self.meta = load_engine(Path(folder))
+        trt = require("tensorrt", "gpu", "TensorRT engines")
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.logger = _logger(trt)
+        self.engine, self.meta, self.runtime = load_engine(Path(folder))
         self.profile = VisionProfile.from_dict(self.meta["profile"])
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        check_io_tensors(inputs, [n for n in names if n not in inputs])
+        self.io = plan_io(self.engine.get_tensor_dtype(INPUT_NAME), self.engine.get_tensor_dtype(OUTPUT_NAME))
         self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
+        if self.context is None:
+            raise BuildError("TensorRT could not create an execution context (out of GPU memory?)")
+        self.stream = torch.cuda.Stream(device=self.device)
+        self._lock = threading.Lock()
 
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
         torch = self.torch
         self.profile.check(pixel_values.shape)
-        x = torch.from_numpy(np.ascontiguousarray(pixel_values, dtype=np.float32)).cuda()
-        self.context.set_input_shape("pixel_values", tuple(x.shape))
-        out_shape = tuple(self.context.get_tensor_shape("image_embeds"))
-        y = torch.empty(out_shape, dtype=torch.float32, device="cuda")
-        self.context.set_tensor_address("pixel_values", x.data_ptr())
-        self.context.set_tensor_address("image_embeds", y.data_ptr())
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise BuildError("TensorRT execution failed")
-        self.stream.synchronize()
-        return y.cpu().numpy()
-
-
-def plan_to_dict(plan: BuildPlan) -> dict[str, Any]:
-    d = asdict(plan)
-    d["profile"] = plan.profile.to_dict()
-    return d
+        host_in = torch.from_numpy(np.ascontiguousarray(pixel_values, dtype=np.float32))
+        with self._lock, torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            x = host_in.to(self.device, non_blocking=True)
+            if self.io.cast_input:
+                x = x.to(getattr(torch, self.io.input_torch))
+            if not self.context.set_input_shape(INPUT_NAME, tuple(x.shape)):
+                raise BuildError(f"TensorRT refused input shape {tuple(x.shape)} (outside the engine's profile?)")
+            out_shape = resolved_shape(self.context.get_tensor_shape(OUTPUT_NAME), OUTPUT_NAME)
+            y = torch.empty(out_shape, dtype=getattr(torch, self.io.output_torch), device=self.device)
+            if not (self.context.set_tensor_address(INPUT_NAME, x.data_ptr()) and self.context.set_tensor_address(OUTPUT_NAME, y.data_ptr())):
+                raise BuildError("TensorRT refused the I/O buffer addresses")
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise BuildError("TensorRT execution failed (see the TensorRT log above)")
+            y32 = y.float() if self.io.cast_output else y
+            host_out = torch.empty(out_shape, dtype=torch.float32, pin_memory=True)
+            host_out.copy_(y32, non_blocking=True)
+            self.stream.synchronize()
+        return host_out.numpy()
