@@ -44,11 +44,7 @@ def conformance(results: dict) -> None:
                 feats = ref.vision.features(torch.from_numpy(px).to("cuda", ref.dtype)).float().cpu().numpy()
             seq = g["inputs_embeds"][0]
             res = generate(dec, ref.tokenizer, [seq], SamplingParams(max_new_tokens=64))[0]
-            dec.reset()
-            from convllava_export.runtime.generation import left_pad
-
-            emb, mask, pos = left_pad([seq])
-            first = dec.forward(emb, mask, pos)[0]
+            first = dec.extend(seq)[0]
             out[name] = {
                 "features_max_abs": float(np.abs(feats - g["vision_features"]).max()),
                 "first_logits_max_abs": float(np.abs(first - g["first_forward_last_logits"]).max()),

@@ -155,13 +155,14 @@ def _sampling(opts: dict) -> dict:
 
 
 def _stream_to_stdout(pipe, request, params) -> str:
-    text = ""
-    for ev in pipe.stream(request, params):
+    from .runtime.generation import Timings
+
+    text, t = "", Timings()
+    for ev in pipe.stream(request, params, timings=[t]):
         sys.stdout.write(ev.text)
         sys.stdout.flush()
         text += ev.text
     sys.stdout.write("\n")
-    t = pipe.last_timings[0]
     say(
         f"preprocess {t.preprocess_s * 1e3:.1f} ms · vision {t.vision_s * 1e3:.1f} ms · "
         f"TTFT {t.ttft_s * 1e3:.1f} ms · decode {t.decode_tokens_per_s:.1f} tok/s"
@@ -461,6 +462,10 @@ def demo_cmd(workdir: Path, threads) -> None:
 @click.option("--max-body-mb", type=click.FloatRange(0.01), default=20.0, show_default=True)
 @click.option("--max-image-pixels", type=click.IntRange(1), default=40_000_000, show_default=True)
 @click.option("--max-images", type=click.IntRange(1), default=None, help="images per request (default: the build's vision engine batch)")
+@click.option("--max-running", type=click.IntRange(1), default=32, show_default=True, help="sequences decoded together (in-flight batching; 1 turns batching off)")
+@click.option("--max-batched-tokens", type=click.IntRange(1), default=256, show_default=True, help="prefill chunk: the most a decode step waits for a new prompt")
+@click.option("--encoder-cache-mb", type=click.FloatRange(0), default=512.0, show_default=True, help="image embeddings kept by content hash (LRU)")
+@click.option("--prefix-cache-mb", type=click.FloatRange(0), default=1024.0, show_default=True, help="KV caches kept for prompt-prefix reuse (LRU)")
 @click.option("--threads", type=click.IntRange(1), default=None, help="intra-op threads (per replica with --engine ray)")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="one process, or a Ray Serve application")
 @click.option("--replicas", type=click.IntRange(1), default=1, show_default=True, help="[ray] LLM replicas")
@@ -476,13 +481,18 @@ def demo_cmd(workdir: Path, threads) -> None:
 @click.option("--address", default=None, help="[ray] existing cluster: auto or ray://HOST:PORT (default: start a local Ray instance)")
 @click.option("--write-config", type=click.Path(path_type=Path), default=None, help="[ray] write a Serve config YAML for `serve deploy` / KubeRay and exit")
 def serve_cmd(
-    build_dir: Path, host, port, model_name, allow_local_files, max_tokens_limit, max_queue, max_body_mb, max_image_pixels, max_images, threads,
-    engine, replicas, min_replicas, max_replicas, target_ongoing_requests, vision_replicas, gpus_per_replica, vision_gpus, cpus_per_replica,
+    build_dir: Path, host, port, model_name, allow_local_files, max_tokens_limit, max_queue, max_body_mb, max_image_pixels, max_images,
+    max_running, max_batched_tokens, encoder_cache_mb, prefix_cache_mb, threads, engine, replicas, min_replicas, max_replicas, target_ongoing_requests, vision_replicas, gpus_per_replica, vision_gpus, cpus_per_replica,
     max_batch_size, batch_wait_ms, address, write_config,
 ) -> None:
     """OpenAI-compatible server: POST /v1/chat/completions, GET /v1/models, /health, /metrics."""
+    from .runtime.engine import EngineSettings
     from .runtime.netutil import bind_listen_socket, host_port
     from .runtime.server import ServerLimits, serve
+
+    settings = EngineSettings(
+        max_running=max_running, max_waiting=max_queue, max_batched_tokens=max_batched_tokens, encoder_cache_mb=encoder_cache_mb, prefix_cache_mb=prefix_cache_mb
+    )
 
     limits = ServerLimits(
         max_body_bytes=int(max_body_mb * (1 << 20)), max_image_pixels=max_image_pixels, max_images=max_images,
@@ -496,7 +506,7 @@ def serve_cmd(
             pipe = _load_build(build_dir, threads)
             where = host_port(host, sock.getsockname()[1])
             say(f"serving {build_dir} as '{model_name}' on http://{where}/v1 ({pipe.info.get('vision')}, {pipe.info.get('llm')})")
-            serve(pipe, host, port, model_name, limits, sock=sock)
+            serve(pipe, host, port, model_name, limits, sock=sock, engine=settings)
         return
     from dataclasses import asdict
 
@@ -508,7 +518,7 @@ def serve_cmd(
         build_dir=str(build_dir.resolve()), model_name=model_name, replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
         target_ongoing_requests=target_ongoing_requests, vision_replicas=vision_replicas, gpus_per_replica=gpus_per_replica,
         vision_gpus=vision_gpus, cpus_per_replica=cpus_per_replica, threads=threads, max_batch_size=max_batch_size,
-        batch_wait_timeout_s=batch_wait_ms / 1000, limits=asdict(limits),
+        batch_wait_timeout_s=batch_wait_ms / 1000, limits=asdict(limits), engine=asdict(settings),
     )
     if write_config:
         import yaml
@@ -657,13 +667,34 @@ def bench_e2e_cmd(builds, clients, requests_per_client, max_new_tokens, threads,
 
 @bench.command("serve")
 @click.argument("build", type=click.Path(path_type=Path))
+@click.option("--concurrency", default="1,4,16,32", show_default=True, help="client counts to sweep")
+@click.option("--max-tokens", type=click.IntRange(1), default=128, show_default=True, help="output tokens per request (ignore_eos)")
+@click.option("--prompts-per-level", type=click.IntRange(1), default=None, help="requests per level (default: 2 x clients, at least 8)")
+@click.option("--max-running", "max_running", type=click.IntRange(1), multiple=True, help="configs to compare (default: the largest concurrency, and 1 = batching off)")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+def bench_serve_cmd(build, concurrency, max_tokens, prompts_per_level, max_running, json_path) -> None:
+    """Concurrency sweep against `serve` (vllm bench serve's metrics), batching on vs off in one run."""
+    from .benchmarks.serving import bench_serving, markdown
+    from .build import read_manifest
+
+    read_manifest(build)
+    levels = [int(c) for c in concurrency.split(",")]
+    configs = {f"max-running {n}": n for n in max_running} if max_running else None
+    result = bench_serving(build, levels, max_tokens, prompts_per_level, configs, progress=say)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+    out.print(markdown(result))
+
+
+@bench.command("ray")
+@click.argument("build", type=click.Path(path_type=Path))
 @click.option("--replicas", default="1,2", show_default=True, help="Ray LLM replica counts to compare")
 @click.option("--clients", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--requests-per-client", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--no-local", is_flag=True, help="skip the single-process server baseline")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
-def bench_serve_cmd(build, replicas, clients, requests_per_client, max_new_tokens, no_local, json_path) -> None:
+def bench_ray_cmd(build, replicas, clients, requests_per_client, max_new_tokens, no_local, json_path) -> None:
     """Throughput and p50/p95 under concurrent clients: single process vs Ray Serve with N replicas."""
     from .benchmarks.serve import bench_serve, markdown
     from .build import read_manifest

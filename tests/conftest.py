@@ -72,3 +72,23 @@ def tiny_pipeline(tiny_build):
     from convllava_export.runtime.pipeline import Pipeline
 
     return Pipeline.from_build(tiny_build)
+
+
+@pytest.fixture(scope="session")
+def conformance_decoder(reference, tmp_path_factory) -> Path:
+    """The conformance LLM exported for ONNX Runtime (dynamo graph, fp32)."""
+    from convllava_export.export.llm import export_llm_onnxruntime
+
+    folder = tmp_path_factory.mktemp("llm") / "fp32"
+    export_llm_onnxruntime(reference.llm, folder, "fp32", progress=lambda m: None)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def conformance_gqa(reference, tmp_path_factory) -> Path:
+    """The conformance LLM in ORT's fused GroupQueryAttention layout (needs onnxruntime-genai)."""
+    from convllava_export.export.llm import export_llm_onnxruntime
+
+    folder = tmp_path_factory.mktemp("llm") / "gqa-fp32"
+    export_llm_onnxruntime(reference.llm, folder, "fp32", progress=lambda m: None, graph="gqa")
+    return folder

@@ -9,7 +9,7 @@ import torch
 from convllava_export.model.reference import TorchDecoder
 from convllava_export.preprocess import PreprocessConfig, load_image, preprocess
 from convllava_export.prompt import build_prompt, splice_embeddings, tokenize_with_images
-from convllava_export.runtime.generation import generate, left_pad
+from convllava_export.runtime.generation import generate
 from convllava_export.runtime.sampling import SamplingParams
 
 IMAGES = ["small_100x60.png", "square_256x256.png", "tall_160x448.png", "wide_512x192.png"]
@@ -56,13 +56,12 @@ def test_logits_and_greedy_tokens(reference, conformance, manifest, name):
     dec = TorchDecoder(reference)
     seq = g["inputs_embeds"][0]
     # teacher-forced step logits with the KV cache, against the recorded greedy steps
-    embeds, mask, pos = left_pad([seq])
-    dec.reset()
-    logits = [dec.forward(embeds, mask, pos)[0]]
+    first, kv = dec.extend(seq)
+    logits = [first]
     np.testing.assert_allclose(logits[0], g["first_forward_last_logits"], atol=t["atol"], rtol=t["rtol"])
-    for step, tok in enumerate(g["gen_ids_16"][:-1]):
-        mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-        logits.append(dec.forward(dec.embed(np.array([[tok]])), mask, np.array([[len(seq) + step]]))[0])
+    for tok in g["gen_ids_16"][:-1]:
+        step, kv = dec.extend(dec.embed(np.array([tok])), kv)
+        logits.append(step)
     np.testing.assert_allclose(np.stack(logits), g["gen_step_logits_16"], atol=t["atol"], rtol=t["rtol"])
     # free-running greedy decode
     for key, n in (("gen_ids_16", 16), ("gen_ids_until_eos", 64)):

@@ -22,13 +22,6 @@ from convllava_export.runtime.sampling import SamplingParams
 from convllava_export.validation.metrics import first_divergence, logits_agreement, teacher_forced_logits
 
 
-@pytest.fixture(scope="module")
-def conformance_decoder(reference, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("llm") / "fp32"
-    export_llm_onnxruntime(reference.llm, folder, "fp32", progress=lambda m: None)
-    return folder
-
-
 def test_greedy_parity_on_conformance(conformance_decoder, reference, conformance, manifest):
     dec = OrtDecoder(conformance_decoder)
     for name, entry in manifest["images"].items():
@@ -142,13 +135,6 @@ def test_modelopt_trtllm_checkpoint(tiny_checkpoint, tmp_path, precision, algo, 
 # -- the fused GroupQueryAttention layout (onnxruntime-genai's model builder) --------------------
 
 needs_genai = pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None, reason="onnxruntime-genai not installed: pip install -e '.[genai]'")
-
-
-@pytest.fixture(scope="module")
-def conformance_gqa(reference, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("llm") / "gqa-fp32"
-    export_llm_onnxruntime(reference.llm, folder, "fp32", progress=lambda m: None, graph="gqa")
-    return folder
 
 
 @needs_genai

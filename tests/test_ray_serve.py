@@ -37,9 +37,9 @@ CLI = Path(sys.executable).parent / "convllava-export"
 
 
 def test_deployment_options_cpu_and_gpu(tiny_build):
-    opts = ray_serve.RayServeOptions(build_dir=str(tiny_build), replicas=3)
+    opts = ray_serve.RayServeOptions(build_dir=str(tiny_build), replicas=3, engine={"max_running": 6})
     cpu = ray_serve.deployment_options(opts, "cpu")
-    assert cpu["LLMWorker"]["num_replicas"] == 3 and cpu["LLMWorker"]["max_ongoing_requests"] == 1
+    assert cpu["LLMWorker"]["num_replicas"] == 3 and cpu["LLMWorker"]["max_ongoing_requests"] == 6  # one engine batches them
     assert cpu["LLMWorker"]["ray_actor_options"]["num_gpus"] == 0 and cpu["VisionEncoder"]["ray_actor_options"]["num_gpus"] == 0
     gpu = ray_serve.deployment_options(opts, "tensorrt")
     assert gpu["LLMWorker"]["ray_actor_options"]["num_gpus"] == 1 and gpu["VisionEncoder"]["ray_actor_options"]["num_gpus"] == 0.5

@@ -39,8 +39,9 @@ def test_openai_client_matches_pipeline(server, tiny_pipeline):
         chunks = [c.choices[0].delta.content or "" for c in stream]
         assert "".join(chunks) == want and len([c for c in chunks if c]) > 3
     metrics = httpx.get(f"{server}/metrics").text
-    assert 'convllava_requests_total{status="200"}' in metrics and "convllava_ttft_seconds_count" in metrics
-    assert "convllava_queue_depth 0" in metrics and "convllava_decode_tokens_per_second" in metrics
+    assert 'convllava_requests_total{status="200"} 6.0' in metrics and "convllava_time_to_first_token_seconds_count 6.0" in metrics
+    assert "convllava_queue_depth 0.0" in metrics and "convllava_time_per_output_token_seconds_count 6.0" in metrics
+    assert "convllava_encoder_cache_misses_total" in metrics and "convllava_batch_size_bucket" in metrics
 
 
 def test_multi_turn_with_system_message(server):
@@ -85,7 +86,16 @@ def test_body_limits(server):
     assert res.status_code == 400 and "decompression-bomb" in res.json()["error"]["message"]
 
 
-def test_queue_bound_gives_429(server):
+def test_queue_bound_gives_429(tiny_pipeline):
+    """One running and two waiting: the rest get 429 with Retry-After, nobody gets anything else."""
+    from convllava_export.runtime.engine import EngineSettings
+
+    limits = ServerLimits(max_body_bytes=2 << 20, max_image_pixels=2_000_000, max_tokens=64, max_queue=2)
+    with LiveServer(create_app(tiny_pipeline, "convllava-tiny", limits, EngineSettings(max_running=1))) as server:
+        _queue_bound(server)
+
+
+def _queue_bound(server):
     s = colour_samples(1, seed=3)[0]
     body = {"messages": message(s.question, data_url(s.image)), "max_tokens": 64, "temperature": 1.5, "seed": 1}
 
@@ -106,3 +116,23 @@ def test_local_files_when_allowed(tiny_pipeline, tmp_path):
     with LiveServer(create_app(tiny_pipeline, "m", ServerLimits(allow_local_files=True))) as url:
         res = httpx.post(f"{url}/v1/chat/completions", json={"messages": message(s.question, str(path)), "temperature": 0, "max_tokens": 24})
         assert res.status_code == 200 and res.json()["choices"][0]["message"]["content"] == s.answer
+
+
+def test_sixteen_concurrent_clients_get_their_own_answers(server, tiny_pipeline):
+    """In-flight batching: 16 clients at once, every answer equal to the request run alone."""
+    from convllava_export.runtime.sampling import SamplingParams
+
+    samples = colour_samples(16, seed=40)
+    want = [tiny_pipeline.generate(s.image, s.question, SamplingParams(max_new_tokens=16)).text for s in samples]
+
+    def post(s):
+        res = httpx.post(f"{server}/v1/chat/completions", json={"messages": message(s.question, data_url(s.image)), "temperature": 0, "max_tokens": 16}, timeout=120)
+        return res.status_code, res.json()["choices"][0]["message"]["content"] if res.status_code == 200 else res.text
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(post, samples))
+    assert [g[0] for g in got] == [200] * 16
+    assert [g[1] for g in got] == want
+    metrics = httpx.get(f"{server}/metrics").text
+    sizes = [line for line in metrics.splitlines() if line.startswith("convllava_batch_size_bucket")]
+    assert sizes and 'le="2"' in sizes[1] and float(sizes[1].split()[-1]) < float(sizes[-1].split()[-1])  # some steps decoded more than 2 rows

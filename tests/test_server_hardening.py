@@ -13,7 +13,8 @@ from serving_helpers import LiveServer, data_url, message
 
 from convllava_export.errors import ConvLlavaError
 from convllava_export.runtime import server as server_mod
-from convllava_export.runtime.generation import held_back
+from convllava_export.runtime.engine import EngineSettings
+from convllava_export.runtime.generation import Timings, held_back
 from convllava_export.runtime.pipeline import Request
 from convllava_export.runtime.server import ServerLimits, create_app
 from convllava_export.synthetic import colour_samples
@@ -126,14 +127,14 @@ def test_prompt_too_long_is_refused_before_tokenizing(tiny_pipeline, monkeypatch
     monkeypatch.setattr(tiny_pipeline.tokenizer.__class__, "__call__", lambda self, text, *a, **k: calls.append(len(text)) or real(self, text, *a, **k))
     long_text = "word " * 400_000  # 2 MB: far beyond any context
     with pytest.raises(ConvLlavaError, match="characters, far"):
-        tiny_pipeline.prepare(Request(long_text), server_mod.Timings())
+        tiny_pipeline.prepare(Request(long_text), Timings())
     assert calls == []
     # just over the context in tokens: tokenized, refused before any image is encoded or embedded
     encoded = []
     monkeypatch.setattr(tiny_pipeline, "encode_pixels", lambda *a, **k: encoded.append(1) or [])
     near = "word " * (tiny_pipeline.max_context + 10)
     with pytest.raises(ConvLlavaError, match="above the model's context"):
-        tiny_pipeline.prepare(Request(near, [colour_samples(1, seed=1)[0].image]), server_mod.Timings())
+        tiny_pipeline.prepare(Request(near, [colour_samples(1, seed=1)[0].image]), Timings())
     assert calls and not encoded
 
 
@@ -146,7 +147,7 @@ def test_prompt_too_long_over_http_is_400(server, tiny_pipeline):
 
 def test_internal_errors_do_not_leak(tiny_pipeline, monkeypatch, caplog):
     with LiveServer(create_app(tiny_pipeline, "m", LIMITS)) as url:
-        monkeypatch.setattr(server_mod, "stream_one", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("secret /srv/models/x")))
+        monkeypatch.setattr(tiny_pipeline.decoder, "extend", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("secret /srv/models/x")))
         res = httpx.post(f"{url}/v1/chat/completions", json=text_body())
         assert res.status_code == 500 and "secret" not in res.text and "ref" in res.json()["error"]["message"]
         assert any("secret" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)  # the log has it
@@ -163,7 +164,7 @@ def test_429_carries_retry_after_and_never_decodes_the_image(tiny_pipeline, monk
         return real_open(source, limits)
 
     monkeypatch.setattr(server_mod, "open_image", counting_open)
-    with LiveServer(create_app(tiny_pipeline, "m", ServerLimits(max_queue=0, max_tokens=4))) as url:
+    with LiveServer(create_app(tiny_pipeline, "m", ServerLimits(max_queue=0, max_tokens=4), EngineSettings(max_running=1))) as url:
         body = {"messages": message("What colour?", IMG), "max_tokens": 2}
         with httpx.Client(timeout=60) as client:
             first = threading.Thread(target=lambda: client.post(f"{url}/v1/chat/completions", json=body))

@@ -74,23 +74,17 @@ def _decoder(kind: str, folder: str | None, shape: str, threads: int):
 def _worker(kind: str, folder: str | None, shape: str, threads: int, prompt_len: int, decode_steps: int, queue) -> None:
     dec = _decoder(kind, folder, shape, threads)
     ids = prompt_ids(prompt_len)
-    embeds = dec.embed(ids)
-    mask = np.ones((1, prompt_len), dtype=np.int64)
-    pos = np.arange(prompt_len)[None]
-    # warm-up, then timed prefill
-    dec.reset()
-    dec.forward(embeds[:, :16], mask[:, :16], pos[:, :16])
-    dec.reset()
+    embeds = dec.embed(np.asarray(ids).reshape(-1))
+    dec.extend(embeds[:16])  # warm-up, then timed prefill
     t = time.perf_counter()
-    logits = dec.forward(embeds, mask, pos)
+    logits, kv = dec.extend(embeds)
     prefill = time.perf_counter() - t
     tokens = []
     t = time.perf_counter()
-    for k in range(decode_steps):
-        tok = int(logits[0].argmax())
+    for _ in range(decode_steps):
+        tok = int(logits.argmax())
         tokens.append(tok)
-        mask = np.ones((1, prompt_len + k + 1), dtype=np.int64)
-        logits = dec.forward(dec.embed(np.array([[tok]])), mask, np.array([[prompt_len + k]]))
+        logits, kv = dec.extend(dec.embed(np.array([tok])), kv)
     decode = time.perf_counter() - t
     queue.put(
         {

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BuildError
+from ..runtime.kv import DenseDecoder, RowDecoder, SeqKV
 from .profiles import VisionProfile
 
 TARGET_PROVIDERS = {
@@ -123,96 +124,57 @@ class OrtVision:
         return self.session.run(["image_embeds"], {"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)})[0]
 
 
-class OrtDecoder:
-    """LLM engine on ONNX Runtime behind the generation loop's Decoder protocol.
-
-    The KV cache stays in ONNX Runtime's own buffers between steps (IOBinding): each step's
-    `present` outputs are bound as the next step's `past` inputs without a numpy round trip,
-    on the GPU for CUDA/TensorRT targets.
-    """
+class OrtDecoder(DenseDecoder):
+    """LLM engine on ONNX Runtime (our dynamo graph): pure functions over an explicit KV cache
+    (runtime/kv.py), so one session serves any number of sequences and batches."""
 
     def __init__(self, folder: Path, target: str = "cpu", threads: int | None = None) -> None:
         from ..export.spec import PartSpec
 
         folder = Path(folder)
         self.spec = PartSpec.load(folder / "decoder.json")
-        graph = folder / self.spec.graph
-        self.session = create_session(graph, target, threads)
+        self.session = create_session(folder / self.spec.graph, target, threads)
         self.table = np.load(folder / "embed_tokens.npy", mmap_mode="r")
         attrs = self.spec.attributes
         self.vocab_size = int(attrs["vocab"])
         self.kv_heads, self.head_dim = int(attrs["kv_heads"]), int(attrs["head_dim"])
         self.past_names = [t.name for t in self.spec.inputs if t.name.startswith("past_key_values.")]
-        self.present_names = [t.name for t in self.spec.outputs[1:]]
+        self.output_names = [t.name for t in self.spec.outputs]  # logits, then present.*
         self.dtype = np.float16 if self.spec.inputs[0].dtype == "float16" else np.float32
-        self.device = "cpu" if target == "cpu" else "cuda"
-        self.past: list[Any] | None = None
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return np.asarray(self.table[np.asarray(ids)], dtype=np.float32)
 
-    def reset(self) -> None:
-        self.past = None
-
-    def _run(self, inputs: dict[str, np.ndarray], past: list[Any] | None, batch: int) -> tuple[np.ndarray, list[Any]]:
-        """One step: bind the inputs and the cache (ORT values, or empty), keep the new cache in ORT."""
-        io = self.session.io_binding()
-        for name, value in inputs.items():
-            io.bind_cpu_input(name, value)
+    def _run(self, inputs: dict[str, np.ndarray], past: tuple[np.ndarray, ...] | None, batch: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         if past is None:
             empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
-            for name in self.past_names:
-                io.bind_cpu_input(name, empty)
-        else:
-            for name, value in zip(self.past_names, past):
-                io.bind_ortvalue_input(name, value)
-        io.bind_output("logits", "cpu")
-        for name in self.present_names:
-            io.bind_output(name, self.device)
-        self.session.run_with_iobinding(io)
-        outputs = io.get_outputs()
-        return outputs[0].numpy()[:, -1].astype(np.float32), outputs[1:]
+            past = (empty,) * len(self.past_names)
+        feeds = {**inputs, **dict(zip(self.past_names, past))}
+        logits, *present = self.session.run(self.output_names, feeds)
+        return logits[:, -1].astype(np.float32), tuple(present)
 
-    def forward(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def step(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: tuple[np.ndarray, ...] | None) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         inputs = {
             "inputs_embeds": np.ascontiguousarray(embeds, dtype=self.dtype),
-            "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
-            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
+            "attention_mask": np.ascontiguousarray(mask, dtype=np.int64),
+            "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
         }
-        logits, self.past = self._run(inputs, self.past, embeds.shape[0])
-        return logits
+        return self._run(inputs, past, embeds.shape[0])
 
 
-class OrtGqaDecoder(OrtDecoder):
-    """The fused GroupQueryAttention graph (export/llm_gqa.py) behind the same Decoder protocol.
+class OrtGqaDecoder(RowDecoder, OrtDecoder):
+    """The fused GroupQueryAttention graph (export/llm_gqa.py) over the same explicit cache.
 
     GroupQueryAttention takes positions from the mask and expects each sequence's tokens to start
-    at position 0, so a left-padded batch is run row by row, each row with its own cache (kept in
-    ONNX Runtime's buffers via IOBinding, like OrtDecoder). One request at a time, the common case,
-    is a single row.
+    at position 0, so it takes no left padding: a batch decodes row by row (RowDecoder), each row
+    with its own cache.
     """
 
-    def __init__(self, folder: Path, target: str = "cpu", threads: int | None = None) -> None:
-        super().__init__(folder, target, threads)
-        self.rows: list[list[Any] | None] = []
-        self.lengths: list[int] = []
-
-    def reset(self) -> None:
-        self.rows, self.lengths = [], []
-
-    def _step(self, row: int, embeds: np.ndarray) -> np.ndarray:
-        total = self.lengths[row] + embeds.shape[1]
-        inputs = {"inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32), "attention_mask": np.ones((1, total), dtype=np.int64)}
-        logits, self.rows[row] = self._run(inputs, self.rows[row], 1)
-        self.lengths[row] = total
-        return logits
-
-    def forward(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        if not self.rows:  # prefill: drop each row's left padding
-            self.rows, self.lengths = [None] * len(embeds), [0] * len(embeds)
-            keep = np.asarray(attention_mask)[:, -embeds.shape[1] :].astype(bool)
-            return np.concatenate([self._step(b, embeds[b : b + 1, keep[b]]) for b in range(len(embeds))])
-        return np.concatenate([self._step(b, embeds[b : b + 1]) for b in range(len(embeds))])
+    def extend(self, embeds: np.ndarray, past: SeqKV | None = None) -> tuple[np.ndarray, SeqKV]:
+        total = (past.length if past else 0) + len(embeds)
+        inputs = {"inputs_embeds": np.ascontiguousarray(embeds[None], dtype=np.float32), "attention_mask": np.ones((1, total), dtype=np.int64)}
+        logits, present = self._run(inputs, past.arrays if past else None, 1)
+        return logits[0], SeqKV(present, total)
 
 
 def open_decoder(folder: Path, target: str = "cpu", threads: int | None = None) -> OrtDecoder | OrtGqaDecoder:

@@ -25,6 +25,7 @@ from ..checkpoint import (
     load_shard,
     read_checkpoint,
 )
+from ..runtime.kv import DenseDecoder
 from ..tokenizer import load_tokenizer
 from .vision import ConvNextFeatures, VisionEncoder, build_projector
 
@@ -193,34 +194,37 @@ class ReferenceModel:
         return counts
 
 
-class TorchDecoder:
-    """The LLaMA decoder behind the generation loop's `Decoder` protocol, with a DynamicCache."""
+class TorchDecoder(DenseDecoder):
+    """The LLaMA decoder over an explicit KV cache (runtime/kv.py): each step builds a
+    DynamicCache around the given arrays (no copy on CPU) and returns the new ones."""
 
     def __init__(self, model: ReferenceModel) -> None:
         assert model.llm is not None
         self.model = model
         self.llm = model.llm
         self.vocab_size = model.llm.config.vocab_size
-        self.cache = None
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.model.embed_tokens(ids)
 
-    def reset(self) -> None:
+    @torch.inference_mode()
+    def step(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: tuple[np.ndarray, ...] | None) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         from transformers import DynamicCache
 
-        self.cache = DynamicCache(config=self.llm.config)
-
-    @torch.inference_mode()
-    def forward(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         dev = getattr(self.model, "device", torch.device("cpu"))
+        dtype = self.model.dtype
+        if past is None:
+            cache = DynamicCache(config=self.llm.config)
+        else:
+            t = [torch.from_numpy(a).to(dev, dtype) for a in past]
+            cache = DynamicCache(ddp_cache_data=list(zip(t[0::2], t[1::2])), config=self.llm.config)
         out = self.llm(
-            inputs_embeds=torch.from_numpy(embeds).to(dev, self.model.dtype),
-            attention_mask=torch.from_numpy(attention_mask).to(dev),
-            position_ids=torch.from_numpy(position_ids).to(dev),
-            **{CACHE_KWARG: self.cache},
+            inputs_embeds=torch.from_numpy(np.ascontiguousarray(embeds, dtype=np.float32)).to(dev, dtype),
+            attention_mask=torch.from_numpy(mask).to(dev),
+            position_ids=torch.from_numpy(positions).to(dev),
+            **{CACHE_KWARG: cache},
             use_cache=True,
             logits_to_keep=1,
         )
-        self.cache = out.past_key_values
-        return out.logits[:, -1].float().cpu().numpy()
+        present = tuple(x.detach().float().cpu().numpy() if x.dtype != torch.float32 or x.device.type != "cpu" else x.numpy() for layer in out.past_key_values.layers for x in (layer.keys, layer.values))
+        return out.logits[:, -1].float().cpu().numpy(), present

@@ -1,7 +1,10 @@
-"""One generation loop for every backend: prefill spliced embeddings, then decode token by token.
+"""Generation over explicit KV caches: prefill each sequence, then decode all of them together.
 
-A backend only provides a `Decoder`: `embed(ids)`, `reset()` and `forward(embeds, mask,
-positions) -> last-position logits`, keeping its own KV cache. Batches are left-padded.
+A backend provides a `Decoder`: `embed(ids)`, and pure functions over cache objects (kv.py):
+`extend(embeds, past) -> (logits, SeqKV)` for one sequence, `new_batch()` and
+`decode(embeds, batch) -> (logits, batch)` for one token of every running sequence. Who calls
+them owns the caches: `stream_tokens` below (a fixed batch), the serving engine (engine.py:
+requests joining and leaving between steps).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .kv import Batch, SeqKV
 from .sampling import SamplingParams, select_tokens
 
 
@@ -21,9 +25,11 @@ class Decoder(Protocol):
 
     def embed(self, ids: np.ndarray) -> np.ndarray: ...
 
-    def reset(self) -> None: ...
+    def extend(self, embeds: np.ndarray, past: SeqKV | None = None) -> tuple[np.ndarray, SeqKV]: ...
 
-    def forward(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray: ...
+    def new_batch(self) -> Batch: ...
+
+    def decode(self, embeds: np.ndarray, batch: Batch) -> tuple[np.ndarray, Batch]: ...
 
 
 @dataclass
@@ -38,6 +44,7 @@ class TokenEvent:
 
 @dataclass
 class Timings:
+    queued_s: float = 0.0  # waiting for the engine (serving only)
     preprocess_s: float = 0.0
     vision_s: float = 0.0
     prefill_s: float = 0.0  # time to first token, from the LLM's start
@@ -46,7 +53,7 @@ class Timings:
 
     @property
     def ttft_s(self) -> float:
-        return self.preprocess_s + self.vision_s + self.prefill_s
+        return self.queued_s + self.preprocess_s + self.vision_s + self.prefill_s
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -54,6 +61,7 @@ class Timings:
 
     def to_dict(self) -> dict[str, float]:
         return {
+            "queued_s": self.queued_s,
             "preprocess_s": self.preprocess_s,
             "vision_s": self.vision_s,
             "prefill_s": self.prefill_s,
@@ -128,17 +136,29 @@ class _Detokenizer:
         return delta
 
 
-def left_pad(sequences: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """[S_i,H] list → (embeds [B,S,H], mask [B,S] int64, position_ids [B,S] int64)."""
-    length = max(len(s) for s in sequences)
-    hidden = sequences[0].shape[-1]
-    embeds = np.zeros((len(sequences), length, hidden), dtype=np.float32)
-    mask = np.zeros((len(sequences), length), dtype=np.int64)
-    for i, s in enumerate(sequences):
-        embeds[i, length - len(s) :] = s
-        mask[i, length - len(s) :] = 1
-    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-    return embeds, mask, positions
+class SequenceState:
+    """What one sequence carries between steps besides its cache: sampling, text, counters."""
+
+    def __init__(self, index: int, params: SamplingParams, tokenizer, timings: Timings) -> None:
+        self.index, self.params, self.timings = index, params, timings
+        self.rng = np.random.default_rng(params.seed)
+        self.detok = _Detokenizer(tokenizer, params.stop)
+        self.eos = tokenizer.eos_token_id
+        self.generated = 0
+        self.last_token = -1
+
+    def accept(self, logits: np.ndarray) -> TokenEvent:
+        """Choose the next token from this sequence's last-position logits [V]."""
+        tok = int(select_tokens(logits[None], self.params, self.rng)[0])
+        self.generated += 1
+        self.last_token = tok
+        if tok == self.eos and not self.params.ignore_eos:
+            return TokenEvent(self.index, tok, self.detok.flush(), "stop")
+        text, hit_stop = self.detok.push(tok)
+        reason = "stop" if hit_stop else ("length" if self.generated >= self.params.max_new_tokens else None)
+        if reason == "length":
+            text += self.detok.flush()
+        return TokenEvent(self.index, tok, text, reason)
 
 
 def stream_tokens(
@@ -148,50 +168,37 @@ def stream_tokens(
     params: SamplingParams,
     timings: Sequence[Timings] | None = None,
 ) -> Iterator[TokenEvent]:
-    """Generate for a batch of spliced embedding sequences, yielding tokens as they come."""
+    """Generate for a fixed batch of spliced embedding sequences [S_i, H], yielding tokens as they come.
+
+    Each sequence is prefilled alone (no padding), then all decode together; a finished one leaves
+    the batch. With greedy decoding a sequence's tokens do not depend on its batch.
+    """
     params.validate()
-    eos = tokenizer.eos_token_id
-    rng = np.random.default_rng(params.seed)
     timings = list(timings) if timings is not None else [Timings() for _ in sequences]
-    detoks = [_Detokenizer(tokenizer, params.stop) for _ in sequences]
-    done = [False] * len(sequences)
-    embeds, mask, positions = left_pad(sequences)
-    decoder.reset()
+    states = [SequenceState(i, params, tokenizer, t) for i, t in enumerate(timings)]
+    batch, live = decoder.new_batch(), []
     t0 = time.perf_counter()
-    logits = decoder.forward(embeds, mask, positions)
-    t_first = time.perf_counter()
-    for t in timings:
-        t.prefill_s = t_first - t0
-    next_pos = positions[:, -1:] + 1
-    for step in range(params.max_new_tokens):
-        tokens = select_tokens(logits, params, rng)
-        for i, tok in enumerate(tokens):
-            if done[i]:
-                continue
-            tok = int(tok)
-            if tok == eos and not params.ignore_eos:
-                done[i] = True
-                yield TokenEvent(i, tok, detoks[i].flush(), "stop")
-                continue
-            text, hit_stop = detoks[i].push(tok)
-            last = step == params.max_new_tokens - 1
-            reason = "stop" if hit_stop else ("length" if last else None)
-            done[i] = reason is not None
-            if reason == "length":
-                text += detoks[i].flush()
-            yield TokenEvent(i, tok, text, reason)
-        if all(done):
-            break
-        now = time.perf_counter()
-        tokens = np.where(done, eos, tokens).astype(np.int64)
-        mask = np.concatenate([mask, np.ones((len(tokens), 1), dtype=np.int64)], axis=1)
-        logits = decoder.forward(decoder.embed(tokens[:, None]), mask, next_pos)
-        next_pos = next_pos + 1
-        elapsed = time.perf_counter() - now
-        for i, t in enumerate(timings):
-            if not done[i]:
-                t.decode_s += elapsed
-                t.decode_tokens += 1
+    for i, seq in enumerate(sequences):
+        logits, kv = decoder.extend(np.asarray(seq, dtype=np.float32))
+        timings[i].prefill_s = time.perf_counter() - t0
+        event = states[i].accept(logits)
+        yield event
+        if event.finish_reason is None:
+            batch, live = batch.join(kv), [*live, i]
+    while live:
+        t = time.perf_counter()
+        logits, batch = decoder.decode(decoder.embed(np.array([states[i].last_token for i in live])), batch)
+        elapsed = time.perf_counter() - t
+        keep = []
+        for row, i in enumerate(live):
+            timings[i].decode_s += elapsed
+            timings[i].decode_tokens += 1
+            event = states[i].accept(logits[row])
+            yield event
+            if event.finish_reason is None:
+                keep.append(row)
+        if len(keep) < len(live):
+            batch, live = batch.drop(keep), [live[r] for r in keep]
 
 
 def generate(

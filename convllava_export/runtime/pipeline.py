@@ -64,8 +64,6 @@ class Pipeline:
         self.info = info or {}
         self.max_context: int | None = None
         self.piece_chars = max_piece_chars(tokenizer) if tokenizer is not None else 64
-        self.last_timings: list[Timings] = []
-        self.last_prompt_tokens: list[int] = []
 
     @classmethod
     def from_reference(cls, model: Any, preprocess_cfg: PreprocessConfig | None = None) -> Pipeline:
@@ -121,33 +119,35 @@ class Pipeline:
             "shorten the text or use fewer or smaller images (native mode: lower --max-tokens)"
         )
 
-    def prepare(self, request: Request, timings: Timings, image_embeds: Sequence[np.ndarray] | None = None) -> np.ndarray:
-        """The spliced embedding sequence [S, hidden] for one request.
-
-        Cost is bounded before each expensive step: the text's length before tokenizing (a
-        prompt of N characters has at least N / longest-piece tokens); the token count (text +
-        visual tokens of the preprocessed images) before the vision engine or the embedding runs.
-        `image_embeds` skips the vision engine (encoded elsewhere, e.g. by a Ray vision replica);
-        `request.images` then only counts the images for the prompt template.
-        """
+    def plan(self, request: Request, image_rows: Sequence[int]) -> list[int]:
+        """Token ids of the prompt (-200 at each image), refused before anything costly when it
+        cannot fit: by its length in characters before tokenizing (a prompt of N characters has
+        at least N / longest-piece tokens), then by text + visual tokens (`image_rows`: each
+        image's visual tokens) before any image is encoded or any embedding is looked up."""
         text = self.prompt_text(request)
         if self.max_context is not None and len(text) > 2 * self.max_context * self.piece_chars:
             raise self._context_error(f"{len(text)} characters, far", 0)
         ids = tokenize_with_images(self.tokenizer, text)
-        given = len(image_embeds) if image_embeds is not None else len(request.images)
-        check_image_count(ids, given)
-        if image_embeds is not None:
-            visual = sum(len(e) for e in image_embeds)
-        else:
-            t0 = time.perf_counter()
-            pixels = self.pixel_values(request.images)
-            timings.preprocess_s += time.perf_counter() - t0
-            visual = sum(visual_tokens(p.shape[1], p.shape[2]) for p in pixels)
-        total = len(ids) - given + visual
+        check_image_count(ids, len(image_rows))
+        total = len(ids) - len(image_rows) + sum(image_rows)
         if self.max_context is not None and total > self.max_context:
-            raise self._context_error(f"{total} tokens", visual)
-        embeds = list(image_embeds) if image_embeds is not None else self.encode_pixels(pixels, timings)
-        return splice_embeddings(ids, embeds, self.decoder.embed)
+            raise self._context_error(f"{total} tokens", sum(image_rows))
+        return ids
+
+    def prepare(self, request: Request, timings: Timings, image_embeds: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """The spliced embedding sequence [S, hidden] for one request.
+
+        `image_embeds` skips the vision engine (encoded elsewhere, e.g. by a Ray vision replica);
+        `request.images` then only counts the images for the prompt template.
+        """
+        if image_embeds is not None:
+            ids = self.plan(request, [len(e) for e in image_embeds])
+            return splice_embeddings(ids, list(image_embeds), self.decoder.embed)
+        t0 = time.perf_counter()
+        pixels = self.pixel_values(request.images)
+        timings.preprocess_s += time.perf_counter() - t0
+        ids = self.plan(request, [visual_tokens(p.shape[1], p.shape[2]) for p in pixels])
+        return splice_embeddings(ids, self.encode_pixels(pixels, timings), self.decoder.embed)
 
     # -- generation -----------------------------------------------------------------------
     def stream(
@@ -163,7 +163,6 @@ class Pipeline:
         timings = list(timings) if timings is not None else [Timings() for _ in reqs]
         embeds = image_embeds if image_embeds is not None else [None] * len(reqs)
         seqs = [self.prepare(r, t, e) for r, t, e in zip(reqs, timings, embeds)]
-        self.last_timings, self.last_prompt_tokens = timings, [len(s) for s in seqs]
         yield from stream_tokens(self.decoder, self.tokenizer, seqs, params, timings)
 
     def generate(

@@ -31,7 +31,8 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError 
 from ..prompt import Conversation  # noqa: E402
 from .generation import Timings, TokenEvent  # noqa: E402
 from .sampling import SamplingParams  # noqa: E402
-from .server import ApiError, Finished, ImageSource, ServerLimits, create_app, image_pixels, stream_one  # noqa: E402
+from .engine import EngineSettings, Finished, QueueFull  # noqa: E402
+from .server import ApiError, ImageSource, ServerLimits, create_app, image_pixels  # noqa: E402
 
 APP_NAME = "convllava"
 GPU_TARGETS = ("cuda", "tensorrt", "jetson")
@@ -58,6 +59,10 @@ class RayServeOptions:
     retries: int = 2  # re-route a request whose LLM replica died before it produced a token
     stream_interval_s: float = 0.02  # LLM replicas send tokens in lists at most this often
     limits: dict[str, Any] = field(default_factory=dict)  # ServerLimits fields
+    engine: dict[str, Any] = field(default_factory=dict)  # EngineSettings fields: each LLM replica runs one Engine
+
+    def engine_settings(self) -> EngineSettings:
+        return EngineSettings(**self.engine)
 
     @classmethod
     def from_dict(cls, args: dict[str, Any]) -> RayServeOptions:
@@ -79,6 +84,7 @@ class RayServeOptions:
         if self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
             raise ConvLlavaError("--max-batch-size must be >= 1 and --batch-wait-ms >= 0")
         ServerLimits(**self.limits)  # unknown limit names fail here, before anything starts
+        self.engine_settings().validate()
 
 
 def deployment_options(opts: RayServeOptions, target: str) -> dict[str, dict[str, Any]]:
@@ -89,7 +95,7 @@ def deployment_options(opts: RayServeOptions, target: str) -> dict[str, dict[str
     common = {"health_check_period_s": 10.0, "health_check_timeout_s": 60.0, "graceful_shutdown_wait_loop_s": 2.0, "graceful_shutdown_timeout_s": 30.0}
     llm: dict[str, Any] = {
         **common,
-        "max_ongoing_requests": 1,
+        "max_ongoing_requests": opts.engine_settings().max_running,  # one Engine batches them
         "ray_actor_options": {"num_cpus": opts.cpus_per_replica, "num_gpus": llm_gpus},
     }
     if opts.min_replicas is not None:
@@ -102,7 +108,7 @@ def deployment_options(opts: RayServeOptions, target: str) -> dict[str, dict[str
     else:
         llm["num_replicas"] = opts.replicas
     limits = ServerLimits(**opts.limits)
-    llm_capacity = opts.max_replicas if opts.max_replicas is not None else opts.replicas
+    llm_capacity = (opts.max_replicas if opts.max_replicas is not None else opts.replicas) * opts.engine_settings().max_running
     return {
         "Ingress": {**common, "num_replicas": 1, "max_ongoing_requests": max(64, 4 * (llm_capacity + limits.max_queue)), "ray_actor_options": {"num_cpus": 0}},
         "VisionEncoder": {
@@ -162,38 +168,55 @@ class VisionEncoder:
 
 @serve.deployment(name="LLMWorker")
 class LLMWorker:
-    """The build's decoder and tokenizer; streams the tokens of one request at a time.
+    """The build's decoder and tokenizer under one Engine: the requests routed here are batched
+    in flight, with prefix reuse across them.
 
     Tokens travel in small lists, at most one list per `stream_interval_s` (the first token
     goes at once): each item of a Ray stream costs milliseconds, more than a small model's
     decode step, while 20 ms of grouping is invisible to a reader.
     """
 
-    def __init__(self, build_dir: str, threads: int | None, stream_interval_s: float = 0.02) -> None:
+    def __init__(self, build_dir: str, threads: int | None, stream_interval_s: float = 0.02, engine: dict[str, Any] | None = None) -> None:
         from .build_loader import load_pipeline
+        from .engine import Engine
 
         self.pipeline = load_pipeline(build_dir, threads=threads, parts=("llm",))
+        self.engine = Engine(self.pipeline, EngineSettings(**(engine or {})))
         self.interval = stream_interval_s
 
     def stream(self, conv: Conversation, image_embeds: list[np.ndarray], params: SamplingParams, timings: Timings) -> Iterator[list[TokenEvent | Finished | WorkerError]]:
+        import queue
+
         from .pipeline import Request
 
+        events: queue.Queue = queue.Queue()
+        try:
+            handle = self.engine.submit(Request(conv), params, events.put, image_embeds=image_embeds, timings=timings)
+        except ConvLlavaError as exc:
+            yield [WorkerError(429 if isinstance(exc, QueueFull) else 400, str(exc))]
+            return
         pending: list[TokenEvent | Finished | WorkerError] = []
         last = 0.0  # the first token is sent at once
         try:
-            for item in stream_one(self.pipeline, Request(conv), params, [image_embeds], [timings]):
+            while True:
+                item = events.get()
+                if isinstance(item, BaseException):
+                    pending.append(WorkerError(400, str(item)) if isinstance(item, ConvLlavaError) else WorkerError(500, "generation failed on an LLM replica"))
+                    break
                 pending.append(item)
+                if isinstance(item, Finished):
+                    break
                 now = time.perf_counter()
-                if now - last >= self.interval and not isinstance(item, Finished):
+                if now - last >= self.interval:
                     yield pending
                     pending, last = [], now
-        except ConvLlavaError as exc:
-            pending.append(WorkerError(400, str(exc)))
-        yield pending
+            yield pending
+        finally:
+            handle.cancel()
 
     def check_health(self) -> None:
-        if self.pipeline.decoder is None:
-            raise RuntimeError("decoder not loaded")
+        if self.pipeline.decoder is None or not all(t.is_alive() for t in self.engine.threads):
+            raise RuntimeError("decoder not loaded or engine stopped")
 
 
 class RayBackend:
@@ -205,14 +228,15 @@ class RayBackend:
         self.vision, self.llm, self.opts = vision, llm, opts
         self.limits = ServerLimits(**opts.limits)
         self.preprocess_cfg = preprocess_config(manifest)
-        self.concurrency = opts.max_replicas if opts.max_replicas is not None else opts.replicas
+        self.concurrency = (opts.max_replicas if opts.max_replicas is not None else opts.replicas) * opts.engine_settings().max_running
         self.info = {
             "build": Path(opts.build_dir).name,
             "target": manifest["target"],
             "engine": "ray",
             "vision": f"{manifest['vision']['backend']} {manifest['vision']['precision']}",
             "llm": f"onnxruntime {manifest['llm']['precision']}",
-            "llm_replicas": self.concurrency,
+            "llm_replicas": opts.max_replicas if opts.max_replicas is not None else opts.replicas,
+            "max_running": opts.engine_settings().max_running,  # per LLM replica
             "max_images": int(manifest["vision"]["profile"].get("max_batch", 4)),
         }
 
@@ -282,7 +306,7 @@ def build_application(opts: RayServeOptions):
     manifest = read_manifest(Path(opts.build_dir))
     dep = deployment_options(opts, manifest["target"])
     vision = VisionEncoder.options(**dep["VisionEncoder"]).bind(opts.build_dir, opts.threads, opts.max_batch_size, opts.batch_wait_timeout_s)
-    llm = LLMWorker.options(**dep["LLMWorker"]).bind(opts.build_dir, opts.threads, opts.stream_interval_s)
+    llm = LLMWorker.options(**dep["LLMWorker"]).bind(opts.build_dir, opts.threads, opts.stream_interval_s, opts.engine)
     return Ingress.options(**dep["Ingress"]).bind(vision, llm, asdict(opts))
 
 

@@ -33,11 +33,12 @@ require("fastapi", "fastapi", "the HTTP server")
 from fastapi import FastAPI  # noqa: E402
 from fastapi import Request as HttpRequest  # noqa: E402  (module level: FastAPI resolves annotations here)
 from fastapi.exceptions import RequestValidationError  # noqa: E402
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse  # noqa: E402
+from fastapi.responses import JSONResponse, Response, StreamingResponse  # noqa: E402
 
 from ..preprocess import PreprocessConfig, preprocess
 from ..prompt import IMAGE_TOKEN, SYSTEM_V1, Conversation
-from .generation import Timings, TokenEvent
+from .engine import Engine, EngineSettings, Finished, QueueFull
+from .generation import TokenEvent
 from .pipeline import Pipeline, Request
 from .sampling import SamplingParams
 
@@ -79,51 +80,69 @@ def internal_error(exc: BaseException, where: str) -> ApiError:
 
 
 class Metrics:
-    """Prometheus text exposition, hand-written: five metrics do not need a client library."""
+    """/metrics through prometheus_client, one registry per app (several apps in one process)."""
 
-    BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+    def __init__(self, backend: Any) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.requests: dict[str, int] = {}
-        self.errors = 0
-        self.queue_depth = 0
-        self.ttft_buckets = [0] * len(self.BUCKETS)
-        self.ttft_sum = 0.0
-        self.ttft_count = 0
-        self.tokens_total = 0
-        self.decode_seconds = 0.0
+        r = self.registry = CollectorRegistry()
+        latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.requests = Counter("convllava_requests", "HTTP requests to the API by status.", ["status"], registry=r)
+        self.ttft = Histogram("convllava_time_to_first_token_seconds", "Time to first token, submit to first token.", buckets=latency, registry=r)
+        self.tpot = Histogram("convllava_time_per_output_token_seconds", "Decode time per output token, per request.", buckets=latency, registry=r)
+        self.itl = Histogram("convllava_inter_token_latency_seconds", "Time between two streamed tokens.", buckets=latency, registry=r)
+        self.e2e = Histogram("convllava_request_latency_seconds", "Request latency, first byte in to last token out.", buckets=latency, registry=r)
+        self.tokens = Counter("convllava_generated_tokens", "Tokens generated.", registry=r)
+        self.queue_depth = Gauge("convllava_queue_depth", "Requests admitted by the API: running or waiting.", registry=r)
+        engine = getattr(backend, "engine", None)
+        if engine is not None:
+            r.register(_EngineCollector(engine))
 
-    def request(self, status: int) -> None:
-        with self.lock:
-            self.requests[str(status)] = self.requests.get(str(status), 0) + 1
-            if status >= 400:
-                self.errors += 1
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
 
-    def generation(self, t: Timings, tokens: int) -> None:
-        with self.lock:
-            self.ttft_sum += t.ttft_s
-            self.ttft_count += 1
-            for i, b in enumerate(self.BUCKETS):
-                if t.ttft_s <= b:
-                    self.ttft_buckets[i] += 1
-            self.tokens_total += tokens
-            self.decode_seconds += t.decode_s
+        return generate_latest(self.registry)
 
-    def render(self) -> str:
-        with self.lock:
-            lines = ["# HELP convllava_requests_total HTTP requests to the API by status.", "# TYPE convllava_requests_total counter"]
-            lines += [f'convllava_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
-            lines += ["# HELP convllava_errors_total Requests answered with an error.", "# TYPE convllava_errors_total counter", f"convllava_errors_total {self.errors}"]
-            lines += ["# HELP convllava_queue_depth Requests running or waiting.", "# TYPE convllava_queue_depth gauge", f"convllava_queue_depth {self.queue_depth}"]
-            lines += ["# HELP convllava_ttft_seconds Time to first token.", "# TYPE convllava_ttft_seconds histogram"]
-            for b, n in zip(self.BUCKETS, self.ttft_buckets):
-                lines.append(f'convllava_ttft_seconds_bucket{{le="{b}"}} {n}')
-            lines += [f'convllava_ttft_seconds_bucket{{le="+Inf"}} {self.ttft_count}', f"convllava_ttft_seconds_sum {self.ttft_sum}", f"convllava_ttft_seconds_count {self.ttft_count}"]
-            tps = self.tokens_total / self.decode_seconds if self.decode_seconds > 0 else 0.0
-            lines += ["# HELP convllava_generated_tokens_total Tokens generated.", "# TYPE convllava_generated_tokens_total counter", f"convllava_generated_tokens_total {self.tokens_total}"]
-            lines += ["# HELP convllava_decode_tokens_per_second Mean decode speed since start.", "# TYPE convllava_decode_tokens_per_second gauge", f"convllava_decode_tokens_per_second {tps}"]
-            return "\n".join(lines) + "\n"
+    def finished(self, done: Finished, latency_s: float) -> None:
+        self.ttft.observe(done.timings.ttft_s)
+        if done.timings.decode_tokens:
+            self.tpot.observe(done.timings.decode_s / done.timings.decode_tokens)
+        self.e2e.observe(latency_s)
+        self.tokens.inc(done.completion_tokens)
+
+
+class _EngineCollector:
+    """The engine's counters (engine.EngineStats) as Prometheus metrics, read at scrape time."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.engine_batches = [0] * (len(BATCH_BUCKETS) + 1)  # decode steps per batch-size bucket, since start
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        st = self.engine.stats
+        yield GaugeMetricFamily("convllava_running_sequences", "Sequences in the running batch.", value=st.running)
+        yield GaugeMetricFamily("convllava_waiting_requests", "Requests submitted to the engine, not yet running.", value=st.waiting)
+        n = len(st.batch_sizes)
+        sizes = st.batch_sizes[:n]
+        del st.batch_sizes[:n]  # drained here; counted below
+        for b in sizes:
+            self.engine_batches[next((i for i, edge in enumerate(BATCH_BUCKETS) if b <= edge), len(BATCH_BUCKETS))] += 1
+        cum, buckets = 0, []
+        for edge, count in zip([*map(str, BATCH_BUCKETS), "+Inf"], self.engine_batches):
+            cum += count
+            buckets.append((edge, cum))
+        yield HistogramMetricFamily("convllava_batch_size", "Sequences per decode step.", buckets=buckets, sum_value=st.decoded_rows)
+        yield CounterMetricFamily("convllava_encoder_cache_hits", "Images whose embeddings came from the encoder cache.", value=st.encoder_hits)
+        yield CounterMetricFamily("convllava_encoder_cache_misses", "Images encoded by the vision engine.", value=st.encoder_misses)
+        yield CounterMetricFamily("convllava_prompt_tokens", "Prompt positions admitted.", value=st.prompt_tokens)
+        yield CounterMetricFamily("convllava_prefix_cache_hit_tokens", "Prompt positions whose KV cache was reused.", value=st.prefix_hit_tokens)
+        total = st.encoder_hits + st.encoder_misses
+        yield GaugeMetricFamily("convllava_encoder_cache_hit_ratio", "Encoder cache hits / lookups since start.", value=st.encoder_hits / total if total else 0.0)
+
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 @dataclass(frozen=True)
@@ -269,27 +288,6 @@ def parse_sampling(body: dict[str, Any], limits: ServerLimits) -> SamplingParams
     return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop), ignore_eos=ignore_eos)
 
 
-@dataclass
-class Finished:
-    """The last item of a backend's stream: what the usage block and metrics need."""
-
-    timings: Timings
-    completion_tokens: int
-    prompt_tokens: int
-
-
-def stream_one(
-    pipeline: Pipeline, request: Request, params: SamplingParams, image_embeds: list | None = None, timings: list[Timings] | None = None
-) -> Iterator[TokenEvent | Finished]:
-    """One request's token events, then its Finished (usage and timings): what every backend streams."""
-    tokens = 0
-    for ev in pipeline.stream([request], params, image_embeds=image_embeds, timings=timings):
-        tokens += 1
-        yield ev
-    t = pipeline.last_timings[0] if pipeline.last_timings else Timings()
-    yield Finished(t, tokens, pipeline.last_prompt_tokens[0] if pipeline.last_prompt_tokens else 0)
-
-
 class ChatBackend(Protocol):
     """What the HTTP app needs from whatever runs generation (one process, or Ray replicas)."""
 
@@ -305,55 +303,46 @@ class ChatBackend(Protocol):
 
 
 class LocalBackend:
-    """Generation in this process: one worker thread, since a Pipeline is not re-entrant.
+    """Generation in this process through one Engine: in-flight batching of up to
+    `max_running` sequences, images decoded on the engine's encoder thread."""
 
-    Images are decoded by that worker when the request's turn comes, so a queued request
-    holds only the bytes it was sent.
-    """
-
-    concurrency = 1
-
-    def __init__(self, pipeline: Pipeline, limits: ServerLimits) -> None:
-        self.pipeline = pipeline
+    def __init__(self, pipeline: Pipeline, limits: ServerLimits, settings: EngineSettings | None = None) -> None:
+        base = settings or EngineSettings()
+        settings = replace(base, max_waiting=limits.max_queue)
+        self.engine = Engine(pipeline, settings)
         self.limits = limits
-        self.info = pipeline.info
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convllava-generate")
+        self.concurrency = settings.max_running
+        self.info = {**pipeline.info, "max_running": settings.max_running}
 
     async def stream(self, conv: Conversation, images: list[ImageSource], params: SamplingParams) -> AsyncIterator[TokenEvent | Finished]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-        pipeline, limits = self.pipeline, self.limits
-
-        def run() -> None:
-            try:
-                if cancel.is_set():  # the client left while queued
-                    return
-                t0 = time.perf_counter()
-                request = Request(conv, image_pixels(images, limits, pipeline.preprocess_cfg))
-                timings = Timings(preprocess_s=time.perf_counter() - t0)
-                for item in stream_one(pipeline, request, params, timings=[timings]):
-                    if cancel.is_set():
-                        break
-                    loop.call_soon_threadsafe(events.put_nowait, item)
-            except ApiError as err:
-                loop.call_soon_threadsafe(events.put_nowait, err)
-            except ConvLlavaError as exc:
-                loop.call_soon_threadsafe(events.put_nowait, ApiError(400, str(exc), "messages"))
-            except Exception as exc:  # noqa: BLE001
-                loop.call_soon_threadsafe(events.put_nowait, internal_error(exc, "generation"))
-
-        self.worker.submit(run)
+        limits, cfg = self.limits, self.engine.pipeline.preprocess_cfg
+        try:
+            handle = self.engine.submit(
+                Request(conv), params, lambda item: loop.call_soon_threadsafe(events.put_nowait, item), pixels=lambda: image_pixels(images, limits, cfg)
+            )
+        except QueueFull as exc:
+            raise ApiError(429, str(exc), kind="rate_limit_error", code="queue_full") from None
         try:
             while True:
                 item = await events.get()
-                if isinstance(item, ApiError):
-                    raise item
+                if isinstance(item, BaseException):
+                    raise as_api_error(item)
                 yield item
                 if isinstance(item, Finished):
                     return
         finally:
-            cancel.set()  # the client went away or the stream ended: stop generating
+            handle.cancel()  # the client went away or the stream ended: the engine drops the sequence
+
+
+def as_api_error(exc: BaseException) -> ApiError:
+    """What a client sees of a failure: its own mistake as a 400, anything else as an opaque 500."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ConvLlavaError):
+        return ApiError(400, str(exc), "messages")
+    return internal_error(exc, "generation")
 
 
 async def read_body(request: HttpRequest, limit: int) -> bytes:
@@ -381,21 +370,30 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", limits: ServerLimits | None = None):
-    """The OpenAI-compatible FastAPI app over a Pipeline (this process) or any ChatBackend."""
+def usage(done: Finished) -> dict[str, Any]:
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": done.cached_prompt_tokens},
+    }
+
+
+def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", limits: ServerLimits | None = None, engine: EngineSettings | None = None):
+    """The OpenAI-compatible FastAPI app over a Pipeline (served by an Engine in this process) or any ChatBackend."""
     limits = limits or ServerLimits()
     if limits.max_images is None:  # as many as one vision-engine run takes
         limits = replace(limits, max_images=int(getattr(backend, "info", {}).get("max_images") or DEFAULT_MAX_IMAGES))
     if isinstance(backend, Pipeline):
-        backend = LocalBackend(backend, limits)
+        backend = LocalBackend(backend, limits, engine)
     app = FastAPI(title="convllava-export", version="1")
-    metrics = Metrics()
+    metrics = Metrics(backend)
     state = {"active": 0}
     created = int(time.time())
     capacity = backend.concurrency + limits.max_queue
 
     def error_response(err: ApiError) -> JSONResponse:
-        metrics.request(err.status)
+        metrics.requests.labels(str(err.status)).inc()
         headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status == 429 else None
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
@@ -409,7 +407,7 @@ def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", l
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, **backend.info, "queue_depth": metrics.queue_depth}
+        return {"status": "ok", "model": model_name, **backend.info, "queue_depth": state["active"]}
 
     @app.get("/v1/models")
     async def models():
@@ -417,7 +415,9 @@ def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", l
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/chat/completions")
     async def chat(request: HttpRequest):
@@ -427,6 +427,7 @@ def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", l
             if model is not None and model != model_name:
                 raise ApiError(404, f"model {str(model)[:100]!r} does not exist; this server serves {model_name!r}", "model", code="model_not_found")
             stream = _field(body, ("stream",), (bool,), "a boolean", False)
+            include_usage = _field(_field(body, ("stream_options",), (dict,), "an object", {}), ("include_usage",), (bool,), "a boolean", False)
             conv, images = parse_chat(body, limits)
             params = parse_sampling(body, limits)
         except ApiError as err:
@@ -434,14 +435,15 @@ def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", l
         if state["active"] >= capacity:
             return error_response(ApiError(429, f"server busy: {state['active']} requests running or queued (limit {capacity}); retry later", kind="rate_limit_error", code="queue_full"))
         state["active"] += 1
-        metrics.queue_depth = state["active"]
+        metrics.queue_depth.set(state["active"])
+        started = time.perf_counter()
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         events = backend.stream(conv, images, params)
 
         async def finish() -> None:
             await events.aclose()
             state["active"] -= 1
-            metrics.queue_depth = state["active"]
+            metrics.queue_depth.set(state["active"])
 
         # The first event decides the status: a bad image or an over-long prompt is a 4xx, not a 200 stream.
         try:
@@ -454,8 +456,13 @@ def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", l
             raise
 
         async def all_events():
+            last = time.perf_counter()
             yield first
             async for item in events:
+                if isinstance(item, TokenEvent):
+                    now = time.perf_counter()
+                    metrics.itl.observe(now - last)
+                    last = now
                 yield item
 
         if stream:
@@ -467,13 +474,15 @@ def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", l
                     try:
                         async for item in all_events():
                             if isinstance(item, Finished):
-                                metrics.generation(item.timings, item.completion_tokens)
-                                metrics.request(200)
+                                metrics.finished(item, time.perf_counter() - started)
+                                metrics.requests.labels("200").inc()
+                                if include_usage:  # OpenAI's stream_options: one last chunk with the usage
+                                    yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage(item)})}\n\n"
                             elif item.text or item.finish_reason:
                                 delta = {"content": item.text} if item.text else {}
                                 yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': delta, 'finish_reason': item.finish_reason}]})}\n\n"
                     except ApiError as err:
-                        metrics.request(err.status)
+                        metrics.requests.labels(str(err.status)).inc()
                         yield f"data: {json.dumps(err.body())}\n\n"
                     yield "data: [DONE]\n\n"
                 finally:
@@ -492,15 +501,15 @@ def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", l
             return error_response(err)
         finally:
             await finish()
-        metrics.generation(done.timings, done.completion_tokens)
-        metrics.request(200)
+        metrics.finished(done, time.perf_counter() - started)
+        metrics.requests.labels("200").inc()
         return {
             "id": rid,
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
-            "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens, "total_tokens": done.prompt_tokens + done.completion_tokens},
+            "usage": usage(done),
             "timings": done.timings.to_dict(),
         }
 
@@ -511,10 +520,16 @@ def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", l
 
 
 def serve(
-    pipeline: Pipeline, host: str = "127.0.0.1", port: int = 8000, model_name: str = "convllava", limits: ServerLimits | None = None, sock: socket.socket | None = None
+    pipeline: Pipeline,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str = "convllava",
+    limits: ServerLimits | None = None,
+    sock: socket.socket | None = None,
+    engine: EngineSettings | None = None,
 ) -> None:
     """Run the app with uvicorn; `sock` is a socket bound beforehand (bind errors before the model loads)."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(create_app(pipeline, model_name, limits), host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(pipeline, model_name, limits, engine), host=host, port=port, log_level="warning"))
     server.run(sockets=[sock] if sock is not None else None)

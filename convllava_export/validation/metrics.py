@@ -9,18 +9,16 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.generation import Decoder, left_pad
+from ..runtime.generation import Decoder
 
 
 def teacher_forced_logits(decoder: Decoder, prompt: np.ndarray, answer_ids: Sequence[int]) -> np.ndarray:
     """Logits [len(answer), V] predicting each answer token given the true prefix."""
-    embeds, mask, pos = left_pad([prompt])
-    decoder.reset()
-    rows = [decoder.forward(embeds, mask, pos)[0]]
-    n = len(prompt)
-    for k, tok in enumerate(answer_ids[:-1]):
-        mask = np.ones((1, n + k + 1), dtype=np.int64)
-        rows.append(decoder.forward(decoder.embed(np.array([[tok]])), mask, np.array([[n + k]]))[0])
+    logits, kv = decoder.extend(np.asarray(prompt, dtype=np.float32))
+    rows = [logits]
+    for tok in answer_ids[:-1]:
+        logits, kv = decoder.extend(decoder.embed(np.array([tok])), kv)
+        rows.append(logits)
     return np.stack(rows).astype(np.float64)
 
 
