@@ -533,7 +533,7 @@ def serve_cmd(
 
 
 @cli.command("validate")
-@click.argument("builds", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("builds", nargs=-1, required=False, type=click.Path(path_type=Path))
 @click.option("--reference", type=click.Path(path_type=Path), required=True, help="the source checkpoint (torch fp32 reference)")
 @click.option("--data", default="builtin", show_default=True, help="builtin[:kinds][:N], a JSONL file, or a folder of images")
 @click.option("--question", default=None, help="question for a folder of images")
@@ -545,8 +545,14 @@ def serve_cmd(
 @click.option("--max-kl", type=float, default=None, help="gate: mean next-token KL divergence")
 @click.option("--min-accuracy", type=float, default=None, help="gate: task accuracy (data with answers)")
 @click.option("--vision-tower", default=None)
-def validate_cmd(builds, reference, data, question, limit, max_new_tokens, output, min_cosine, min_agreement, max_kl, min_accuracy, vision_tower) -> None:
-    """Measure builds against the fp32 reference; JSON + HTML report; gates set the exit code."""
+@click.option("--simulate", "simulate", multiple=True, help="also evaluate a GPU-only format simulated on CPU with ModelOpt fake quantization: fp8, int4-awq, int8-sq (nvfp4 needs CUDA)")
+@click.option("--calib", "calib", default="builtin", show_default=True, help="--simulate: calibration images (folder, `calibrate` set, or 'builtin')")
+@click.option("--calib-limit", type=click.IntRange(1), default=32, show_default=True, help="--simulate: calibration prompts")
+@click.option("--prompts", type=click.Path(path_type=Path), default=None, help="--simulate: JSONL of calibration questions")
+@click.option("--awq-block-size", type=click.IntRange(8), default=None, help="--simulate int4-awq: group size (default: the largest of 128/64/32/16/8 that divides the layers)")
+def validate_cmd(builds, reference, data, question, limit, max_new_tokens, output, min_cosine, min_agreement, max_kl, min_accuracy, vision_tower,
+                 simulate, calib, calib_limit, prompts, awq_block_size) -> None:
+    """Measure builds (and simulated GPU formats) against the fp32 reference; JSON + HTML report; gates set the exit code."""
     from .fsutil import writable_dir
     from .validation.data import load_items
     from .validation.report import write_reports
@@ -555,7 +561,12 @@ def validate_cmd(builds, reference, data, question, limit, max_new_tokens, outpu
     writable_dir(output)  # before minutes of validation
     items = load_items(data, question, limit)
     gates = Gates(min_cosine, min_agreement, max_kl, min_accuracy)
-    report, images = validate([str(b) for b in builds], reference, items, gates, max_new_tokens, vision_tower, progress=say)
+    if not builds and not simulate:
+        raise ConvLlavaError("nothing to validate: give build folders and/or --simulate FORMAT")
+    report, images = validate(
+        [str(b) for b in builds], reference, items, gates, max_new_tokens, vision_tower, progress=say,
+        simulate=simulate, calib=calib, calib_limit=calib_limit, prompts=prompts, awq_block_size=awq_block_size,
+    )
     json_path, html_path = write_reports(report, images, output)
     table = Table(title="validation against the torch fp32 reference")
     for col in ("build", "cosine mean/min", "KL", "top-1", "greedy exact", "accuracy", "TTFT ms", "tok/s"):
@@ -563,7 +574,7 @@ def validate_cmd(builds, reference, data, question, limit, max_new_tokens, outpu
     for b in report["builds"]:
         m = b["metrics"]
         acc = "-" if m["task_accuracy"] is None else f"{m['task_accuracy']:.3f}"
-        table.add_row(b["name"], f"{m['vision_cosine']['mean']:.5f}/{m['vision_cosine']['min']:.5f}", f"{m['kl_mean']:.4f}", f"{m['top1_agreement']:.3f}",
+        table.add_row(b["name"] + (" (simulated)" if b.get("simulated") else ""), f"{m['vision_cosine']['mean']:.5f}/{m['vision_cosine']['min']:.5f}", f"{m['kl_mean']:.4f}", f"{m['top1_agreement']:.3f}",
                       f"{m['greedy_exact_match']:.2f}", acc, f"{m['latency']['ttft_s'] * 1e3:.1f}", f"{m['latency']['decode_tokens_per_s']:.0f}")
     out.print(table)
     say(f"reports: {json_path} {html_path}")

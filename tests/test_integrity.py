@@ -250,8 +250,8 @@ def test_serve_passes_the_bound_socket_and_limits(tiny_build, monkeypatch):
 
     seen = {}
 
-    def fake_serve(pipe, host, port, model_name, limits, sock=None):
-        seen.update(info=pipe.info, limits=limits, listening=sock.getsockname()[1], port=port)
+    def fake_serve(pipe, host, port, model_name, limits, sock=None, engine=None):
+        seen.update(info=pipe.info, limits=limits, listening=sock.getsockname()[1], port=port, engine=engine)
 
     monkeypatch.setattr(server_mod, "serve", fake_serve)
     res = CliRunner().invoke(cli, ["serve", str(tiny_build), "--port", "0"])
@@ -259,4 +259,5 @@ def test_serve_passes_the_bound_socket_and_limits(tiny_build, monkeypatch):
     assert seen["limits"].max_images is None and seen["listening"] > 0 and str(tiny_build) not in json.dumps(seen["info"])
     res = CliRunner().invoke(cli, ["serve", str(tiny_build), "--port", "0", "--max-images", "3"])
     assert res.exit_code == 0 and seen["limits"].max_images == 3, res.output
+    assert seen["engine"].max_running == 32 and seen["engine"].max_waiting == seen["limits"].max_queue
 

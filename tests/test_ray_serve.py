@@ -149,7 +149,8 @@ def ray_server(ray_cluster, tiny_build, tmp_path_factory):
     port = free_port()
     log = (tmp_path_factory.mktemp("raylog") / "serve.log").open("w+")
     cmd = [str(CLI), "serve", str(tiny_build), "--engine", "ray", "--address", ray_cluster["address"], "--port", str(port), "--replicas", "2",
-           "--cpus-per-replica", "0.5", "--threads", "1", "--batch-wait-ms", "200", "--max-tokens", "1024", "--model-name", "convllava-tiny"]
+           "--cpus-per-replica", "0.5", "--threads", "1", "--batch-wait-ms", "200", "--max-tokens", "1024", "--model-name", "convllava-tiny",
+           "--max-running", "1"]  # one request per replica: the replica-loss test puts one stream on each
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ray_cluster["env"])
     url = f"http://127.0.0.1:{port}"
     try:

@@ -57,6 +57,7 @@ def one_request(client, url: str, body: dict[str, Any]) -> dict[str, Any]:
     """Stream one request; client-side TTFT, chunk gaps and the server's usage."""
     t0 = time.perf_counter()
     arrivals: list[float] = []
+    text: list[str] = []
     usage = None
     with client.stream("POST", url, json=body) as res:
         if res.status_code != 200:
@@ -70,6 +71,7 @@ def one_request(client, url: str, body: dict[str, Any]) -> dict[str, Any]:
                 usage = chunk["usage"]
             elif chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                 arrivals.append(time.perf_counter())
+                text.append(chunk["choices"][0]["delta"]["content"])
     end = time.perf_counter()
     tokens = usage["completion_tokens"] if usage else len(arrivals)
     ttft = arrivals[0] - t0 if arrivals else end - t0
@@ -81,7 +83,27 @@ def one_request(client, url: str, body: dict[str, Any]) -> dict[str, Any]:
         "latency_s": end - t0,
         "output_tokens": tokens,
         "cached_tokens": (usage or {}).get("prompt_tokens_details", {}).get("cached_tokens", 0),
+        "prompt_tokens": (usage or {}).get("prompt_tokens", 0),
+        "text": "".join(text),
     }
+
+
+def multi_turn(url: str, images: int = 3, max_tokens: int = 32) -> dict[str, Any]:
+    """A follow-up question about the same image: the second turn's TTFT against the first's
+    (encoder cache + prefix reuse of the first turn and its answer)."""
+    import httpx
+
+    rows = []
+    with httpx.Client(timeout=600) as client:
+        for body in dataset(images, seed=99)[:images]:
+            opts = {"max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            first = one_request(client, url, {**body, **opts})
+            follow = body["messages"] + [{"role": "assistant", "content": first["text"]}, {"role": "user", "content": "And what else do you see?"}]
+            second = one_request(client, url, {"messages": follow, **opts})
+            rows.append({"turn1_ttft_ms": first["ttft_s"] * 1e3, "turn2_ttft_ms": second["ttft_s"] * 1e3, "turn1_prompt_tokens": first["prompt_tokens"],
+                         "turn2_prompt_tokens": second["prompt_tokens"], "turn2_cached_tokens": second["cached_tokens"]})
+    ratios = [r["turn2_ttft_ms"] / r["turn1_ttft_ms"] for r in rows]
+    return {"turns": rows, "median_turn2_vs_turn1_ttft": float(np.median(ratios))}
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -159,7 +181,7 @@ def bench_serving(
 
     configs = configs or {"batching": max(concurrencies), "batching off": 1}
     threads = os.cpu_count() or 1
-    rows = []
+    rows, follow_up = [], None
     for name, max_running in configs.items():
         port = _free_port()
         progress(f"{name} (--max-running {max_running}): starting the server")
@@ -172,6 +194,9 @@ def bench_serving(
                 run_level(url, bodies[:1], 1, time_limit_s)  # warm-up
                 progress(f"{name}: {c} concurrent clients, {n} requests x {max_tokens} tokens")
                 rows.append({"config": name, "max_running": max_running, **run_level(url, bodies, c, time_limit_s)})
+            if follow_up is None:
+                progress(f"{name}: multi-turn follow-ups about one image")
+                follow_up = {"config": name, **multi_turn(url, max_tokens=min(32, max_tokens))}
         finally:
             proc.terminate()
             proc.wait(30)
@@ -183,7 +208,7 @@ def bench_serving(
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
     flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
     isa = "AVX-512" + (" VNNI" if "avx512_vnni" in flags else "") if "avx512f" in flags else ("AVX2" if "avx2" in flags else "baseline")
-    return {"machine": {"cpu": cpu, "isa": isa, "cpus": threads}, "build": str(build), "max_tokens": max_tokens, "configs": configs, "results": rows}
+    return {"machine": {"cpu": cpu, "isa": isa, "cpus": threads}, "build": str(build), "max_tokens": max_tokens, "configs": configs, "results": rows, "multi_turn": follow_up}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -201,4 +226,9 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r['token_throughput_vs_last_config']:.2f}x | {t['mean_ms']:.0f} / {t['median_ms']:.0f} / {t['p99_ms']:.0f} | {r['p99_ttft_vs_last_config']:.2f}x | "
             f"{p['mean_ms']:.1f} / {p['p99_ms']:.1f} | {i['mean_ms']:.1f} / {i['p99_ms']:.1f} | {r['cached_prompt_tokens']} |"
         )
+    mt = result.get("multi_turn")
+    if mt:
+        lines += ["", f"Follow-up about the same image ({mt['config']}): median turn-2 TTFT = {mt['median_turn2_vs_turn1_ttft']:.2f}x turn 1", "",
+                  "| turn 1 TTFT ms | turn 2 TTFT ms | turn 1 prompt tokens | turn 2 prompt tokens | turn 2 cached |", "|---|---|---|---|---|"]
+        lines += [f"| {t['turn1_ttft_ms']:.0f} | {t['turn2_ttft_ms']:.0f} | {t['turn1_prompt_tokens']} | {t['turn2_prompt_tokens']} | {t['turn2_cached_tokens']} |" for t in mt["turns"]]
     return "\n".join(lines)

@@ -12,6 +12,12 @@ from typing import Any
 import numpy as np
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
+SIMULATED_NOTE = "simulated on CPU with ModelOpt fake quantization; a real engine's kernels may differ"
+SIMULATED_LATENCY = "torch on CPU with fake quantization: not an engine's latency"
+
+
+def is_simulated(build: dict[str, Any]) -> bool:
+    return bool(build.get("simulated") or build.get("info", {}).get("simulated"))
 
 
 def _svg(width: int, height: int, body: str, title: str) -> str:
@@ -22,10 +28,14 @@ def _svg(width: int, height: int, body: str, title: str) -> str:
 
 
 def accuracy_latency_plot(report: dict[str, Any]) -> str:
-    """Scatter: x = time to first token (ms), y = quality (task accuracy, else token agreement)."""
+    """Scatter: x = time to first token (ms), y = quality (task accuracy, else token agreement).
+
+    Simulated builds are left out: their latency is torch's on CPU, not an engine's."""
     w, h, pad = 520, 320, 50
     pts = []
     for i, b in enumerate(report["builds"]):
+        if is_simulated(b):
+            continue
         m = b["metrics"]
         y = m["task_accuracy"] if m["task_accuracy"] is not None else m["token_agreement"]
         pts.append((b["name"], m["latency"]["ttft_s"] * 1e3, y, COLOURS[i % len(COLOURS)]))
@@ -82,17 +92,24 @@ def _thumb(image) -> str:
 def render_html(report: dict[str, Any], images: dict[str, Any], worst: int = 4) -> str:
     e = html.escape
     rows = []
+    simulated = [b for b in report["builds"] if is_simulated(b)]
     for b in report["builds"]:
         m = b["metrics"]
         failed = {f["metric"] for f in report["failures"] if f["build"] == b["name"]}
         cls = lambda k: ' class="fail"' if k in failed else ""  # noqa: E731
         acc = "–" if m["task_accuracy"] is None else f"{m['task_accuracy']:.3f}"
+        sim = is_simulated(b)
+        name = e(b["name"]) + (f' <span class="sim-badge" title="{e(SIMULATED_NOTE)}">simulated*</span>' if sim else "")
+        lat = [f"{m['latency']['vision_s'] * 1e3:.1f}", f"{m['latency']['ttft_s'] * 1e3:.1f}", f"{m['latency']['decode_tokens_per_s']:.1f}"]
+        if sim:
+            lat = [f'<span class="sim-latency" title="{e(SIMULATED_LATENCY)}">{v}†</span>' for v in lat]
+        row_cls = ' class="simulated"' if sim else ""
         rows.append(
-            f"<tr><td>{e(b['name'])}</td><td>{e(str(b['info'].get('vision', '')))}</td><td>{e(str(b['info'].get('llm', '')))}</td>"
+            f"<tr{row_cls}><td>{name}</td><td>{e(str(b['info'].get('vision', '')))}</td><td>{e(str(b['info'].get('llm', '')))}</td>"
             f"<td{cls('vision_cosine_mean')}>{m['vision_cosine']['mean']:.6f} / {m['vision_cosine']['min']:.6f}</td>"
             f"<td{cls('kl_mean')}>{m['kl_mean']:.5f}</td><td{cls('top1_agreement')}>{m['top1_agreement']:.4f}</td>"
             f"<td>{m['greedy_exact_match']:.3f}</td><td>{m['token_agreement']:.3f}</td><td{cls('task_accuracy')}>{acc}</td>"
-            f"<td>{m['latency']['vision_s'] * 1e3:.1f}</td><td>{m['latency']['ttft_s'] * 1e3:.1f}</td><td>{m['latency']['decode_tokens_per_s']:.1f}</td></tr>"
+            f"<td>{lat[0]}</td><td>{lat[1]}</td><td>{lat[2]}</td></tr>"
         )
     ref = report["reference"]
     ref_acc = "–" if ref.get("task_accuracy") is None else f"{ref['task_accuracy']:.3f}"
@@ -115,6 +132,20 @@ def render_html(report: dict[str, Any], images: dict[str, Any], worst: int = 4) 
                 + (f"<tr><th>truth</th><td>{e(' | '.join(r['answers']))}</td></tr>" if r["answers"] else "")
                 + "</table></div></div>"
             )
+    sim_note = ""
+    if simulated:
+        cal = (report.get("simulation") or {}).get("calibration") or {}
+        cal_text = f" Calibration: {cal.get('images')} images and {cal.get('prompts')} multimodal prompts from {e(str(cal.get('source')))}." if cal else ""
+        detail = "; ".join(
+            f"<b>{e(b['name'])}</b>: ModelOpt {e(str(b['info'].get('modelopt', '')))} {e(str(b['info'].get('modelopt_config', '')))}"
+            + (f", block {b['info']['awq_block_size']}" if b["info"].get("awq_block_size") else "")
+            for b in simulated
+        )
+        sim_note = (
+            f'<p class="sim-note" id="simulated-note">* {e(SIMULATED_NOTE)}. The reference model with its weights (and activations, where the format '
+            f"quantizes them) rounded to the format and back, fp32 arithmetic otherwise; same inputs and metrics as the real builds.{cal_text} {detail}.<br/>† {e(SIMULATED_LATENCY)}; "
+            f"simulated builds are not in the latency plot.</p>"
+        )
     verdict = "PASSED" if report["passed"] else "FAILED"
     fails = "".join(
         f"<li><b>{e(f['build'])}</b>: {e(f['metric'])} = {f['value']:.5f}, needs {f['op']} {f['threshold']} (worst item: {e(str(f['worst_item']))})</li>" for f in report["failures"]
@@ -124,14 +155,15 @@ def render_html(report: dict[str, Any], images: dict[str, Any], worst: int = 4) 
 <html lang="en"><head><meta charset="utf-8"><title>convllava-export validation</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}
 .fail{{background:#fdd;font-weight:bold}} .ref td{{color:#555}} .case{{display:flex;gap:12px;margin:10px 0;border-top:1px solid #eee;padding-top:8px}}
-.verdict-PASSED{{color:#080}} .verdict-FAILED{{color:#b00}} .plots{{display:flex;flex-wrap:wrap;gap:16px}}</style></head><body>
+.verdict-PASSED{{color:#080}} .verdict-FAILED{{color:#b00}} .plots{{display:flex;flex-wrap:wrap;gap:16px}}
+.simulated td{{background:#f6f3ff}} .sim-badge{{font-size:11px;color:#5a3fb0;border:1px solid #5a3fb0;border-radius:3px;padding:0 3px}} .sim-latency{{color:#888}} .sim-note{{font-size:13px;color:#444}}</style></head><body>
 <h1>Accuracy versus quantization</h1>
 <p>Reference: <code>{e(str(ref['checkpoint']))}</code> (torch fp32). Data: {report['data']['items']} items ({e(', '.join(report['data']['kinds']))}),
 greedy decoding, at most {report['data']['max_new_tokens']} new tokens. Generated {e(report['created'])}.</p>
 <h2 class="verdict-{verdict}" id="verdict">Gates ({e(gates)}): {verdict}</h2><ul>{fails}</ul>
 <h2>Builds</h2>
 <table id="summary"><tr><th>build</th><th>vision</th><th>LLM</th><th>cosine mean / min</th><th>KL</th><th>top-1 agreement</th>
-<th>greedy exact</th><th>token agreement</th><th>task accuracy</th><th>vision ms</th><th>TTFT ms</th><th>decode tok/s</th></tr>{''.join(rows)}</table>
+<th>greedy exact</th><th>token agreement</th><th>task accuracy</th><th>vision ms</th><th>TTFT ms</th><th>decode tok/s</th></tr>{''.join(rows)}</table>{sim_note}
 <h2>Accuracy against latency</h2><div class="plots">{accuracy_latency_plot(report)}</div>
 <h2>Cosine of image embeddings</h2><div class="plots">{hists}</div>
 <h2>Worst cases</h2>{''.join(cases)}

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConvLlavaError
 from ..model.reference import ReferenceModel, TorchDecoder
 from ..preprocess import PreprocessConfig, load_image, preprocess
 from ..prompt import build_prompt, splice_embeddings, tokenize_with_images
@@ -113,6 +114,7 @@ def evaluate_build(name: str, pipe: Pipeline, items: Sequence[Item], images: dic
             by_kind.setdefault(r["kind"], []).append(r["accuracy"])
     return {
         "name": name,
+        "simulated": bool(pipe.info.get("simulated", False)),
         "info": pipe.info,
         "metrics": {
             "vision_cosine": summarize([r["cosine"] for r in rows]),
@@ -156,8 +158,30 @@ def validate(
     max_new_tokens: int = 32,
     vision_tower: str | None = None,
     progress: Progress = print,
+    simulate: Sequence[str] = (),
+    calib: str | Path | None = "builtin",
+    calib_limit: int = 32,
+    prompts: str | Path | None = None,
+    awq_block_size: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Returns (report, images by item id)."""
+    """Returns (report, images by item id).
+
+    `simulate`: formats ("fp8", "int4-awq", "int8-sq", "nvfp4") evaluated as simulated builds
+    named `simulated:FORMAT` after the real ones: the reference with ModelOpt fake quantization,
+    on CPU, calibrated on `calib` ('builtin', a folder of images or a `calibrate` set; at most
+    `calib_limit` images, one multimodal prompt each, questions from `prompts`). `builds` may be
+    empty when `simulate` is not. `awq_block_size` (int4-awq): None picks the largest of
+    128/64/32/16/8 that divides the LLM's hidden and intermediate sizes.
+    """
+    formats: list[str] = []
+    if simulate:
+        from .simulate import check_cpu_support, parse_formats
+
+        formats = parse_formats(simulate)
+        for f in formats:  # fail before minutes of loading and calibration
+            check_cpu_support(f)
+    if not builds and not formats:
+        raise ConvLlavaError("nothing to validate: give build folders and/or formats to simulate")
     progress(f"loading the reference {reference}")
     model = ReferenceModel.load(reference, vision_tower=vision_tower)
     ref = _ReferenceCache(model, max_new_tokens)
@@ -167,6 +191,18 @@ def validate(
         progress(f"validating {b}")
         pipe = Pipeline.from_build(b)
         results.append(evaluate_build(Path(b).name, pipe, items, images, ref, progress))
+    simulation: dict[str, Any] | None = None
+    if formats:
+        from .simulate import NOTE, calibration_data, simulate_build
+
+        cfg = PreprocessConfig.from_preprocessor_config(model.info.preprocessor_config)
+        calibration = calibration_data(model, cfg, calib, calib_limit, prompts, progress)
+        simulation = {"note": NOTE, "formats": formats, "calibration": calibration.info}
+        for f in formats:
+            sim = simulate_build(model, f, calibration, awq_block_size, progress)
+            progress(f"validating {sim.name}")
+            results.append(evaluate_build(sim.name, sim.pipeline(cfg), items, images, ref, progress))
+            del sim
     ref_rows = [c for c in ref.cache.values()]
     ref_acc = [r["reference_accuracy"] for r in results[0]["items"] if r["reference_accuracy"] is not None] if results else []
     failures = check_gates(results, gates)
@@ -180,4 +216,6 @@ def validate(
         "failures": failures,
         "passed": not failures,
     }
+    if simulation is not None:
+        report["simulation"] = simulation
     return report, images
