@@ -185,3 +185,19 @@ def test_threads_are_named_and_stop(reference, conformance, request):
     engine.close()
     engine.threads[0].join(5)
     assert not engine.threads[0].is_alive()
+
+
+def test_no_encoder_cache_encodes_each_image_once(reference, conformance, request):
+    """With the cache off (0 MB) an image is still encoded once per request, and a repeated
+    image inside one batch once per batch."""
+    pipe = pipeline_for("dynamo", reference, request)
+    calls = []
+    real = pipe.vision.encode
+    pipe.vision.encode = lambda px: calls.append(len(px)) or real(px)
+    im = images(conformance)["wide_512x192"]
+    engine = Engine(pipe, EngineSettings(encoder_cache_mb=0))
+    c = Collector()
+    engine.submit(Request("Compare.", [im, im]), SamplingParams(max_new_tokens=2), c)
+    c.wait()
+    assert sum(calls) == 1 and engine.stats.encoder_misses == 1 and engine.stats.encoder_hits == 1
+    engine.close()

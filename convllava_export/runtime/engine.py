@@ -317,14 +317,18 @@ class Engine:
                 planned.append((job, pipe.plan(job.request, rows), pixels, hashes))
             except Exception as exc:  # noqa: BLE001 - a bad request fails alone
                 self._fail(job, exc)
+        known: dict[bytes, np.ndarray] = {}  # embeddings by image hash, held here for this batch
         misses: dict[bytes, np.ndarray] = {}
         for _, _, pixels, hashes in planned:
             for p, h in zip(pixels, hashes):
-                if self.encoder_cache.get(h) is None:
-                    misses.setdefault(h, p)
-                    self.stats.encoder_misses += 1
-                else:
-                    self.stats.encoder_hits += 1
+                if h not in known and h not in misses:
+                    cached = self.encoder_cache.get(h)
+                    if cached is None:
+                        misses[h] = p
+                        self.stats.encoder_misses += 1
+                        continue
+                    known[h] = cached
+                self.stats.encoder_hits += 1
         if misses:
             t0 = time.perf_counter()
             try:
@@ -334,6 +338,7 @@ class Engine:
                     self._fail(job, exc)
                 return []
             for h, e in zip(misses, embeds):
+                known[h] = e
                 self.encoder_cache.put(h, e, e.nbytes)
             encoded_s = time.perf_counter() - t0
         ready = []
@@ -343,9 +348,7 @@ class Engine:
             if job.image_embeds is not None:
                 embeds = list(job.image_embeds)
             else:
-                embeds = [self.encoder_cache.get(h) for h in hashes]
-                if any(e is None for e in embeds):  # evicted meanwhile (a cache smaller than one batch)
-                    embeds = pipe.encode_pixels(pixels, job.timings)
+                embeds = [known[h] for h in hashes]
             job.seq = splice_embeddings(ids, embeds, self.decoder.embed)
             job.keys = position_keys(ids, hashes, [len(e) for e in embeds])
             ready.append(job)
