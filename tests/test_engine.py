@@ -7,7 +7,6 @@ import importlib.util
 import queue
 import time
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -79,6 +78,14 @@ class Collector:
                 return item
 
 
+def count_vision_calls(pipe: Pipeline) -> list[int]:
+    """Images per vision-engine call, recorded as the engine makes them."""
+    calls: list[int] = []
+    real = pipe.vision.encode
+    pipe.vision.encode = lambda px: calls.append(len(px)) or real(px)
+    return calls
+
+
 def run_alone(pipe: Pipeline, reqs: list[Request], params: SamplingParams) -> list[list[int]]:
     engine = Engine(pipe, EngineSettings(max_running=1, prefix_cache_mb=0, encoder_cache_mb=0))
     out = []
@@ -136,9 +143,7 @@ def test_cancelled_sequence_leaves_the_batch(reference, conformance, request):
 
 def test_encoder_cache_and_prefix_reuse(reference, conformance, request):
     pipe = pipeline_for("dynamo", reference, request)
-    calls = []
-    real = pipe.vision.encode
-    pipe.vision.encode = lambda px: calls.append(len(px)) or real(px)
+    calls = count_vision_calls(pipe)
     im = images(conformance)["tall_160x448"]
     engine = Engine(pipe, EngineSettings(max_running=4))
     turn1 = Conversation()
@@ -191,9 +196,7 @@ def test_no_encoder_cache_encodes_each_image_once(reference, conformance, reques
     """With the cache off (0 MB) an image is still encoded once per request, and a repeated
     image inside one batch once per batch."""
     pipe = pipeline_for("dynamo", reference, request)
-    calls = []
-    real = pipe.vision.encode
-    pipe.vision.encode = lambda px: calls.append(len(px)) or real(px)
+    calls = count_vision_calls(pipe)
     im = images(conformance)["wide_512x192"]
     engine = Engine(pipe, EngineSettings(encoder_cache_mb=0))
     c = Collector()

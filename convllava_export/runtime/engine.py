@@ -189,7 +189,7 @@ class EngineStats:
     waiting: int = 0
     decode_steps: int = 0
     decoded_rows: int = 0
-    batch_sizes: list[int] = field(default_factory=list)  # drained by the metrics collector
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # decode steps by rows decoded together
     encoder_hits: int = 0
     encoder_misses: int = 0
     prefix_hit_tokens: int = 0
@@ -224,7 +224,6 @@ class Engine:
         self.encoder_cache = LruBytes(self.settings.encoder_cache_mb * (1 << 20))
         self.prefix_cache = PrefixCache(self.settings.prefix_cache_mb * (1 << 20))
         self.stats = EngineStats()
-        self.pending = 0  # submitted, not yet running
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.threads = [
@@ -249,10 +248,9 @@ class Engine:
         for admitted requests); without it `request.images` are used."""
         params.validate()
         with self.lock:
-            if self.pending >= self.settings.max_waiting + self.settings.max_running:
-                raise QueueFull(f"{self.pending} requests are waiting (limit {self.settings.max_waiting}); retry later")
-            self.pending += 1
-            self.stats.waiting = self.pending
+            if self.stats.waiting >= self.settings.max_waiting + self.settings.max_running:
+                raise QueueFull(f"{self.stats.waiting} requests are waiting (limit {self.settings.max_waiting}); retry later")
+            self.stats.waiting += 1
         job = Job(request, params, emit, pixels, image_embeds, timings or Timings())
         self.waiting.put(job)
         return Handle(job)
@@ -269,10 +267,12 @@ class Engine:
             log.exception("engine thread %s died", threading.current_thread().name)
             raise
 
-    def _fail(self, job: Job, exc: BaseException) -> None:
+    def _leave_queue(self) -> None:
         with self.lock:
-            self.pending -= 1
-            self.stats.waiting = self.pending
+            self.stats.waiting -= 1
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        self._leave_queue()
         job.emit(exc)
 
     def _encoder_loop(self) -> None:
@@ -361,9 +361,7 @@ class Engine:
                 job = self.ready.get(timeout=0.05) if block and not running and not prefilling else self.ready.get_nowait()
             except queue.Empty:
                 return
-            with self.lock:
-                self.pending -= 1
-                self.stats.waiting = self.pending
+            self._leave_queue()
             if job.cancelled.is_set():
                 continue
             cached, kv = self.prefix_cache.lookup(job.keys)
@@ -420,7 +418,7 @@ class Engine:
             elapsed = time.perf_counter() - t0
             self.stats.decode_steps += 1
             self.stats.decoded_rows += len(running)
-            self.stats.batch_sizes.append(len(running))
+            self.stats.batch_sizes[len(running)] = self.stats.batch_sizes.get(len(running), 0) + 1
             keep = []
             for row, r in enumerate(running):
                 r.fed.append(int(tokens[row]))
@@ -441,8 +439,8 @@ class Engine:
         job.emit(event)
         if event.finish_reason is None:
             return True
-        final = kv if kv is not None else batch.row(row)
-        keys = np.concatenate([job.keys, np.asarray(run.fed, dtype=np.int64)])
-        self.prefix_cache.store(keys, final)
+        if self.settings.prefix_cache_mb > 0:  # the row's cache is copied out only when it can be kept
+            final = kv if kv is not None else batch.row(row)
+            self.prefix_cache.store(np.concatenate([job.keys, np.asarray(run.fed, dtype=np.int64)]), final)
         job.emit(Finished(job.timings, run.state.generated, run.prompt_tokens, run.cached_tokens))
         return False

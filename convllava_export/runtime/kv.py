@@ -88,10 +88,6 @@ class PaddedBatch:
 class RowBatch:
     rows: tuple[SeqKV, ...]
 
-    @property
-    def lengths(self) -> tuple[int, ...]:
-        return tuple(r.length for r in self.rows)
-
     def join(self, seq: SeqKV) -> RowBatch:
         return RowBatch((*self.rows, seq))
 

@@ -15,13 +15,11 @@ import json
 import logging
 import math
 import socket
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -82,7 +80,7 @@ def internal_error(exc: BaseException, where: str) -> ApiError:
 class Metrics:
     """/metrics through prometheus_client, one registry per app (several apps in one process)."""
 
-    def __init__(self, backend: Any) -> None:
+    def __init__(self, backend: Any, state: dict[str, int]) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         r = self.registry = CollectorRegistry()
@@ -94,6 +92,7 @@ class Metrics:
         self.e2e = Histogram("convllava_request_latency_seconds", "Request latency, first byte in to last token out.", buckets=latency, registry=r)
         self.tokens = Counter("convllava_generated_tokens", "Tokens generated.", registry=r)
         self.queue_depth = Gauge("convllava_queue_depth", "Requests admitted by the API: running or waiting.", registry=r)
+        self.queue_depth.set_function(lambda: state["active"])
         engine = getattr(backend, "engine", None)
         if engine is not None:
             r.register(_EngineCollector(engine))
@@ -116,7 +115,6 @@ class _EngineCollector:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.engine_batches = [0] * (len(BATCH_BUCKETS) + 1)  # decode steps per batch-size bucket, since start
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -124,15 +122,9 @@ class _EngineCollector:
         st = self.engine.stats
         yield GaugeMetricFamily("convllava_running_sequences", "Sequences in the running batch.", value=st.running)
         yield GaugeMetricFamily("convllava_waiting_requests", "Requests submitted to the engine, not yet running.", value=st.waiting)
-        n = len(st.batch_sizes)
-        sizes = st.batch_sizes[:n]
-        del st.batch_sizes[:n]  # drained here; counted below
-        for b in sizes:
-            self.engine_batches[next((i for i, edge in enumerate(BATCH_BUCKETS) if b <= edge), len(BATCH_BUCKETS))] += 1
-        cum, buckets = 0, []
-        for edge, count in zip([*map(str, BATCH_BUCKETS), "+Inf"], self.engine_batches):
-            cum += count
-            buckets.append((edge, cum))
+        steps = dict(st.batch_sizes)  # a copy: the scheduler thread keeps counting
+        buckets = [(str(edge), sum(n for size, n in steps.items() if size <= edge)) for edge in BATCH_BUCKETS]
+        buckets.append(("+Inf", sum(steps.values())))
         yield HistogramMetricFamily("convllava_batch_size", "Sequences per decode step.", buckets=buckets, sum_value=st.decoded_rows)
         yield CounterMetricFamily("convllava_encoder_cache_hits", "Images whose embeddings came from the encoder cache.", value=st.encoder_hits)
         yield CounterMetricFamily("convllava_encoder_cache_misses", "Images encoded by the vision engine.", value=st.encoder_misses)
@@ -387,8 +379,8 @@ def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", l
     if isinstance(backend, Pipeline):
         backend = LocalBackend(backend, limits, engine)
     app = FastAPI(title="convllava-export", version="1")
-    metrics = Metrics(backend)
     state = {"active": 0}
+    metrics = Metrics(backend, state)
     created = int(time.time())
     capacity = backend.concurrency + limits.max_queue
 
@@ -435,7 +427,6 @@ def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", l
         if state["active"] >= capacity:
             return error_response(ApiError(429, f"server busy: {state['active']} requests running or queued (limit {capacity}); retry later", kind="rate_limit_error", code="queue_full"))
         state["active"] += 1
-        metrics.queue_depth.set(state["active"])
         started = time.perf_counter()
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         events = backend.stream(conv, images, params)
@@ -443,7 +434,6 @@ def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", l
         async def finish() -> None:
             await events.aclose()
             state["active"] -= 1
-            metrics.queue_depth.set(state["active"])
 
         # The first event decides the status: a bad image or an over-long prompt is a 4xx, not a 200 stream.
         try:
