@@ -26,10 +26,11 @@ import numpy as np
 
 from . import __version__
 from .errors import BuildError, ConvLlavaError
+from .targets import TARGET_NAMES, check_target, get_target
 from .fsutil import SPOT_BLOCK, SPOT_BLOCKS, TOOL_NAME, atomic_output_dir, check_destination, json_sha256, sha256_file, spot_sha256
 
 SCHEMA_VERSION = 1
-TARGETS = ("cpu", "cuda", "tensorrt", "jetson")
+TARGETS = TARGET_NAMES
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-llm", "numpy", "pillow")
 Progress = Callable[[str], None]
@@ -46,10 +47,14 @@ def library_versions() -> dict[str, str]:
 
 
 def default_target() -> str:
-    """TensorRT when a GPU and TensorRT are both present, otherwise ONNX Runtime on CPU."""
+    """jetson on a Jetson, TensorRT when a GPU and TensorRT are both present, otherwise ONNX Runtime on CPU."""
     from .extras import available
 
     if available("tensorrt"):
+        from .engines.tensorrt import jetson_identity
+
+        if jetson_identity() is not None:
+            return "jetson"
         try:
             import torch
 
@@ -81,6 +86,7 @@ class BuildOptions:
     vision_tower: str | None = None
     force: bool = False
     smoke_test: bool = True
+    reference_dtype: str = "auto"  # the torch reference the smoke test compares with (sizing.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -88,8 +94,7 @@ def _validate(opts: BuildOptions) -> None:
     from .export.llm import ORT_PRECISIONS
     from .export.vision import PRECISIONS
 
-    if opts.target not in TARGETS:
-        raise BuildError(f"unknown target '{opts.target}' (use {', '.join(TARGETS)})")
+    target = get_target(opts.target)
     if opts.vision_precision not in PRECISIONS:
         raise BuildError(f"unknown vision precision '{opts.vision_precision}' (use {', '.join(PRECISIONS)})")
     if opts.llm_precision not in ORT_PRECISIONS:
@@ -104,27 +109,44 @@ def _validate(opts: BuildOptions) -> None:
             raise BuildError(f"--llm-graph gqa builds {', '.join(GQA_PRECISIONS)}; for '{opts.llm_precision}' use the default graph")
         if not genai_available():
             raise BuildError("--llm-graph gqa needs onnxruntime-genai's model builder: pip install 'convllava-export[genai]'")
-    if opts.target in ("cpu", "jetson") and opts.vision_precision == "fp8":
-        raise BuildError("fp8 vision engines need TensorRT on an Ada/Hopper GPU; on CPU and Jetson Orin use int8")
-    if opts.target in ("tensorrt", "jetson", "cuda"):
+    check_target(target, opts.vision_precision)
+    if target.ort_device == "cuda":
         from .extras import available
 
-        if opts.target in ("tensorrt", "jetson") and not available("tensorrt"):
+        if target.backend == "tensorrt" and not available("tensorrt"):
             raise BuildError(f"target '{opts.target}' needs TensorRT: pip install 'convllava-export[gpu]' on the GPU machine")
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise BuildError(f"target '{opts.target}' needs onnxruntime-gpu (CUDAExecutionProvider): pip install 'convllava-export[gpu]'")
+        if target.backend == "tensorrt":  # TensorRT version, GPU and Jetson release, before minutes of export
+            import tensorrt as trt
+
+            from .engines.tensorrt import gpu_identity, jetson_identity
+
+            gpu = gpu_identity()
+            check_target(target, opts.vision_precision, trt.__version__, tuple(gpu["compute_capability"]), jetson_identity(), gpu.get("gpu_name"))
 
 
 def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress: Progress = print) -> dict[str, Any]:
-    """Run export, engine build, smoke test and reference check; returns the manifest."""
+    """Export, engine build, smoke test and reference check; returns the manifest.
+
+    The phases run one after another and each frees what it loaded, so the peak is that of the
+    largest phase, never the sum (a 7B checkpoint builds on a 24 GB machine): the vision tower
+    in fp32, then the LLM in the checkpoint's own dtype (or none at all: the gqa builder reads
+    the shards), then the reference LLM alone (fed the reference image embeddings computed in
+    the first phase), then the new build. Memory and disk are estimated before anything is
+    written, and each stage's time and peak RSS go into the manifest.
+    """
+    from .calibration.images import calibration_source, split_heldout
     from .checkpoint import read_checkpoint
     from .engines.profiles import VisionProfile
     from .export.llm import export_llm_onnxruntime
     from .export.vision import export_vision
     from .model.reference import ReferenceModel
     from .preprocess import DEFAULT_MAX_TOKENS, PreprocessConfig
+    from .progress import StageLog
+    from .sizing import available_memory, check_fits, estimate_build, model_size, trace_dtype
 
     _validate(opts)
     dest = Path(dest)
@@ -133,57 +155,69 @@ def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress
     res = opts.resolution or info.native_resolution
     profile = VisionProfile.from_strings(opts.min_size, opts.opt_size or f"{res}x{res}", opts.max_size, (1, 1, opts.max_batch))
     pcfg = PreprocessConfig.from_preprocessor_config(info.preprocessor_config, mode=opts.mode, resolution=res, max_tokens=opts.max_tokens)
-    started = time.perf_counter()
-    stages: dict[str, float] = {}
-
-    def stage(name: str) -> None:
-        stages[name] = time.perf_counter()
-        progress(f"[{len(stages)}/5] {name}")
-
-    stage("loading the checkpoint")
-    ref = ReferenceModel.load(checkpoint, vision_tower=opts.vision_tower, progress=progress)
-    from .calibration.images import calibration_source, split_heldout
-
     if opts.calib_images is None and opts.vision_precision in ("int8", "fp8"):
         raise BuildError(f"vision precision {opts.vision_precision} needs --calib-images DIR (or a `calibrate` set, or --calib-images builtin)")
-    pixels, _ = calibration_source(opts.calib_images, pcfg, opts.calib_limit, progress)
-    cal, held = split_heldout(pixels)
+    size = model_size(info)
+    budget = available_memory()
+    est = estimate_build(size, opts.vision_precision, opts.llm_precision, opts.llm_graph, opts.int4_block_size, opts.reference_dtype, opts.smoke_test, budget)
+    progress(f"estimated peak memory {est.memory / 1e9:.1f} GB ({budget / 1e9:.1f} GB available), disk {est.disk / 1e9:.1f} GB; reference dtype: {est.reference_why}")
+    check_fits(est, dest, budget, size, opts.llm_precision)
+    started = time.perf_counter()
+    log = StageLog(progress, 4 if opts.smoke_test else 2)
     with atomic_output_dir(dest, opts.force, BuildError) as tmp:
-        stage(f"vision export ({opts.vision_precision})")
+        log.stage(f"vision export ({opts.vision_precision})")
+        ref = ReferenceModel.load(checkpoint, vision_tower=opts.vision_tower, load_llm=False, progress=progress)
+        pixels, _ = calibration_source(opts.calib_images, pcfg, opts.calib_limit, progress)
+        cal, held = split_heldout(pixels)
         vis = export_vision(ref.vision, tmp / "vision", opts.vision_precision, cal, held, opts.calib_method, opts.threads, progress)
-        if opts.target in ("tensorrt", "jetson"):
-            stage("TensorRT engine build")
-            _build_trt(tmp / "vision", opts, profile, progress)
+        sample = _smoke_sample(pcfg)
+        sample["reference_embeds"] = ref.encode_images(sample["pixels"][None])[0]
+        del ref, pixels, cal, held
+        trt_plan = _build_trt(tmp / "vision", opts, profile, progress) if get_target(opts.target).backend == "tensorrt" else None
+        log.stage(f"LLM export ({opts.llm_precision}, {opts.llm_graph} graph)")
+        if opts.llm_graph == "gqa":
+            export_llm_onnxruntime(None, tmp / "llm", opts.llm_precision, opts.int4_block_size, progress, "gqa", info.path, checkpoint=info)
         else:
-            stage("engine build (ONNX Runtime: offline-optimized graph saved with the export)")
-        stage(f"LLM export ({opts.llm_precision})")
-        export_llm_onnxruntime(ref.llm, tmp / "llm", opts.llm_precision, opts.int4_block_size, progress, opts.llm_graph, ref.info.path)
+            dtype = trace_dtype(size, opts.llm_precision, budget)
+            llm_ref = ReferenceModel.load(checkpoint, vision_tower=opts.vision_tower, dtype=dtype, load_vision=False, progress=progress)
+            export_llm_onnxruntime(llm_ref.llm, tmp / "llm", opts.llm_precision, opts.int4_block_size, progress, "dynamo", info.path)
+            del llm_ref
         _copy_tokenizer(info.path, tmp / "tokenizer")
         (tmp / "preprocessor_config.json").write_text(json.dumps({**info.preprocessor_config, "convllava_export": pcfg.to_dict()}, indent=2))
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "tool": {"name": TOOL_NAME, "version": __version__},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "host": {"machine": platform.machine(), "python": platform.python_version()},
+            "host": {"machine": platform.machine(), "python": platform.python_version(), "memory_available_gb": round(budget / 1e9, 2)},
             "libraries": library_versions(),
-            "source": {"checkpoint": str(info.path), "vision_tower": str(info.tower_path), "tower_weights_from": info.tower_weights_source, "fingerprint": info.fingerprint()},
-            "target": opts.target,
+            "source": {"checkpoint": str(info.path), "vision_tower": str(info.tower_path), "tower_weights_from": info.tower_weights_source, "fingerprint": info.fingerprint(), "weights_dtype": str(size.weights_dtype).replace("torch.", "")},
+            "target": trt_plan.target if trt_plan is not None else opts.target,
+            "jetson": trt_plan_jetson(trt_plan),
             "vision": {
-                "backend": "tensorrt" if opts.target in ("tensorrt", "jetson") else "onnxruntime",
+                "backend": get_target(opts.target).backend,
                 "precision": opts.vision_precision,
                 "graph": "vision/vision.onnx",
                 "ort_graph": "vision/vision.ort.onnx" if (tmp / "vision" / "vision.ort.onnx").exists() else None,
                 "profile": profile.to_dict(),
                 "report": vis.report.get("heldout"),
             },
-            "llm": {"backend": "onnxruntime", "precision": opts.llm_precision, "graph": opts.llm_graph, "folder": "llm", "vocab_size": ref.llm.config.vocab_size},
+            "llm": {"backend": "onnxruntime", "precision": opts.llm_precision, "graph": opts.llm_graph, "graph_choice": opts.extra.get("llm_graph_why", "--llm-graph"), "folder": "llm", "vocab_size": size.vocab},
             "preprocess": pcfg.to_dict(),
             "token_budget": {"max_visual_tokens_per_image": min(profile.max_visual_tokens, DEFAULT_MAX_TOKENS) if opts.mode == "native" and not opts.max_tokens else opts.max_tokens or (res // 64) ** 2, "max_context": int(info.config.get("tokenizer_model_max_length", 2048))},
             "prompt_template": "vicuna_v1",
             "threads": opts.threads,
+            "estimate": est.to_dict(),
         }
-        stage("smoke test and reference check")
-        manifest["checks"] = _smoke_test(tmp, manifest, ref, pcfg, progress) if opts.smoke_test else {}
+        checks: dict[str, Any] = {}
+        if opts.smoke_test:
+            log.stage(f"reference answer (torch, {est.reference_dtype})")
+            checks["reference_dtype"] = est.reference_dtype
+            _reference_answer(checkpoint, opts.vision_tower, est.reference_dtype, pcfg, sample, progress)
+            log.stage("smoke test of the build")
+            checks.update(_smoke_test(tmp, manifest, sample, progress))
+        manifest["checks"] = checks
+        log.close()
+        manifest["stages"] = log.to_dict()
         manifest["files"], manifest["integrity"] = file_entries(tmp)
         manifest["build_seconds"] = round(time.perf_counter() - started, 2)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -206,15 +240,30 @@ def file_entries(folder: Path, block: int = SPOT_BLOCK, blocks: int = SPOT_BLOCK
     return files, {"spot_block_bytes": block, "spot_blocks": blocks, "files_sha256": json_sha256(files)}
 
 
-def _build_trt(folder: Path, opts: BuildOptions, profile, progress: Progress) -> None:
-    from .engines.tensorrt import build_engine, gpu_identity, plan_build
+def _build_trt(folder: Path, opts: BuildOptions, profile, progress: Progress):
+    """The TensorRT vision engine; returns its plan (whose `target` resolves `jetson`)."""
+    from .engines.tensorrt import build_engine, gpu_identity, jetson_identity, plan_build
     from .extras import require
 
     trt = require("tensorrt", "gpu", "TensorRT engines")
-    plan = plan_build(opts.vision_precision, trt.__version__, profile, tuple(gpu_identity()["compute_capability"]), version_compatible=bool(opts.extra.get("version_compatible")))
+    gpu = gpu_identity()
+    plan = plan_build(
+        opts.vision_precision, trt.__version__, profile, tuple(gpu["compute_capability"]),
+        version_compatible=bool(opts.extra.get("version_compatible")), target=opts.target, jetson=jetson_identity(),
+    )
     cache = Path(opts.extra.get("timing_cache") or Path.home() / ".cache" / "convllava-export" / "timing.cache")
     cache.parent.mkdir(parents=True, exist_ok=True)
     build_engine(folder / "vision.onnx", folder, plan, cache, progress)
+    return plan
+
+
+def trt_plan_jetson(plan) -> dict[str, Any] | None:
+    """The L4T/JetPack release a Jetson engine was built on (None off Jetson)."""
+    if plan is None or not get_target(plan.target).jetson:
+        return None
+    from .engines.tensorrt import jetson_identity
+
+    return jetson_identity()
 
 
 def _copy_tokenizer(src: Path, dest: Path) -> None:
@@ -224,32 +273,54 @@ def _copy_tokenizer(src: Path, dest: Path) -> None:
             shutil.copyfile(src / name, dest / name)  # not copy2: the checkpoint's modes would override the umask
 
 
-def _smoke_test(folder: Path, manifest: dict, ref, pcfg, progress: Progress) -> dict[str, Any]:
-    """Run the new build once and compare with the torch reference on the same inputs."""
-    from .export.vision import cosine_report
+def _smoke_sample(pcfg) -> dict[str, Any]:
     from .preprocess import preprocess
-    from .runtime.build_loader import load_pipeline_from_manifest
-    from .runtime.pipeline import Pipeline
     from .synthetic import colour_samples
 
     sample = colour_samples(1, seed=1234)[0]
+    return {"image": sample.image, "question": sample.question, "pixels": preprocess(sample.image, pcfg)}
+
+
+SMOKE_TOKENS = 24
+
+
+def _reference_answer(checkpoint, vision_tower, dtype: str, pcfg, sample: dict, progress: Progress) -> None:
+    """The torch reference's greedy answer to the smoke sample, from the LLM alone (the image
+    embeddings come from the fp32 vision phase), stored in `sample`."""
+    from .model.reference import ReferenceModel, TorchDecoder
+    from .runtime.generation import Timings, generate
+    from .runtime.pipeline import Pipeline, Request
+    from .runtime.sampling import SamplingParams
+
+    ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, dtype=dtype, load_vision=False, progress=progress)
+    pipe = Pipeline(None, TorchDecoder(ref), ref.tokenizer, pcfg)
+    seq = pipe.prepare(Request(sample["question"], [sample["image"]]), Timings(), [sample["reference_embeds"]])
+    want = generate(pipe.decoder, ref.tokenizer, [seq], SamplingParams(max_new_tokens=SMOKE_TOKENS))[0]
+    sample["reference_ids"], sample["reference_text"] = want.token_ids, want.text
+    del pipe, ref
+
+
+def _smoke_test(folder: Path, manifest: dict, sample: dict, progress: Progress) -> dict[str, Any]:
+    """Run the new build once on the smoke sample and compare with the reference's answer."""
+    from .export.vision import cosine_report
+    from .runtime.build_loader import load_pipeline_from_manifest
+
     pipe = load_pipeline_from_manifest(folder, manifest, verify=False)
-    built = pipe.generate(sample.image, sample.question, max_new_tokens=24)
-    want = Pipeline.from_reference(ref, pcfg).generate(sample.image, sample.question, max_new_tokens=24)
-    px = preprocess(sample.image, pcfg)[None]
-    cos = cosine_report([ref.encode_images(px)], [pipe.vision.encode(px)])
-    agree = sum(a == b for a, b in zip(built.token_ids, want.token_ids)) / max(len(want.token_ids), 1)
+    built = pipe.generate(sample["image"], sample["question"], max_new_tokens=SMOKE_TOKENS)
+    cos = cosine_report([sample["reference_embeds"][None]], [pipe.vision.encode(sample["pixels"][None])])
+    want = sample["reference_ids"]
+    agree = sum(a == b for a, b in zip(built.token_ids, want)) / max(len(want), 1)
     checks = {
         "smoke_answer": built.text,
-        "reference_answer": want.text,
+        "reference_answer": sample["reference_text"],
         "greedy_token_agreement": agree,
-        "greedy_exact_match": built.token_ids == want.token_ids,
+        "greedy_exact_match": built.token_ids == want,
         "vision_cosine": cos["cosine_mean"],
         "timings": built.timings.to_dict(),
     }
     if not np.isfinite(cos["cosine_mean"]) or not built.token_ids:
         raise ConvLlavaError(f"smoke test failed: the built engines produced no usable output ({checks})")
-    progress(f"smoke test: '{built.text}' (reference: '{want.text}'); vision cosine {cos['cosine_mean']:.5f}, token agreement {agree:.2f}")
+    progress(f"smoke test: '{built.text}' (reference: '{sample['reference_text']}'); vision cosine {cos['cosine_mean']:.5f}, token agreement {agree:.2f}")
     return checks
 
 

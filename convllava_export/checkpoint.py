@@ -204,6 +204,27 @@ def read_checkpoint(path: str | os.PathLike, vision_tower: str | os.PathLike | N
     )
 
 
+def _file_for(info: CheckpointInfo, key: str) -> Path:
+    if info.weight_map:
+        if key not in info.weight_map:
+            raise CheckpointError(f"'{key}' is not in {info.path}'s weight index")
+        return info.path / info.weight_map[key]
+    return info.weight_files[0]
+
+
+def read_tensor(info: CheckpointInfo, key: str) -> torch.Tensor:
+    """One tensor from the shard that holds it (memory-mapped: the rest of the shard is not read)."""
+    tensors = load_shard(_file_for(info, key), None)
+    if key not in tensors:
+        raise CheckpointError(f"'{key}' is not in {_file_for(info, key)}")
+    return tensors[key]
+
+
+def weights_dtype(info: CheckpointInfo) -> torch.dtype:
+    """The dtype the LLM weights are stored in (that of its embedding table), read without loading."""
+    return read_tensor(info, "model.embed_tokens.weight").dtype
+
+
 def _read_keys(path: Path) -> list[str]:
     return list(load_shard(path, None).keys())
 

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import ConvLlavaError
+from .targets import TARGET_NAMES
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -128,7 +129,7 @@ def verify_cmd(build_dir: Path, as_json: bool) -> None:
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="image file (repeatable)")
 @click.option("--prompt", required=True, help="question; images are placed before it unless it contains <image>")
 @click.option("--vision-tower", type=click.Path(path_type=Path), default=None)
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True, help="auto: fp32 when it fits in memory, else the checkpoint's dtype")
 @preprocess_options
 @sampling_options
 def generate(checkpoint, images, prompt, vision_tower, dtype, mode, resolution, max_tokens, size, **sampling) -> None:
@@ -274,28 +275,39 @@ def export_llm_cmd(checkpoint, output, backend, precision, int4_block_size, llm_
 
         check_precision(precision, local_compute_capability() if precision == "fp8" else (9, 0))
     check_destination(output, force)
-    ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, load_vision=backend == "tensorrt-llm", progress=say)
+    if backend == "onnxruntime":
+        from .checkpoint import read_checkpoint
+        from .sizing import model_size, trace_dtype
+
+        info = read_checkpoint(checkpoint, vision_tower)
+        with atomic_output_dir(output, force) as tmp:
+            if llm_graph == "gqa":  # the builder reads the shards: nothing is loaded here
+                export_llm_onnxruntime(None, tmp, precision, int4_block_size, progress=say, graph="gqa", checkpoint=info)
+            else:  # traced in the checkpoint's own dtype: no fp32 copy of the decoder
+                dtype = trace_dtype(model_size(info), precision)
+                ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, dtype=dtype, load_vision=False, progress=say)
+                export_llm_onnxruntime(ref.llm, tmp, precision, int4_block_size, progress=say, graph="dynamo", tokenizer_dir=ref.info.path)
+        out.print(str(output))
+        return
+    ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, load_vision=True, progress=say)
     with atomic_output_dir(output, force) as tmp:
-        if backend == "onnxruntime":
-            export_llm_onnxruntime(ref.llm, tmp, precision, int4_block_size, progress=say, graph=llm_graph, tokenizer_dir=ref.info.path)
+        from .calibration.prompts import load_questions, multimodal_sequences
+        from .engines.tensorrt_llm import TrtLlmBuildConfig, export_trtllm_checkpoint, trtllm_build_command
+        from .preprocess import PreprocessConfig
+
+        cfg = PreprocessConfig.from_preprocessor_config(ref.info.preprocessor_config)
+        cal, held, source = calibration_pixels(calib_images, cfg, calib_limit, needed=precision != "fp16")
+        if calib_images and (Path(calib_images) / "calib.json").is_file():
+            from .calibration.dataset import read_calibration_set
+
+            _, seqs, _ = read_calibration_set(calib_images, cfg)  # prompts spliced at `calibrate` time
         else:
-            from .calibration.prompts import load_questions, multimodal_sequences
-            from .engines.tensorrt_llm import TrtLlmBuildConfig, export_trtllm_checkpoint, trtllm_build_command
-            from .preprocess import PreprocessConfig
-
-            cfg = PreprocessConfig.from_preprocessor_config(ref.info.preprocessor_config)
-            cal, held, source = calibration_pixels(calib_images, cfg, calib_limit, needed=precision != "fp16")
-            if calib_images and (Path(calib_images) / "calib.json").is_file():
-                from .calibration.dataset import read_calibration_set
-
-                _, seqs, _ = read_calibration_set(calib_images, cfg)  # prompts spliced at `calibrate` time
-            else:
-                seqs = multimodal_sequences(ref, cal + held, load_questions(prompts))
-            say(f"{len(seqs)} multimodal calibration prompts from {source}")
-            meta = export_trtllm_checkpoint(ref.llm, seqs, precision, tmp, awq_block_size, progress=say)
-            tokens = (cfg.resolution // 64) ** 2
-            cmd = trtllm_build_command(output, output / "engine", TrtLlmBuildConfig(max_visual_tokens=tokens))
-            say(f"quant_algo {meta['quant_algo']}; next, on the GPU: {' '.join(cmd)}")
+            seqs = multimodal_sequences(ref, cal + held, load_questions(prompts))
+        say(f"{len(seqs)} multimodal calibration prompts from {source}")
+        meta = export_trtllm_checkpoint(ref.llm, seqs, precision, tmp, awq_block_size, progress=say)
+        tokens = (cfg.resolution // 64) ** 2
+        cmd = trtllm_build_command(output, output / "engine", TrtLlmBuildConfig(max_visual_tokens=tokens))
+        say(f"quant_algo {meta['quant_algo']}; next, on the GPU: {' '.join(cmd)}")
     out.print(str(output))
 
 
@@ -315,7 +327,7 @@ def _print_vision_report(report: dict) -> None:
 
 def build_options(f):
     opts = [
-        click.option("--target", type=click.Choice(["cpu", "cuda", "tensorrt", "jetson"]), default=None, help="default: tensorrt when a GPU and TensorRT are present, else cpu"),
+        click.option("--target", type=click.Choice(list(TARGET_NAMES)), default=None, help="default: jetson on a Jetson, tensorrt when a GPU and TensorRT are present, else cpu; jetson picks orin (sm_87) or thor (sm_110) by the GPU found"),
         click.option("--vision-precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]), default="fp32", show_default=True),
         click.option("--llm-precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="fp32", show_default=True),
         click.option("--mode", type=click.Choice(["pad", "native"]), default="pad", show_default=True),
@@ -323,12 +335,15 @@ def build_options(f):
         click.option("--max-tokens", type=click.IntRange(1), default=None, help="native mode: visual-token budget per image"),
         click.option("--calib-images", "--calib", "calib_images", default=None, help="calibration images folder, a `calibrate` set, or 'builtin'"),
         click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True),
+        click.option("--calib-limit", type=click.IntRange(1), default=64, show_default=True, help="at most this many calibration images (a quarter held out for the report)"),
         click.option("--min-size", default="64x64", show_default=True),
         click.option("--opt-size", default=None),
         click.option("--max-size", default="2048x2048", show_default=True),
         click.option("--max-batch", type=click.IntRange(1), default=4, show_default=True),
         click.option("--int4-block-size", type=click.IntRange(16), default=32, show_default=True),
-        click.option("--llm-graph", type=click.Choice(["dynamo", "gqa"]), default="dynamo", show_default=True, help="gqa: ORT's fused-attention layout (fp32/int8/int4; pip install onnxruntime-genai)"),
+        click.option("--llm-graph", type=click.Choice(["auto", "dynamo", "gqa"]), default="auto", show_default=True, help="auto: gqa (ORT's fused-attention layout) for int4/int8 when onnxruntime-genai is installed, else dynamo (our exact export)"),
+        click.option("--reference-dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="torch reference for the smoke test; auto: fp32 when it fits in memory, else the checkpoint's dtype"),
+        click.option("--smoke-test/--no-smoke-test", default=True, show_default=True, help="run the build once and compare it with the torch reference"),
         click.option("--threads", type=click.IntRange(1), default=None),
         click.option("--vision-tower", default=None),
         click.option("--force", is_flag=True, help="replace an existing build folder once the new one is complete"),
@@ -346,7 +361,12 @@ def build_cmd(checkpoint: Path, output: Path, **kw) -> None:
     """Export, build engines, smoke-test and write a self-describing BUILD_DIR."""
     from .build import BuildOptions, build, default_target
 
+    from .export.llm import choose_graph
+
     kw["target"] = kw["target"] or default_target()
+    kw["llm_graph"], why = choose_graph(kw["llm_graph"], kw["llm_precision"])
+    kw["extra"] = {"llm_graph_why": why}
+    say(f"LLM graph: {kw['llm_graph']} ({why})")
     manifest = build(checkpoint, output, BuildOptions(**kw), progress=say)
     checks = manifest.get("checks", {})
     if checks:
@@ -550,8 +570,9 @@ def serve_cmd(
 @click.option("--calib-limit", type=click.IntRange(1), default=32, show_default=True, help="--simulate: calibration prompts")
 @click.option("--prompts", type=click.Path(path_type=Path), default=None, help="--simulate: JSONL of calibration questions")
 @click.option("--awq-block-size", type=click.IntRange(8), default=None, help="--simulate int4-awq: group size (default: the largest of 128/64/32/16/8 that divides the layers)")
+@click.option("--reference-dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="auto: fp32 when it fits in memory, else the checkpoint's dtype (recorded in the report)")
 def validate_cmd(builds, reference, data, question, limit, max_new_tokens, output, min_cosine, min_agreement, max_kl, min_accuracy, vision_tower,
-                 simulate, calib, calib_limit, prompts, awq_block_size) -> None:
+                 simulate, calib, calib_limit, prompts, awq_block_size, reference_dtype) -> None:
     """Measure builds (and simulated GPU formats) against the fp32 reference; JSON + HTML report; gates set the exit code."""
     from .fsutil import writable_dir
     from .validation.data import load_items
@@ -565,10 +586,10 @@ def validate_cmd(builds, reference, data, question, limit, max_new_tokens, outpu
         raise ConvLlavaError("nothing to validate: give build folders and/or --simulate FORMAT")
     report, images = validate(
         [str(b) for b in builds], reference, items, gates, max_new_tokens, vision_tower, progress=say,
-        simulate=simulate, calib=calib, calib_limit=calib_limit, prompts=prompts, awq_block_size=awq_block_size,
+        simulate=simulate, calib=calib, calib_limit=calib_limit, prompts=prompts, awq_block_size=awq_block_size, reference_dtype=reference_dtype,
     )
     json_path, html_path = write_reports(report, images, output)
-    table = Table(title="validation against the torch fp32 reference")
+    table = Table(title=f"validation against the torch {report['reference']['dtype']} reference")
     for col in ("build", "cosine mean/min", "KL", "top-1", "greedy exact", "accuracy", "TTFT ms", "tok/s"):
         table.add_column(col)
     for b in report["builds"]:
@@ -605,7 +626,7 @@ def calibrate_cmd(checkpoint, images, prompts, output, limit, max_mb, mode, reso
 
     check_destination(output, force)
     questions = load_questions(prompts)
-    ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, progress=say)
+    ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, dtype="auto", progress=say)
     cfg = make_preprocess_cfg(ref.info.preprocessor_config, mode, resolution, max_tokens, None)
     with atomic_output_dir(output, force) as tmp:
         meta = write_calibration_set(ref, images, tmp, cfg, questions, limit, max_mb, progress=say)

@@ -13,7 +13,11 @@ from convllava_export.engines.tensorrt import (
     TRT_TO_NUMPY,
     check_engine_compat,
     check_io_tensors,
+    engine_metadata,
+    jetson_identity,
     numpy_dtype,
+    parse_jetpack_version,
+    parse_l4t_release,
     parse_trt_version,
     plan_build,
     plan_io,
@@ -291,6 +295,108 @@ def test_io_tensor_names_and_shapes():
         resolved_shape((2, -1, 4096), "image_embeds")
 
 
+# ---------------------------------------------------------------------------------------------
+# Jetson: targets in the plan, L4T / JetPack identity, metadata checks at load
+
+ORIN_GPU = {"gpu_name": "Orin", "compute_capability": [8, 7]}
+THOR_GPU = {"gpu_name": "NVIDIA Thor", "compute_capability": [11, 0]}
+L4T_36_4_3 = "# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: Wed Jan  8 01:49:37 UTC 2025\n"
+JP62 = {"l4t": "36.4.3", "jetpack": "6.2"}
+
+
+def test_plan_applies_jetson_target_rules():
+    thor = plan_build("fp8", "10.13.3", PROFILE, (11, 0), target="jetson", jetson={"l4t": "38.2.0", "jetpack": "7.0"})
+    assert thor.target == "thor" and thor.builder_flags == ["FP8", "FP16"] and not thor.strongly_typed
+    assert any(n.startswith("target thor:") for n in thor.notes)
+    orin = plan_build("int8", "10.3.0", PROFILE, (8, 7), target="orin", jetson=JP62)
+    assert orin.target == "orin" and orin.builder_flags == ["INT8", "FP16"]
+    assert plan_to_dict(orin)["target"] == "orin"
+    with pytest.raises(BuildError, match="target 'thor' needs TensorRT 10.13"):
+        plan_build("fp16", "10.8.0", PROFILE, (11, 0), target="thor")
+    with pytest.raises(BuildError, match="nvfp4 vision engines are not built yet"):
+        plan_build("nvfp4", "10.13.3", PROFILE, (11, 0), target="thor")
+    with pytest.raises(BuildError, match="does not support Jetson/JetPack"):
+        plan_build("int8", "11.2.0", PROFILE, (8, 7), target="jetson", jetson=JP62)
+    with pytest.raises(BuildError, match="target 'orin' is for sm_87 but this GPU is sm_110"):
+        plan_build("int8", "10.13.3", PROFILE, (11, 0), target="orin")
+    with pytest.raises(BuildError, match="this machine is a Jetson"):
+        plan_build("int8", "10.3.0", PROFILE, (8, 7), target="tensorrt")
+    with pytest.raises(ExportError, match="runs ONNX Runtime"):
+        plan_build("int8", "10.3.0", PROFILE, (9, 0), target="cpu")
+
+
+def test_plan_trt11_on_jetson_needs_jetpack_7_2_2():
+    with pytest.raises(BuildError, match="only on JetPack 7.2.2 or later; this is a JetPack this tool cannot read"):
+        plan_build("fp8", "11.4.1", PROFILE, (11, 0), target="jetson")
+    plan = plan_build("fp8", "11.4.1", PROFILE, (11, 0), target="jetson", jetson={"l4t": "38.4.0", "jetpack": "7.2.2"})
+    assert plan.target == "thor" and plan.strongly_typed and plan.builder_flags == []
+
+
+def test_plan_without_target_keeps_old_callers_working():
+    """build.py calls plan_build(precision, version, profile, cc, version_compatible=...) without a target."""
+    assert plan_build("fp16", "10.3.0", PROFILE, (9, 0)).target == "tensorrt"
+    assert plan_build("fp16", "10.3.0", PROFILE).target == "tensorrt"
+    assert plan_build("int8", "10.3.0", PROFILE, (8, 7)).target == "orin"  # a Jetson GPU gets its Jetson rules
+    assert plan_build("fp8", "10.13.3", PROFILE, (11, 0)).target == "thor"
+    with pytest.raises(BuildError, match="target 'orin' needs TensorRT 10.0"):
+        plan_build("int8", "8.6.2", PROFILE, (8, 7))
+
+
+def test_parse_l4t_and_jetpack():
+    assert parse_l4t_release(L4T_36_4_3) == "36.4.3"
+    assert parse_l4t_release("# R38 (release), REVISION: 2.0, GCID: 1, BOARD: generic, EABI: aarch64, DATE: x\nmore\n") == "38.2.0"
+    assert parse_l4t_release("# R32 (release), REVISION: 7.1, GCID: 29818004, BOARD: t186ref, EABI: aarch64") == "32.7.1"
+    for bad in ("", "R36 4.3", "# R36 (release), GCID: 1", "Ubuntu 22.04"):
+        with pytest.raises(BuildError, match="cannot read the L4T release"):
+            parse_l4t_release(bad)
+    assert parse_jetpack_version("6.2+b77") == "6.2"
+    assert parse_jetpack_version("7.2.2-b12") == "7.2.2"
+    assert parse_jetpack_version("") is None and parse_jetpack_version(None) is None
+
+
+def test_jetson_identity_from_a_release_file(tmp_path):
+    assert jetson_identity(tmp_path / "missing", read_jetpack=lambda: "6.2+b77") is None  # not a Jetson
+    release = tmp_path / "nv_tegra_release"
+    release.write_text(L4T_36_4_3)
+    assert jetson_identity(release, read_jetpack=lambda: "6.2+b77") == {"l4t": "36.4.3", "jetpack": "6.2"}
+    assert jetson_identity(release, read_jetpack=lambda: None) == {"l4t": "36.4.3", "jetpack": None}
+    release.write_text("garbage\n")
+    with pytest.raises(BuildError, match="cannot read the L4T release from 'garbage'"):
+        jetson_identity(release, read_jetpack=lambda: None)
+
+
+def test_engine_metadata_records_jetson_and_load_checks_it():
+    import json
+
+    plan = plan_build("int8", "10.3.0", PROFILE, (8, 7), target="jetson", jetson=JP62)
+    meta = json.loads(json.dumps(engine_metadata(plan, "10.3.0", ORIN_GPU, JP62, "vision.onnx")))
+    assert meta["jetson"] == JP62 and meta["target"] == "orin" and meta["compute_capability"] == [8, 7]
+    check_engine_compat(meta, "10.3.0", ORIN_GPU, JP62)
+    check_engine_compat(meta, "10.3.0", ORIN_GPU, {"l4t": "36.4.0", "jetpack": None})  # same L4T release (36.4)
+    with pytest.raises(BuildError, match=r"built on L4T r36.4.3, JetPack 6.2 but this Jetson runs L4T r36.3.0.*Rebuild it here"):
+        check_engine_compat(meta, "10.3.0", ORIN_GPU, {"l4t": "36.3.0", "jetpack": "6.0"})
+    with pytest.raises(BuildError, match=r"but this Jetson runs L4T r38.4.0, JetPack 7.2.2"):
+        check_engine_compat(meta, "10.3.0", ORIN_GPU, {"l4t": "38.4.0", "jetpack": "7.2.2"})
+    with pytest.raises(BuildError, match="built on a Jetson .* but this machine is not one"):
+        check_engine_compat(meta, "10.3.0", H100, None)
+    # and the reverse: an engine from a discrete GPU on a Jetson
+    off = engine_metadata(plan_build("fp16", "10.3.0", PROFILE, (9, 0)), "10.3.0", H100, None, "vision.onnx")
+    assert off["jetson"] is None and off["target"] == "tensorrt"
+    check_engine_compat(off, "10.3.0", H100)
+    with pytest.raises(BuildError, match="built off Jetson but this machine is a Jetson"):
+        check_engine_compat(off, "10.3.0", ORIN_GPU, JP62)
+    # unreadable L4T in the metadata
+    with pytest.raises(BuildError, match="cannot be compared"):
+        check_engine_compat({**meta, "jetson": {"l4t": "?"}}, "10.3.0", ORIN_GPU, JP62)
+
+
+def test_engines_from_before_l4t_was_recorded_are_not_refused_for_it():
+    legacy = {"tensorrt_version": "10.3.0", **ORIN_GPU, "version_compatible": False}  # no "jetson" key
+    check_engine_compat(legacy, "10.3.0", ORIN_GPU, JP62)
+    with pytest.raises(BuildError, match="built with TensorRT 10.3.0 but this is TensorRT 10.7.0"):
+        check_engine_compat(legacy, "10.7.0", ORIN_GPU, JP62)
+
+
 def _gpu_and_trt() -> str | None:
     if importlib.util.find_spec("tensorrt") is None:
         return "TensorRT is not installed (pip install 'convllava-export[gpu]')"
@@ -348,5 +454,6 @@ def test_version_compatible_engine_loads_with_embedded_lean_runtime(reference, t
 
     meta = json.loads((tmp_path / "vision.engine.json").read_text())
     assert meta["lean_runtime"] == "embedded" and "EXCLUDE_LEAN_RUNTIME" not in meta["builder_flags"]
+    assert "jetson" in meta and meta["jetson"] == jetson_identity()
     x = np.random.default_rng(1).standard_normal((1, 3, 128, 192)).astype(np.float32)
     np.testing.assert_allclose(TrtVision(tmp_path).encode(x), reference.encode_images(x), atol=1e-3, rtol=1e-3)

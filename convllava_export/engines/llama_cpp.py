@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..errors import ConvLlavaError
 from ..extras import require
@@ -47,11 +48,58 @@ def gguf_tensors(model: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def write_gguf(model: Any, path: Path) -> Path:
+GGUF_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def checkpoint_gguf_tensors(info: Any, config: Any) -> dict[str, np.ndarray]:
+    """The LLM's tensors straight from a checkpoint's shards, for a 7B without a full copy:
+    fp16 tensors are views on the memory-mapped shards (read as the GGUF is written); only the
+    permuted q/k (and any bf16 → f16 conversion) are copies."""
+    from ..checkpoint import load_shard
+
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    out: dict[str, np.ndarray] = {}
+    for f in info.weight_files:
+        for key, t in load_shard(f, None).items():
+            if not key.startswith(("model.layers.", "model.embed_tokens", "model.norm", "lm_head")):
+                continue
+            arr = (t if t.dtype == torch.float16 else t.to(torch.float16)).numpy()
+            if key.startswith("model.layers."):
+                i, rest = key[len("model.layers."):].split(".", 1)
+                name = f"blk.{i}.{GGUF_NAMES[rest]}"
+                if rest.endswith("norm.weight"):
+                    arr = arr.astype(np.float32)
+                elif rest.startswith("self_attn.q_proj"):
+                    arr = permute_for_rope(arr, config.num_attention_heads)
+                elif rest.startswith("self_attn.k_proj"):
+                    arr = permute_for_rope(arr, kv_heads)
+            else:
+                name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}[key]
+                if name == "output_norm.weight":
+                    arr = arr.astype(np.float32)
+            out[name] = arr
+    if "output.weight" not in out:
+        out["output.weight"] = out["token_embd.weight"]
+    return out
+
+
+def write_gguf(model: Any, path: Path, checkpoint: Any = None) -> Path:
     """An f16 GGUF of a LLaMA with a placeholder SentencePiece vocabulary of the model's size
-    (byte tokens included, as llama.cpp's SPM vocabulary expects); for timing, not for text."""
+    (byte tokens included, as llama.cpp's SPM vocabulary expects); for timing, not for text.
+    `model` is a transformers LLaMA, or None with `checkpoint` (a CheckpointInfo) to read the
+    shards tensor by tensor (7B)."""
     gguf = require("gguf", purpose=WHY)
-    cfg = model.config
+    if checkpoint is not None:
+        from ..model.reference import llama_config
+
+        cfg = llama_config(checkpoint.config)
+    else:
+        cfg = model.config
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("convllava-bench")
     w.add_context_length(int(getattr(cfg, "max_position_embeddings", 4096)))
@@ -75,7 +123,8 @@ def write_gguf(model: Any, path: Path) -> Path:
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
-    for name, arr in gguf_tensors(model).items():
+    tensors = checkpoint_gguf_tensors(checkpoint, cfg) if checkpoint is not None else gguf_tensors(model)
+    for name, arr in tensors.items():
         w.add_tensor(name, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -12,6 +12,12 @@ dtypes) is plain code over plain data, tested without a GPU. Only `build_engine`
 
 Version-compatible engines embed TensorRT's lean runtime (see `plan_build` and
 `check_engine_compat` for why, and docs/tensorrt.md).
+
+Jetson: which TensorRT versions and precisions a Jetson target builds is decided in
+`convllava_export.targets` (`check_target`); `plan_build` applies it. The engine metadata records
+the L4T / JetPack release of a Jetson build (`jetson_identity`), and `check_engine_compat`
+refuses an engine from another L4T release, or one built on a Jetson loaded elsewhere (and the
+reverse).
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 import tempfile
 import threading
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,13 +38,13 @@ import numpy as np
 
 from ..errors import BuildError, ExportError
 from ..extras import require
+from ..targets import FP8_MIN_CC, TARGETS, Target, check_target, get_target, jetson_target_for, parse_trt_version
 from .profiles import VisionProfile
 
 ENGINE = "vision.engine"
 ENGINE_META = "vision.engine.json"
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "image_embeds"
-FP8_MIN_CC = (8, 9)  # Ada / Hopper and newer; Jetson Orin is 8.7
 VERSION_COMPAT_MIN = (8, 6)  # "Version compatibility is supported from version 8.6" (both builder and runtime)
 LEAN_EMBEDDED = "embedded"
 # Across a major-version boundary only these (built major, runtime major) pairs load a
@@ -53,16 +61,7 @@ Progress = Callable[[str], None]
 # versions
 
 
-def parse_trt_version(version: str) -> tuple[int, ...]:
-    """'10.3.0.26' -> (10, 3, 0, 26); '10.7.0.post1' -> (10, 7, 0). Refuses anything else."""
-    parts: list[int] = []
-    for piece in str(version).strip().split("."):
-        if not piece.isdigit():
-            break
-        parts.append(int(piece))
-    if len(parts) < 2:
-        raise BuildError(f"cannot read TensorRT version '{version}' (expected MAJOR.MINOR[.PATCH[.BUILD]])")
-    return tuple(parts)
+# parse_trt_version (re-exported here) lives in convllava_export.targets, beside the rules that use it.
 
 
 def trt_major(version: str) -> int:
@@ -106,6 +105,7 @@ class BuildPlan:
     notes: list[str] = field(default_factory=list)
     network_flags: list[str] = field(default_factory=list)
     lean_runtime: str | None = None  # "embedded" for version-compatible engines, else None
+    target: str = "tensorrt"  # the concrete build target (targets.TARGETS): tensorrt, orin, thor
 
 
 def plan_build(
@@ -115,8 +115,16 @@ def plan_build(
     compute_capability: tuple[int, int] | None = None,
     version_compatible: bool = False,
     workspace_bytes: int = 4 << 30,
+    target: str | Target | None = None,
+    jetson: Mapping[str, Any] | None = None,
 ) -> BuildPlan:
     """Decide network typing and builder flags for a precision on a TensorRT version and GPU.
+
+    `target` is a `--target` name or `targets.Target` (`jetson` resolves to orin / thor by
+    `compute_capability`); its rules (`targets.check_target`: precisions, TensorRT versions, GPU)
+    are applied first. None, for callers that predate targets: a Jetson GPU (sm_87, sm_110) gets
+    its Jetson target's rules, any other GPU those of `tensorrt`. `jetson` is this machine's
+    `jetson_identity()` (None off Jetson); TensorRT 11 on Jetson needs its JetPack version.
 
     Version-compatible builds set `VERSION_COMPATIBLE` and deliberately *not*
     `EXCLUDE_LEAN_RUNTIME`. The TensorRT docs (Version Compatibility) call embedding "the
@@ -131,16 +139,23 @@ def plan_build(
     and checksummed as a whole, so the lean runtime goes inside the plan.
     """
     profile.validate()
-    if precision not in ("fp32", "fp16", "int8", "fp8"):
-        raise ExportError(f"unknown TensorRT precision '{precision}'")
-    if precision == "fp8" and compute_capability is not None and tuple(compute_capability) < FP8_MIN_CC:
-        cc = ".".join(map(str, compute_capability))
+    cc = (int(compute_capability[0]), int(compute_capability[1])) if compute_capability is not None else None
+    if target is None:
+        chosen = jetson_target_for(cc) or TARGETS["jetson" if jetson is not None else "tensorrt"]
+    else:
+        chosen = get_target(target) if isinstance(target, str) else target
+    if chosen.backend != "tensorrt":
+        raise ExportError(f"target '{chosen.name}' runs ONNX Runtime; it builds no TensorRT engine")
+    if precision == "fp8" and cc is not None and cc < FP8_MIN_CC:
         raise ExportError(
-            f"fp8 needs compute capability >= 8.9 (Ada/Hopper); this GPU is sm_{cc.replace('.', '')} "
+            f"fp8 needs compute capability >= 8.9 (Ada/Hopper); this GPU is sm_{''.join(map(str, cc))} "
             "(Jetson Orin is 8.7): use --vision-precision int8 with calibration instead"
         )
+    chosen = check_target(chosen, precision, trt_version, cc, jetson)
+    if precision not in ("fp32", "fp16", "int8", "fp8"):
+        raise ExportError(f"unknown TensorRT precision '{precision}'")
     major = trt_major(trt_version)
-    notes: list[str] = []
+    notes: list[str] = [f"target {chosen.name}: {chosen.description}"] if chosen.jetson else []
     if major >= 11:
         # Strong typing is always on in 11.x: create_network() takes no typing flag.
         strongly_typed, flags = True, []
@@ -160,7 +175,7 @@ def plan_build(
             notes.append("version-compatible engines restrict tactics; expect slower kernels")
     return BuildPlan(
         precision, str(trt_version), strongly_typed, flags, profile, version_compatible, workspace_bytes, notes,
-        network_flags=[], lean_runtime=lean,
+        network_flags=[], lean_runtime=lean, target=chosen.name,
     )
 
 
@@ -276,7 +291,103 @@ def gpu_identity(device: int | None = None) -> dict[str, Any]:
     return {"gpu_name": props.name, "compute_capability": [props.major, props.minor]}
 
 
-def check_engine_compat(meta: dict[str, Any], trt_version: str, gpu: dict[str, Any]) -> None:
+NV_TEGRA_RELEASE = Path("/etc/nv_tegra_release")
+_L4T_LINE = re.compile(r"#\s*R(\d+)\s*\(release\),\s*REVISION:\s*(\d+(?:\.\d+)*)")
+
+
+def parse_l4t_release(text: str) -> str:
+    """'# R36 (release), REVISION: 4.3, GCID: ..., BOARD: generic, ...' -> '36.4.3'."""
+    lines = text.strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    m = _L4T_LINE.match(first)
+    if not m:
+        raise BuildError(
+            f"cannot read the L4T release from '{first[:80]}' (expected '# R36 (release), REVISION: 4.3, ...' in "
+            f"{NV_TEGRA_RELEASE}); is this Jetson's Jetson Linux installation intact?"
+        )
+    return f"{m.group(1)}.{m.group(2)}"
+
+
+def parse_jetpack_version(text: str | None) -> str | None:
+    """The `nvidia-jetpack` package version as a JetPack release: '6.2+b77' -> '6.2'; None when empty."""
+    m = re.match(r"\s*(\d+(?:\.\d+)*)", text or "")
+    return m.group(1) if m else None
+
+
+def _dpkg_jetpack() -> str | None:
+    """Version of the `nvidia-jetpack` meta package, if dpkg knows it (containers often lack it)."""
+    try:
+        done = subprocess.run(
+            ["dpkg-query", "--showformat=${Version}", "--show", "nvidia-jetpack"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def jetson_identity(release_file: Path | str = NV_TEGRA_RELEASE, read_jetpack: Callable[[], str | None] | None = None) -> dict[str, Any] | None:
+    """{'l4t': '36.4.3', 'jetpack': '6.2' or None} on a Jetson; None elsewhere (no L4T release file).
+
+    L4T (Jetson Linux) comes from the first line of /etc/nv_tegra_release; JetPack from the
+    `nvidia-jetpack` dpkg package when it is installed (`read_jetpack` replaces the dpkg query).
+    A release file that exists but cannot be read is refused rather than guessed.
+    """
+    path = Path(release_file)
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        raise BuildError(f"cannot read {path} ({exc}): the L4T release of this Jetson is needed to build or load engines") from None
+    return {"l4t": parse_l4t_release(text), "jetpack": parse_jetpack_version((read_jetpack or _dpkg_jetpack)())}
+
+
+def _l4t_release(ident: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(major, minor) of an identity's L4T ('36.4.3' -> (36, 4)); None when missing or unreadable."""
+    parts = str(ident.get("l4t") or "").split(".")
+    if len(parts) < 2 or not all(p.isdigit() for p in parts[:2]):
+        return None
+    return int(parts[0]), int(parts[1])
+
+
+def _describe_jetson(ident: Mapping[str, Any]) -> str:
+    jetpack = f", JetPack {ident['jetpack']}" if ident.get("jetpack") else ""
+    return f"L4T r{ident.get('l4t')}{jetpack}"
+
+
+def check_jetson_compat(meta: dict[str, Any], jetson: Mapping[str, Any] | None) -> None:
+    """Refuse an engine built for another L4T release, or on a Jetson when this is none (and the reverse).
+
+    An engine's metadata has `jetson`: the builder's `jetson_identity()` (None when it was not a
+    Jetson). Engines from before it was recorded have no such key and are not checked here (the
+    TensorRT-version and GPU checks still apply). L4T major.minor must match (r36.4.0 and r36.4.3
+    are one release; r36.3 and r36.4 are not): the release fixes the TensorRT, CUDA and driver.
+    """
+    if "jetson" not in meta:
+        return
+    built = meta["jetson"]
+    if built and not jetson:
+        raise BuildError(
+            f"engine was built on a Jetson ({_describe_jetson(built)}) but this machine is not one "
+            f"({NV_TEGRA_RELEASE} is missing). Rebuild it here (convllava-export build ... --target tensorrt)."
+        )
+    if jetson and not built:
+        raise BuildError(
+            f"engine was built off Jetson but this machine is a Jetson ({_describe_jetson(jetson)}). "
+            "Rebuild it here (convllava-export build ... --target jetson)."
+        )
+    if built and jetson:
+        rb, rh = _l4t_release(built), _l4t_release(jetson)
+        if rb is None:
+            raise BuildError(f"engine metadata names L4T '{built.get('l4t')}', which cannot be compared with this Jetson's. Rebuild it here.")
+        if rb != rh:
+            raise BuildError(
+                f"engine was built on {_describe_jetson(built)} but this Jetson runs {_describe_jetson(jetson)}: an L4T "
+                "release fixes the TensorRT, CUDA and driver an engine was built against. Rebuild it here (--target jetson)."
+            )
+
+
+def check_engine_compat(meta: dict[str, Any], trt_version: str, gpu: dict[str, Any], jetson: Mapping[str, Any] | None = None) -> None:
     """Refuse an engine this TensorRT and GPU cannot load, saying how to fix it.
 
     - Plain engines load only on the TensorRT version that built them.
@@ -287,7 +398,10 @@ def check_engine_compat(meta: dict[str, Any], trt_version: str, gpu: dict[str, A
       earlier convllava-export with `EXCLUDE_LEAN_RUNTIME`; they need `load_runtime()` of the
       building version's lean library, which a build folder does not carry: refused, rebuild.
     - Version compatibility is not hardware compatibility: the GPU model must still match.
+    - Jetson (`check_jetson_compat`): the L4T release must match, and an engine built on a Jetson
+      does not load off one, nor the reverse. `jetson` is this machine's `jetson_identity()`.
     """
+    check_jetson_compat(meta, jetson)
     built = str(meta.get("tensorrt_version", "?"))
     try:
         pb, pr = parse_trt_version(built), parse_trt_version(trt_version)
@@ -431,6 +545,28 @@ def _logger(trt):
     return _TRT_LOGGER
 
 
+def engine_metadata(plan: BuildPlan, trt_version: str, gpu: dict[str, Any], jetson: Mapping[str, Any] | None, onnx_name: str) -> dict[str, Any]:
+    """What `build_engine` writes to vision.engine.json: what `check_engine_compat` and `runtime_settings` read back.
+
+    `jetson` is the building machine's `jetson_identity()`; it is always written (None off
+    Jetson), so a missing key marks an engine from before L4T was recorded.
+    """
+    return {
+        "tensorrt_version": str(trt_version),
+        **gpu,
+        "jetson": dict(jetson) if jetson else None,
+        "target": plan.target,
+        "precision": plan.precision,
+        "strongly_typed": plan.strongly_typed,
+        "builder_flags": plan.builder_flags,
+        "network_flags": plan.network_flags,
+        "version_compatible": plan.version_compatible,
+        "lean_runtime": plan.lean_runtime,
+        "profile": plan.profile.to_dict(),
+        "onnx": onnx_name,
+    }
+
+
 def build_engine(onnx_path: Path, folder: Path, plan: BuildPlan, timing_cache: Path | None = None, progress: Progress = print) -> Path:
     """Build and serialize the engine into `folder` with its metadata JSON; returns the engine path.
 
@@ -439,6 +575,7 @@ def build_engine(onnx_path: Path, folder: Path, plan: BuildPlan, timing_cache: P
     """
     trt = require("tensorrt", "gpu", "TensorRT engines")
     gpu = gpu_identity()
+    jetson = jetson_identity()
     logger = _logger(trt)
     builder = trt.Builder(logger)
     net_flags = 0
@@ -471,18 +608,7 @@ def build_engine(onnx_path: Path, folder: Path, plan: BuildPlan, timing_cache: P
             write_timing_cache(cache_path, bytes(cache.serialize()))
         except OSError as exc:
             progress(f"warning: could not save the TensorRT timing cache {cache_path} ({exc})")
-    meta = {
-        "tensorrt_version": trt.__version__,
-        **gpu,
-        "precision": plan.precision,
-        "strongly_typed": plan.strongly_typed,
-        "builder_flags": plan.builder_flags,
-        "network_flags": plan.network_flags,
-        "version_compatible": plan.version_compatible,
-        "lean_runtime": plan.lean_runtime,
-        "profile": plan.profile.to_dict(),
-        "onnx": onnx_path.name,
-    }
+    meta = engine_metadata(plan, trt.__version__, gpu, jetson, onnx_path.name)
     (folder / ENGINE_META).write_text(json.dumps(meta, indent=2))
     return engine_path
 
@@ -498,7 +624,7 @@ def load_engine(folder: Path):
     if not meta_path.is_file():
         raise BuildError(f"{meta_path} is missing: cannot tell which GPU and TensorRT version built the engine")
     meta = json.loads(meta_path.read_text())
-    check_engine_compat(meta, trt.__version__, gpu_identity())
+    check_engine_compat(meta, trt.__version__, gpu_identity(), jetson_identity())
     runtime = trt.Runtime(_logger(trt))
     for attr, value in runtime_settings(meta).items():
         setattr(runtime, attr, value)

@@ -109,60 +109,49 @@ def export_decoder(llm: nn.Module, folder: Path, progress: Progress = print, ops
     del program
     progress(f"saving the token-embedding table ({EMBEDDINGS})")
     table = llm.get_input_embeddings().weight.detach()
-    np.save(folder / EMBEDDINGS, table.float().numpy() if dtype == torch.float32 else table.to(torch.float16).numpy())
-    spec = decoder_spec(GRAPH, "fp32" if dtype == torch.float32 else "fp16", opset, **dims, external_data=external)
+    # fp16 tables stay fp16 (half the bytes); bf16 ones go to fp32, which holds them exactly
+    np.save(folder / EMBEDDINGS, table.to(torch.float16).numpy() if dtype == torch.float16 else table.float().numpy())
+    spec = decoder_spec(GRAPH, {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype], opset, **dims, external_data=external)
     spec.attributes["eos_token_id"] = int(getattr(llm.config, "eos_token_id", 2) or 2)
     spec.save(folder)
     return spec
 
 
-def quantize_decoder(src: Path, dest: Path, precision: str, block_size: int = 32, progress: Progress = print) -> dict[str, Any]:
-    """int8: per-channel int8 weights (dynamic int8 activations); int4: MatMulNBits weight-only;
-    fp16: for the CUDA execution provider (RMSNorm's reductions kept in fp32)."""
-    info: dict[str, Any] = {"precision": precision}
-    external = (src.parent / (src.name + ".data")).exists()
-    if precision == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        progress("quantizing decoder weights to int8 (per channel)")
-        with quiet_logs():
-            quantize_dynamic(str(src), str(dest), per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], use_external_data_format=external)
-    elif precision == "int4":
-        if block_size < 16 or block_size & (block_size - 1):
-            raise ExportError(f"int4 block size must be a power of two >= 16, got {block_size}")
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        progress(f"quantizing decoder weights to int4 (MatMulNBits, block {block_size})")
-        model = onnx.load(str(src))
-        with quiet_logs():
-            quant = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, accuracy_level=4)
-            quant.process()
-        save_model(quant.model.model, dest)
-        info["block_size"] = block_size
-    elif precision == "fp16":
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        progress("converting decoder to fp16")
-        model = onnx.load(str(src))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = convert_float_to_float16(model, keep_io_types=False, op_block_list=["Pow", "ReduceMean", "Sqrt", "Reciprocal"])
-        save_model(out, dest)
-    else:
-        raise ExportError(f"unknown ONNX Runtime LLM precision '{precision}' (use {', '.join(ORT_PRECISIONS)})")
-    return info
-
-
 GRAPHS = ("dynamo", "gqa")
+GRAPH_CHOICES = ("auto", *GRAPHS)
+
+
+def choose_graph(requested: str, precision: str) -> tuple[str, str]:
+    """(graph, why). auto: the fused gqa layout for int4/int8 where onnxruntime-genai is
+    installed (1.5-2x faster decode on CPU, BENCHMARKS.md), our dynamo export otherwise."""
+    if requested != "auto":
+        return requested, f"--llm-graph {requested}"
+    from .llm_gqa import GQA_PRECISIONS, genai_available
+
+    if precision in ("int4", "int8") and precision in GQA_PRECISIONS:
+        if genai_available():
+            return "gqa", f"auto: fused gqa layout for {precision} (onnxruntime-genai installed)"
+        return "dynamo", "auto: dynamo graph (onnxruntime-genai not installed; pip install 'convllava-export[genai]' for the faster gqa layout)"
+    return "dynamo", f"auto: dynamo graph ({precision} is not built in the gqa layout)"
 
 
 def export_llm_onnxruntime(
-    llm: nn.Module, folder: Path, precision: str = "fp32", block_size: int = 32, progress: Progress = print, graph: str = "dynamo", tokenizer_dir: Path | None = None
+    llm: nn.Module | None,
+    folder: Path,
+    precision: str = "fp32",
+    block_size: int = 32,
+    progress: Progress = print,
+    graph: str = "dynamo",
+    tokenizer_dir: Path | None = None,
+    checkpoint: Any = None,
 ) -> PartSpec:
-    """Export + quantize into `folder`: decoder.onnx, decoder.json, embed_tokens.npy.
+    """Export + quantize into `folder`: decoder.onnx(+.data), decoder.json, embed_tokens.npy.
 
-    graph="dynamo": our torch.onnx export (exact; every precision). graph="gqa": ORT's fused
-    layout from onnxruntime-genai's builder (fp32/int8/int4; faster on CPU), see llm_gqa.py.
+    graph="dynamo": our torch.onnx export (exact; every precision), traced in the dtype `llm`
+    holds (the checkpoint's: no fp32 copy of a 7B decoder), then rewritten tensor by tensor to
+    fp32 / int8 / int4 by stream_quant.py. graph="gqa": ORT's fused layout from
+    onnxruntime-genai's builder, see llm_gqa.py; it reads the checkpoint's shards itself
+    (`checkpoint`: a CheckpointInfo) or saves `llm`.
     """
     if precision not in ORT_PRECISIONS:
         raise ExportError(f"precision '{precision}' is not available for the onnxruntime backend (use {', '.join(ORT_PRECISIONS)})")
@@ -172,21 +161,31 @@ def export_llm_onnxruntime(
     if graph == "gqa":
         from .llm_gqa import export_decoder_gqa
 
-        return export_decoder_gqa(llm.float(), folder, precision, block_size, tokenizer_dir, progress)
-    if precision == "fp32":
-        return export_decoder(llm.float(), folder, progress)
-    scratch = folder / "fp32"
+        return export_decoder_gqa(llm, folder, precision, block_size, tokenizer_dir, progress, checkpoint=checkpoint)
+    assert llm is not None, "the dynamo graph is traced from a loaded model"
+    dtype = next(llm.parameters()).dtype
+    if precision == "fp16" and dtype != torch.float16:
+        import copy
+
+        llm = copy.deepcopy(llm).half()  # small models only: large ones are loaded in fp16 for this
+        dtype = torch.float16
+    if (precision == "fp32" and dtype == torch.float32) or precision == "fp16":
+        return export_decoder(llm, folder, progress)
+    from .stream_quant import rewrite_weights
+
+    scratch = folder / "traced"
     scratch.mkdir()
     spec = export_decoder(llm, scratch, progress)
-    info = quantize_decoder(scratch / GRAPH, folder / GRAPH, precision, block_size, progress)
+    info = rewrite_weights(scratch / GRAPH, folder / GRAPH, precision, block_size, progress=progress)
     shutil.move(str(scratch / EMBEDDINGS), folder / EMBEDDINGS)
     shutil.rmtree(scratch)
     spec.precision = precision
-    spec.attributes.update({k: v for k, v in info.items() if k != "precision"})
-    if precision == "fp16":
-        for t in spec.inputs + spec.outputs:
-            if t.dtype == "float32":
-                t.dtype = "float16"
+    spec.attributes["external_data"] = (folder / (GRAPH + ".data")).exists()
+    spec.attributes.update({k: v for k, v in info.items() if k in ("block_size", "quantized_matmuls")})
+    spec.attributes["traced_dtype"] = str(dtype).replace("torch.", "")
+    for t in spec.inputs + spec.outputs:
+        if t.dtype in ("float16", "bfloat16"):
+            t.dtype = "float32"
     spec.save(folder)
     (folder / "decoder_report.json").write_text(json.dumps(info, indent=2))
     return spec

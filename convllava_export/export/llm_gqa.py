@@ -27,11 +27,13 @@ import numpy as np
 import onnx
 from torch import nn
 
+from ..checkpoint import CheckpointInfo, read_tensor
 from ..errors import ExportError
 from .spec import PartSpec, TensorSpec
 
 GRAPH = "decoder.onnx"
 EMBEDDINGS = "embed_tokens.npy"
+EMBED_KEY = "model.embed_tokens.weight"
 GQA_PRECISIONS = ("fp32", "int8", "int4")
 Progress = Callable[[str], None]
 
@@ -68,18 +70,61 @@ def last_position_logits(graph: Path) -> None:
     onnx.save(model, str(graph))
 
 
-def export_decoder_gqa(llm: nn.Module, folder: Path, precision: str = "int4", block_size: int = 32, tokenizer_dir: Path | None = None, progress: Progress = print) -> PartSpec:
-    """Build `folder/decoder.onnx` (+ .data) in the fused layout, with embed_tokens.npy and decoder.json."""
+def write_llm_folder(info: CheckpointInfo, dest: Path) -> None:
+    """A transformers LLaMA folder over the checkpoint's own shards: a config.json with the
+    dtype the weights are stored in, the weight index, and links to the shards (the projector
+    and tower keys in them are ignored by LlamaForCausalLM). No weight is copied."""
+    from ..checkpoint import WEIGHT_INDEX_NAMES, weights_dtype
+    from ..model.reference import llama_config
+
+    dest.mkdir(parents=True)
+    cfg = llama_config(info.config).to_dict()
+    cfg.update({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": str(weights_dtype(info)).replace("torch.", "")})
+    cfg["dtype"] = cfg["torch_dtype"]
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2))
+    for name in WEIGHT_INDEX_NAMES:
+        if (info.path / name).is_file():
+            shutil.copyfile(info.path / name, dest / name)
+    for f in info.weight_files:
+        (dest / f.name).symlink_to(f.resolve())
+
+
+def export_decoder_gqa(
+    llm: nn.Module | None,
+    folder: Path,
+    precision: str = "int4",
+    block_size: int = 32,
+    tokenizer_dir: Path | None = None,
+    progress: Progress = print,
+    checkpoint: CheckpointInfo | None = None,
+) -> PartSpec:
+    """Build `folder/decoder.onnx` (+ .data) in the fused layout, with embed_tokens.npy and decoder.json.
+
+    The builder's own int4/int8 path holds the whole fp32 model as one proto (3.5x the fp16
+    weights, measured: 48 GB for a 7B), so it is asked for fp32, which it writes tensor by
+    tensor, and stream_quant.py quantizes that graph one tensor at a time. With `checkpoint`,
+    the builder reads the checkpoint's own shards (linked, never copied), so this process holds
+    no weights at all while it runs.
+    """
+    from .stream_quant import rewrite_weights
+
     if precision not in GQA_PRECISIONS:
         raise ExportError(f"precision '{precision}' is not available for the gqa graph (use {', '.join(GQA_PRECISIONS)})")
     if not genai_available():
         raise ExportError("the gqa graph is built by onnxruntime-genai's model builder: pip install onnxruntime-genai (or use the default graph)")
+    if (llm is None) == (checkpoint is None):
+        raise ExportError("export_decoder_gqa takes either a loaded model or a checkpoint")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".gqa-", dir=folder.parent) as tmp:
         hf = Path(tmp) / "hf"
-        progress("writing the language model as a transformers folder for the builder")
-        llm.save_pretrained(hf, safe_serialization=True)
+        if checkpoint is not None:
+            progress("linking the checkpoint's language-model shards for the builder")
+            write_llm_folder(checkpoint, hf)
+            tokenizer_dir = tokenizer_dir or checkpoint.path
+        else:
+            progress("writing the language model as a transformers folder for the builder")
+            llm.save_pretrained(hf, safe_serialization=True)
         if tokenizer_dir:  # the builder writes tokenizer files for genai; ours come from the checkpoint
             for f in Path(tokenizer_dir).iterdir():
                 if f.name.startswith(("tokenizer", "special_tokens_map")) and f.is_file():
@@ -88,26 +133,35 @@ def export_decoder_gqa(llm: nn.Module, folder: Path, precision: str = "int4", bl
             shutil.copy(Path(__file__).parents[1] / "data" / "tiny_tokenizer.model", hf / "tokenizer.model")
         out = Path(tmp) / "out"
         cmd = [
-            sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(Path(tmp) / "cache"),
-            "--extra_options", "exclude_embeds=true", f"filename={GRAPH}", f"block_size={block_size}",
+            sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", "fp32", "-e", "cpu", "-c", str(Path(tmp) / "cache"),
+            "--extra_options", "exclude_embeds=true", f"filename={GRAPH}",
         ]
-        progress(f"building the fused {precision} graph (onnxruntime-genai model builder)")
+        progress("building the fused fp32 graph (onnxruntime-genai model builder, tensor by tensor)")
         log = Path(tmp) / "builder.log"
         with log.open("w") as fh:
             rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
         if rc != 0 or not (out / GRAPH).exists():
             tail = log.read_text(errors="replace")[-1500:]
             raise ExportError(f"onnxruntime-genai's model builder failed (exit {rc}):\n{tail}")
+        shutil.rmtree(hf)
         genai_cfg = json.loads((out / "genai_config.json").read_text())
-        for f in out.iterdir():
-            if f.name.startswith(GRAPH) or f.name == "genai_config.json":
-                shutil.move(str(f), folder / f.name)
+        if precision == "fp32":
+            for f in out.iterdir():
+                if f.name.startswith(GRAPH):
+                    shutil.move(str(f), folder / f.name)
+        else:
+            rewrite_weights(out / GRAPH, folder / GRAPH, precision, block_size, progress=progress)
+        (folder / "genai_config.json").write_text(json.dumps(genai_cfg, indent=2))
     last_position_logits(folder / GRAPH)
-    table = llm.get_input_embeddings().weight.detach().float().numpy()
+    if checkpoint is not None:
+        table = read_tensor(checkpoint, EMBED_KEY).float().numpy()
+    else:
+        table = llm.get_input_embeddings().weight.detach().float().numpy()
     np.save(folder / EMBEDDINGS, table)
+    vocab = int(table.shape[0])
+    del table
     dec = genai_cfg["model"]["decoder"]
     layers, kv_heads, head_dim, hidden = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"], dec["hidden_size"]
-    vocab = int(table.shape[0])
     spec = PartSpec(
         part="decoder",
         graph=GRAPH,
@@ -122,7 +176,7 @@ def export_decoder_gqa(llm: nn.Module, folder: Path, precision: str = "int4", bl
             TensorSpec("logits", "float32", ["batch", 1, vocab]),
             *[TensorSpec(f"present.{i}.{k}", "float32", ["batch", kv_heads, "total_sequence", head_dim]) for i in range(layers) for k in ("key", "value")],
         ],
-        attributes={"layout": "gqa", "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "hidden": hidden, "vocab": vocab, "block_size": block_size, "builder": "onnxruntime-genai"},
+        attributes={"layout": "gqa", "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "hidden": hidden, "vocab": vocab, "builder": "onnxruntime-genai", **({"block_size": block_size} if precision != "fp32" else {})},
     )
     spec.save(folder)
     return spec

@@ -89,9 +89,14 @@ class ReferenceModel:
         device: str = "cpu",
     ) -> ReferenceModel:
         info = read_checkpoint(path, vision_tower)
+        say = progress or (lambda msg: None)
+        if dtype == "auto":  # fp32 when it fits in the memory available, else the checkpoint's dtype
+            from ..sizing import model_size, reference_dtype
+
+            dtype, why = reference_dtype(model_size(info), "auto", with_vision=load_vision) if load_llm else ("fp32", "vision only")
+            say(f"reference dtype {dtype}: {why}")
         torch_dtype = DTYPES[dtype]
         tokenizer = load_tokenizer(info.path)
-        say = progress or (lambda msg: None)
         llm_cfg = llama_config(info.config)
         llm_cfg._attn_implementation = attn_implementation
         tcfg = tower_config(info.tower_config)
@@ -119,27 +124,28 @@ class ReferenceModel:
         found: dict[str, tuple[int, ...]] = {}
         for i, f in enumerate(info.weight_files, 1):
             say(f"loading {f.name} ({i}/{len(info.weight_files)})")
-            shard = load_shard(f, torch_dtype)
+            shard = load_shard(f, None)  # memory-mapped; each kept tensor is cast on its own below
             found.update({k: tuple(v.shape) for k, v in shard.items()})
             for k, v in shard.items():
                 if k in expected and tuple(v.shape) != expected[k]:
                     check_keys({k: expected[k]}, {k: tuple(v.shape)}, str(f))
+            cast = lambda v: v.to(torch_dtype) if v.is_floating_point() else v  # noqa: E731
             parts: dict[str, dict[str, torch.Tensor]] = {"p": {}, "t": {}, "l": {}}
             for k, v in shard.items():
                 if k.startswith(PROJECTOR_PREFIX):
-                    parts["p"][k[len(PROJECTOR_PREFIX):]] = v
+                    parts["p"][k[len(PROJECTOR_PREFIX):]] = cast(v)
                 elif k.startswith(TOWER_PREFIX):
-                    if not k.startswith(ignore):
-                        parts["t"][k[len(TOWER_PREFIX):]] = v
-                else:
-                    parts["l"][k] = v
+                    if not k.startswith(ignore) and load_vision:
+                        parts["t"][k[len(TOWER_PREFIX):]] = cast(v)
+                elif load_llm:
+                    parts["l"][k] = cast(v)
             _assign(projector, parts["p"])
             _assign(tower, parts["t"])
             if load_llm:
                 _assign(llm, parts["l"])
             del shard, parts
         check_keys(expected, found, str(info.path), ignore)
-        if info.tower_weights_source == "tower-folder":
+        if info.tower_weights_source == "tower-folder" and load_vision:
             assert info.tower_weight_file is not None
             say(f"loading vision tower from {info.tower_weight_file}")
             tw = load_shard(info.tower_weight_file, torch_dtype)

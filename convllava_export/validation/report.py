@@ -42,7 +42,7 @@ def accuracy_latency_plot(report: dict[str, Any]) -> str:
     ref = report["reference"]
     if ref.get("latency"):
         y = ref["task_accuracy"] if ref["task_accuracy"] is not None else 1.0
-        pts.append(("reference (torch fp32)", ref["latency"]["ttft_s"] * 1e3, y, "#444"))
+        pts.append((f"reference (torch {ref.get('dtype', 'fp32')})", ref["latency"]["ttft_s"] * 1e3, y, "#444"))
     xmax = max(p[1] for p in pts) * 1.15 or 1.0
     body = [f'<line x1="{pad}" y1="{h - pad}" x2="{w - 10}" y2="{h - pad}" stroke="#333"/>', f'<line x1="{pad}" y1="10" x2="{pad}" y2="{h - pad}" stroke="#333"/>']
     for k in range(6):
@@ -115,7 +115,7 @@ def render_html(report: dict[str, Any], images: dict[str, Any], worst: int = 4) 
     ref_acc = "–" if ref.get("task_accuracy") is None else f"{ref['task_accuracy']:.3f}"
     ref_lat = ref.get("latency") or {}
     rows.append(
-        f"<tr class='ref'><td>reference</td><td>torch fp32</td><td>torch fp32</td><td>1</td><td>0</td><td>1</td><td>1</td><td>1</td><td>{ref_acc}</td>"
+        f"<tr class='ref'><td>reference</td><td>torch {e(ref.get('dtype', 'fp32'))}</td><td>torch {e(ref.get('dtype', 'fp32'))}</td><td>1</td><td>0</td><td>1</td><td>1</td><td>1</td><td>{ref_acc}</td>"
         f"<td>{ref_lat.get('vision_s', 0) * 1e3:.1f}</td><td>{ref_lat.get('ttft_s', 0) * 1e3:.1f}</td><td>{ref_lat.get('decode_tokens_per_s', 0):.1f}</td></tr>"
     )
     hists = "".join(cosine_histogram(b, COLOURS[i % len(COLOURS)]) for i, b in enumerate(report["builds"]))
@@ -158,7 +158,7 @@ def render_html(report: dict[str, Any], images: dict[str, Any], worst: int = 4) 
 .verdict-PASSED{{color:#080}} .verdict-FAILED{{color:#b00}} .plots{{display:flex;flex-wrap:wrap;gap:16px}}
 .simulated td{{background:#f6f3ff}} .sim-badge{{font-size:11px;color:#5a3fb0;border:1px solid #5a3fb0;border-radius:3px;padding:0 3px}} .sim-latency{{color:#888}} .sim-note{{font-size:13px;color:#444}}</style></head><body>
 <h1>Accuracy versus quantization</h1>
-<p>Reference: <code>{e(str(ref['checkpoint']))}</code> (torch fp32). Data: {report['data']['items']} items ({e(', '.join(report['data']['kinds']))}),
+<p>Reference: <code>{e(str(ref['checkpoint']))}</code> (torch {e(ref.get('dtype', 'fp32'))}). Data: {report['data']['items']} items ({e(', '.join(report['data']['kinds']))}),
 greedy decoding, at most {report['data']['max_new_tokens']} new tokens. Generated {e(report['created'])}.</p>
 <h2 class="verdict-{verdict}" id="verdict">Gates ({e(gates)}): {verdict}</h2><ul>{fails}</ul>
 <h2>Builds</h2>

@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConvLlavaError
+from ..checkpoint import DTYPES
 from ..model.reference import ReferenceModel, TorchDecoder
+from ..progress import release_memory
 from ..preprocess import PreprocessConfig, load_image, preprocess
 from ..prompt import build_prompt, splice_embeddings, tokenize_with_images
 from ..runtime.generation import Timings, generate
@@ -43,9 +45,15 @@ class _ReferenceCache:
         self.max_new_tokens = max_new_tokens
         self.cache: dict[tuple, dict[str, Any]] = {}
 
+    def release(self) -> None:
+        """Drop the model: only the cached outputs are used from here on."""
+        self.model = self.decoder = None
+
     def get(self, item: Item, image, cfg: PreprocessConfig) -> dict[str, Any]:
         key = (item.id, repr(cfg))
         if key not in self.cache:
+            if self.model is None:
+                raise ConvLlavaError(f"no reference output for item {item.id} at {cfg}: it was not computed before the reference was released")
             t = Timings()
             t0 = time.perf_counter()
             px = preprocess(image, cfg)[None]
@@ -163,6 +171,7 @@ def validate(
     calib_limit: int = 32,
     prompts: str | Path | None = None,
     awq_block_size: int | None = None,
+    reference_dtype: str = "auto",
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Returns (report, images by item id).
 
@@ -183,9 +192,24 @@ def validate(
     if not builds and not formats:
         raise ConvLlavaError("nothing to validate: give build folders and/or formats to simulate")
     progress(f"loading the reference {reference}")
-    model = ReferenceModel.load(reference, vision_tower=vision_tower)
+    model = ReferenceModel.load(reference, vision_tower=vision_tower, dtype=reference_dtype, progress=progress)
+    ref_dtype = {v: k for k, v in DTYPES.items()}[model.dtype]
     ref = _ReferenceCache(model, max_new_tokens)
     images = {it.id: load_image(it.image) for it in items}
+    if not formats:
+        # every reference answer first, then the reference goes: a 7B reference and a build
+        # are never in memory together
+        from ..runtime.build_loader import preprocess_config
+        from ..build import read_manifest
+
+        for cfg in {repr(c): c for c in (preprocess_config(read_manifest(Path(b))) for b in builds)}.values():
+            for n, item in enumerate(items, 1):
+                ref.get(item, images[item.id], cfg)
+                if n % 8 == 0 or n == len(items):
+                    progress(f"reference: {n}/{len(items)} items")
+        ref.release()
+        del model
+        release_memory()
     results = []
     for b in builds:
         progress(f"validating {b}")
@@ -208,7 +232,7 @@ def validate(
     failures = check_gates(results, gates)
     report = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "reference": {"checkpoint": str(reference), "dtype": "fp32", "backend": "torch", "task_accuracy": float(np.mean(ref_acc)) if ref_acc else None,
+        "reference": {"checkpoint": str(reference), "dtype": ref_dtype, "backend": "torch", "task_accuracy": float(np.mean(ref_acc)) if ref_acc else None,
                       "latency": _latency([r["answer"].timings for r in ref_rows])},
         "data": {"items": len(items), "kinds": sorted({it.kind for it in items}), "max_new_tokens": max_new_tokens},
         "builds": results,
