@@ -162,6 +162,7 @@ def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress
     est = estimate_build(size, opts.vision_precision, opts.llm_precision, opts.llm_graph, opts.int4_block_size, opts.reference_dtype, opts.smoke_test, budget)
     progress(f"estimated peak memory {est.memory / 1e9:.1f} GB ({budget / 1e9:.1f} GB available), disk {est.disk / 1e9:.1f} GB; reference dtype: {est.reference_why}")
     check_fits(est, dest, budget, size, opts.llm_precision)
+    progress(f"LLM graph: {opts.llm_graph} ({opts.extra.get('llm_graph_why', '--llm-graph')})")
     started = time.perf_counter()
     log = StageLog(progress, 4 if opts.smoke_test else 2)
     with atomic_output_dir(dest, opts.force, BuildError) as tmp:

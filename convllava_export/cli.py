@@ -366,7 +366,6 @@ def build_cmd(checkpoint: Path, output: Path, **kw) -> None:
     kw["target"] = kw["target"] or default_target()
     kw["llm_graph"], why = choose_graph(kw["llm_graph"], kw["llm_precision"])
     kw["extra"] = {"llm_graph_why": why}
-    say(f"LLM graph: {kw['llm_graph']} ({why})")
     manifest = build(checkpoint, output, BuildOptions(**kw), progress=say)
     checks = manifest.get("checks", {})
     if checks:
@@ -695,6 +694,31 @@ def bench_e2e_cmd(builds, clients, requests_per_client, max_new_tokens, threads,
     if json_path:
         json_path.write_text(json.dumps(result, indent=2))
     out.print(markdown(result))
+
+
+@bench.command("real-size")
+@click.option("--workdir", type=click.Path(path_type=Path), required=True, help="checkpoint (written when absent, ~15 GB for 7B), build, GGUF and reports go here")
+@click.option("--shape", type=click.Choice(["vicuna-7b", "tinyllama"]), default="vicuna-7b", show_default=True)
+@click.option("--resolutions", default="768,1024,1536", show_default=True, help="`run` at each (the build is made at 768)")
+@click.option("--tokens", type=click.IntRange(1), default=128, show_default=True, help="decode tokens per run (ignore_eos)")
+@click.option("--torch-tokens", type=click.IntRange(1), default=16, show_default=True, help="decode tokens for the torch bf16 eager baseline")
+@click.option("--with-llama-cpp/--without-llama-cpp", default=True, show_default=True, help="llama.cpp Q4_0 on the same weights (needs llama-cpp-python and gguf)")
+@click.option("--reuse-build", is_flag=True, help="reuse WORKDIR/build-768 when present")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+def bench_real_size_cmd(workdir, shape, resolutions, tokens, torch_tokens, with_llama_cpp, reuse_build, json_path) -> None:
+    """The 7B sequence on this machine: build, run at 768/1024/1536, torch bf16 and llama.cpp side by side, validate, serve."""
+    from .benchmarks.real_size import real_size
+
+    if with_llama_cpp:
+        from .engines.llama_cpp import WHY
+        from .extras import require
+
+        require("llama_cpp", purpose=WHY)
+        require("gguf", purpose=WHY)
+    result = real_size(workdir, shape, tuple(int(r) for r in resolutions.split(",")), tokens, torch_tokens, with_llama_cpp, reuse_build, progress=say)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+    out.print_json(json.dumps(result["summary"]))
 
 
 @bench.command("serve")

@@ -69,7 +69,7 @@ def agreement_report(reference, cand, seqs, label: str) -> float:
     return float(np.mean(agreements))
 
 
-@pytest.mark.parametrize("precision, op", [("int8", "MatMulInteger"), ("int4", "MatMulNBits"), ("fp16", None)])
+@pytest.mark.parametrize("precision, op", [("int8", "MatMulNBits"), ("int4", "MatMulNBits"), ("fp16", None)])
 def test_quantized_variants_report_agreement(tiny_reference, tmp_path, precision, op):
     from convllava_export.calibration.images import synthetic_pixels
     from convllava_export.calibration.prompts import multimodal_sequences

@@ -113,6 +113,10 @@ def export_decoder(llm: nn.Module, folder: Path, progress: Progress = print, ops
     np.save(folder / EMBEDDINGS, table.to(torch.float16).numpy() if dtype == torch.float16 else table.float().numpy())
     spec = decoder_spec(GRAPH, {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype], opset, **dims, external_data=external)
     spec.attributes["eos_token_id"] = int(getattr(llm.config, "eos_token_id", 2) or 2)
+    if dtype != torch.float32:  # the graph's float inputs/outputs are in the traced dtype
+        for t in spec.inputs + spec.outputs:
+            if t.dtype == "float32":
+                t.dtype = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
     spec.save(folder)
     return spec
 
