@@ -27,7 +27,7 @@ class Cli(click.Group):
             return super().invoke(ctx)
         except ConvLlavaError as exc:
             console.print(f"[bold red]error:[/] {exc}", highlight=False)
-            ctx.exit(2)
+            ctx.exit(getattr(exc, "exit_code", 2))
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
             ctx.exit(130)
@@ -325,6 +325,12 @@ def _print_vision_report(report: dict) -> None:
         console.print(f"[bold red]warning:[/] {report['warning']}")
 
 
+def _gate_help(part: str) -> str:
+    from .gates import SMOKE_GATES
+
+    return ", ".join(f"{p} {v}" for p, v in SMOKE_GATES[part].items())
+
+
 def build_options(f):
     opts = [
         click.option("--target", type=click.Choice(list(TARGET_NAMES)), default=None, help="default: jetson on a Jetson, tensorrt when a GPU and TensorRT are present, else cpu; jetson picks orin (sm_87) or thor (sm_110) by the GPU found"),
@@ -344,6 +350,8 @@ def build_options(f):
         click.option("--llm-graph", type=click.Choice(["auto", "dynamo", "gqa"]), default="auto", show_default=True, help="auto: gqa (ORT's fused-attention layout) for int4/int8 when onnxruntime-genai is installed, else dynamo (our exact export)"),
         click.option("--reference-dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="torch reference for the smoke test; auto: fp32 when it fits in memory, else the checkpoint's dtype"),
         click.option("--smoke-test/--no-smoke-test", default=True, show_default=True, help="run the build once and compare it with the torch reference"),
+        click.option("--min-vision-cosine", type=click.FloatRange(-1, 1), default=None, help="smoke-test gate: image_embeds cosine to the reference (default by vision precision: " + _gate_help("vision") + ")"),
+        click.option("--min-token-agreement", type=click.FloatRange(0, 1), default=None, help="smoke-test gate: teacher-forced top-1 agreement with the reference's greedy answer (default by LLM precision: " + _gate_help("llm") + "); 0 turns it off"),
         click.option("--threads", type=click.IntRange(1), default=None),
         click.option("--vision-tower", default=None),
         click.option("--force", is_flag=True, help="replace an existing build folder once the new one is complete"),
@@ -369,7 +377,7 @@ def build_cmd(checkpoint: Path, output: Path, **kw) -> None:
     manifest = build(checkpoint, output, BuildOptions(**kw), progress=say)
     checks = manifest.get("checks", {})
     if checks:
-        say(f"smoke test answer: {checks['smoke_answer']!r}; greedy agreement with the reference {checks['greedy_token_agreement']:.2f}")
+        say(f"smoke test answer: {checks['smoke_answer']!r}; top-1 agreement with the reference {checks['token_agreement']:.3f} (gate {checks['gates']['thresholds']['token_agreement']}), vision cosine {checks['vision_cosine']:.5f} (gate {checks['gates']['thresholds']['vision_cosine']})")
     out.print(str(output))
 
 

@@ -27,3 +27,9 @@ class PromptError(ConvLlavaError):
 
 class MissingExtraError(ConvLlavaError):
     """An optional dependency is not installed."""
+
+
+class GateError(ConvLlavaError):
+    """A build was made but measured wrong (below an accuracy threshold): exit 1, nothing written."""
+
+    exit_code = 1

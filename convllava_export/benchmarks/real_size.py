@@ -100,7 +100,10 @@ def step_build(checkpoint: str, dest: str, resolution: str) -> dict[str, Any]:
     from ..export.llm import choose_graph
 
     graph, why = choose_graph("auto", "int4")
-    opts = BuildOptions(target="cpu", vision_precision="int8", llm_precision="int4", resolution=int(resolution), calib_images="builtin", calib_limit=8, llm_graph=graph, force=True, extra={"llm_graph_why": why})
+    # random weights: near-flat logits, so token agreement carries no signal; the gate is off
+    # here (figures still recorded) and the vision gate stays at its int8 default
+    opts = BuildOptions(target="cpu", vision_precision="int8", llm_precision="int4", resolution=int(resolution), calib_images="builtin", calib_limit=8,
+                        llm_graph=graph, force=True, min_token_agreement=0.0, extra={"llm_graph_why": why})
     manifest = build(checkpoint, dest, opts, progress=lambda m: print(m, file=sys.stderr, flush=True))
     disk = sum(f["bytes"] for f in manifest["files"].values())
     return {"stages": manifest["stages"], "estimate": manifest["estimate"], "checks": {k: v for k, v in manifest["checks"].items() if k != "timings"},

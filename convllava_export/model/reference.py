@@ -73,8 +73,9 @@ class ReferenceModel:
     vision: VisionEncoder | None
     llm: LlamaForCausalLM | None
     tokenizer: Any
-    dtype: torch.dtype
+    dtype: torch.dtype  # the LLM's
     device: torch.device = torch.device("cpu")
+    vision_dtype: torch.dtype | None = None  # the tower's and projector's (None: `dtype`)
 
     @classmethod
     def load(
@@ -90,12 +91,14 @@ class ReferenceModel:
     ) -> ReferenceModel:
         info = read_checkpoint(path, vision_tower)
         say = progress or (lambda msg: None)
-        if dtype == "auto":  # fp32 when it fits in the memory available, else the checkpoint's dtype
+        vision_dtype = None if dtype != "auto" else torch.float32  # auto: the tower (2.8 GB at 7B) stays fp32
+        if dtype == "auto":  # the LLM in fp32 when it fits in the memory available, else in the checkpoint's dtype
             from ..sizing import model_size, reference_dtype
 
             dtype, why = reference_dtype(model_size(info), "auto", with_vision=load_vision) if load_llm else ("fp32", "vision only")
             say(f"reference dtype {dtype}: {why}")
         torch_dtype = DTYPES[dtype]
+        vision_dtype = vision_dtype or torch_dtype
         tokenizer = load_tokenizer(info.path)
         llm_cfg = llama_config(info.config)
         llm_cfg._attn_implementation = attn_implementation
@@ -129,14 +132,14 @@ class ReferenceModel:
             for k, v in shard.items():
                 if k in expected and tuple(v.shape) != expected[k]:
                     check_keys({k: expected[k]}, {k: tuple(v.shape)}, str(f))
-            cast = lambda v: v.to(torch_dtype) if v.is_floating_point() else v  # noqa: E731
+            cast = lambda v, dt=torch_dtype: v.to(dt) if v.is_floating_point() else v  # noqa: E731
             parts: dict[str, dict[str, torch.Tensor]] = {"p": {}, "t": {}, "l": {}}
             for k, v in shard.items():
                 if k.startswith(PROJECTOR_PREFIX):
-                    parts["p"][k[len(PROJECTOR_PREFIX):]] = cast(v)
+                    parts["p"][k[len(PROJECTOR_PREFIX):]] = cast(v, vision_dtype)
                 elif k.startswith(TOWER_PREFIX):
                     if not k.startswith(ignore) and load_vision:
-                        parts["t"][k[len(TOWER_PREFIX):]] = cast(v)
+                        parts["t"][k[len(TOWER_PREFIX):]] = cast(v, vision_dtype)
                 elif load_llm:
                     parts["l"][k] = cast(v)
             _assign(projector, parts["p"])
@@ -148,7 +151,7 @@ class ReferenceModel:
         if info.tower_weights_source == "tower-folder" and load_vision:
             assert info.tower_weight_file is not None
             say(f"loading vision tower from {info.tower_weight_file}")
-            tw = load_shard(info.tower_weight_file, torch_dtype)
+            tw = load_shard(info.tower_weight_file, vision_dtype)
             tw = {k: v for k, v in tw.items() if not k.startswith(TOWER_UNUSED)}
             check_keys(tower_expected, {k: tuple(v.shape) for k, v in tw.items()}, str(info.tower_weight_file))
             _assign(tower, tw)
@@ -164,7 +167,7 @@ class ReferenceModel:
         if vision is not None and _still_meta(vision):
             raise CheckpointError(f"weights never loaded for: {', '.join(_still_meta(vision)[:10])}")
         dev = torch.device(device)
-        if dev.type == "cuda" and torch_dtype == torch.float32:
+        if dev.type == "cuda" and torch.float32 in (torch_dtype, vision_dtype):
             # an fp32 *reference* must be fp32: TF32 convolutions moved the conformance features by
             # 1.5e-3 on an H200 (tolerance 1e-4). This is process-wide, as torch's flags are.
             torch.backends.cudnn.allow_tf32 = False
@@ -174,14 +177,14 @@ class ReferenceModel:
                 vision.to(dev)
             if load_llm:
                 llm.to(dev)
-        return cls(info=info, vision=vision, llm=llm if load_llm else None, tokenizer=tokenizer, dtype=torch_dtype, device=dev)
+        return cls(info=info, vision=vision, llm=llm if load_llm else None, tokenizer=tokenizer, dtype=torch_dtype, device=dev, vision_dtype=vision_dtype)
 
     # -- the pieces every backend is compared against ------------------------------------
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor | np.ndarray) -> np.ndarray:
         """pixel_values [B,3,H,W] → image_embeds [B,N,hidden] (float32 numpy)."""
         assert self.vision is not None, "loaded without the vision part"
-        x = torch.as_tensor(pixel_values).to(self.device, self.dtype)
+        x = torch.as_tensor(pixel_values).to(self.device, self.vision_dtype or self.dtype)
         return self.vision(x).float().cpu().numpy()
 
     @torch.inference_mode()
