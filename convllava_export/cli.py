@@ -712,8 +712,10 @@ def bench_e2e_cmd(builds, clients, requests_per_client, max_new_tokens, threads,
 @click.option("--torch-tokens", type=click.IntRange(1), default=16, show_default=True, help="decode tokens for the torch bf16 eager baseline")
 @click.option("--with-llama-cpp/--without-llama-cpp", default=True, show_default=True, help="llama.cpp Q4_0 on the same weights (needs llama-cpp-python and gguf)")
 @click.option("--reuse-build", is_flag=True, help="reuse WORKDIR/build-768 when present")
+@click.option("--int4-block-size", type=click.IntRange(16), default=32, show_default=True)
+@click.option("--steps", default=",".join(("build", "run", "torch", "llama_cpp", "validate", "serve")), show_default=True, help="which steps to run")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
-def bench_real_size_cmd(workdir, shape, resolutions, tokens, torch_tokens, with_llama_cpp, reuse_build, json_path) -> None:
+def bench_real_size_cmd(workdir, shape, resolutions, tokens, torch_tokens, with_llama_cpp, reuse_build, int4_block_size, steps, json_path) -> None:
     """The 7B sequence on this machine: build, run at 768/1024/1536, torch bf16 and llama.cpp side by side, validate, serve."""
     from .benchmarks.real_size import real_size
 
@@ -723,7 +725,13 @@ def bench_real_size_cmd(workdir, shape, resolutions, tokens, torch_tokens, with_
 
         require("llama_cpp", purpose=WHY)
         require("gguf", purpose=WHY)
-    result = real_size(workdir, shape, tuple(int(r) for r in resolutions.split(",")), tokens, torch_tokens, with_llama_cpp, reuse_build, progress=say)
+    from .benchmarks.real_size import STEP_NAMES
+
+    chosen = tuple(s.strip() for s in steps.split(",") if s.strip())
+    if set(chosen) - set(STEP_NAMES):
+        raise ConvLlavaError(f"unknown step(s) {', '.join(sorted(set(chosen) - set(STEP_NAMES)))} (use {', '.join(STEP_NAMES)})")
+    result = real_size(workdir, shape, tuple(int(r) for r in resolutions.split(",")), tokens, torch_tokens, with_llama_cpp, reuse_build, progress=say,
+                       block=int4_block_size, steps=chosen)
     if json_path:
         json_path.write_text(json.dumps(result, indent=2))
     out.print_json(json.dumps(result["summary"]))

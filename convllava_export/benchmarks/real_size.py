@@ -95,7 +95,7 @@ def step_machine() -> dict[str, Any]:
             "memory_available_gb": round(available_memory() / GB, 1), "python": platform.python_version(), "torch": torch.__version__}
 
 
-def step_build(checkpoint: str, dest: str, resolution: str) -> dict[str, Any]:
+def step_build(checkpoint: str, dest: str, resolution: str, block: str = "32") -> dict[str, Any]:
     from ..build import BuildOptions, build
     from ..export.llm import choose_graph
 
@@ -103,7 +103,7 @@ def step_build(checkpoint: str, dest: str, resolution: str) -> dict[str, Any]:
     # random weights: near-flat logits, so token agreement carries no signal; the gate is off
     # here (figures still recorded) and the vision gate stays at its int8 default
     opts = BuildOptions(target="cpu", vision_precision="int8", llm_precision="int4", resolution=int(resolution), calib_images="builtin", calib_limit=8,
-                        llm_graph=graph, force=True, min_token_agreement=0.0, extra={"llm_graph_why": why})
+                        llm_graph=graph, force=True, min_token_agreement=0.0, int4_block_size=int(block), extra={"llm_graph_why": why})
     manifest = build(checkpoint, dest, opts, progress=lambda m: print(m, file=sys.stderr, flush=True))
     disk = sum(f["bytes"] for f in manifest["files"].values())
     return {"stages": manifest["stages"], "estimate": manifest["estimate"], "checks": {k: v for k, v in manifest["checks"].items() if k != "timings"},
@@ -248,14 +248,17 @@ STEPS = {"machine": step_machine, "build": step_build, "run": step_run, "torch":
 
 
 # -- the orchestrator ---------------------------------------------------------------------------
+STEP_NAMES = ("build", "run", "torch", "llama_cpp", "validate", "serve")
+
+
 def real_size(workdir: Path, shape: str = "vicuna-7b", resolutions: tuple[int, ...] = (768, 1024, 1536), tokens: int = 128, torch_tokens: int = 16,
-              with_llama_cpp: bool = True, skip_build: bool = False, progress=print) -> dict[str, Any]:
+              with_llama_cpp: bool = True, skip_build: bool = False, progress=print, block: int = 32, steps: tuple[str, ...] = STEP_NAMES) -> dict[str, Any]:
     from ..tiny import ModelShape, write_random_checkpoint
 
     workdir.mkdir(parents=True, exist_ok=True)
     ck = workdir / "ck" / "ConvLLaVA-tiny-sft"
-    build_dir = workdir / "build-768"
-    out: dict[str, Any] = {"shape": shape, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    build_dir = workdir / ("build-768" if block == 32 else f"build-768-b{block}")
+    out: dict[str, Any] = {"shape": shape, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "int4_block_size": block, "steps": list(steps)}
     progress("machine")
     out["machine"] = _child("machine")
     if not (ck / "config.json").is_file():
@@ -264,21 +267,25 @@ def real_size(workdir: Path, shape: str = "vicuna-7b", resolutions: tuple[int, .
         write_random_checkpoint(workdir / "ck", ModelShape.preset(shape))
         out["checkpoint_write_s"] = round(time.perf_counter() - t, 1)
     out["checkpoint_gb"] = round(sum(p.stat().st_size for p in (workdir / "ck").rglob("*") if p.is_file()) / GB, 2)
-    if not skip_build or not (build_dir / "manifest.json").is_file():
-        progress("build (int4 LLM, int8 vision, 768)")
-        out["build"] = _child("build", str(ck), str(build_dir), "768")
-    for r in resolutions:
-        progress(f"run at {r}")
-        out[f"run_{r}"] = _child("run", str(build_dir), str(r), str(tokens))
-    progress("torch eager bf16")
-    out["torch_768"] = _child("torch", str(ck), "768", str(torch_tokens))
-    if with_llama_cpp and "prompt_tokens" in out.get("run_768", {}):
+    if "build" in steps and (not skip_build or not (build_dir / "manifest.json").is_file()):
+        progress(f"build (int4 LLM block {block}, int8 vision, 768)")
+        out["build"] = _child("build", str(ck), str(build_dir), "768", str(block))
+    if "run" in steps:
+        for r in resolutions:
+            progress(f"run at {r}")
+            out[f"run_{r}"] = _child("run", str(build_dir), str(r), str(tokens))
+    if "torch" in steps:
+        progress("torch eager bf16")
+        out["torch_768"] = _child("torch", str(ck), "768", str(torch_tokens))
+    if "llama_cpp" in steps and with_llama_cpp and "prompt_tokens" in out.get("run_768", {}):
         progress("llama.cpp Q4_0")
         out["llama_cpp"] = _child("llama_cpp", str(ck), str(workdir), str(out["run_768"]["prompt_tokens"]), str(tokens))
-    progress("validate")
-    out["validate"] = _child("validate", str(build_dir), str(ck), str(workdir / "validation"))
-    progress("serve")
-    out["serve"] = _child("serve", str(build_dir), "32")
+    if "validate" in steps:
+        progress("validate")
+        out["validate"] = _child("validate", str(build_dir), str(ck), str(workdir / "validation"))
+    if "serve" in steps:
+        progress("serve")
+        out["serve"] = _child("serve", str(build_dir), "32")
     out["summary"] = summarize(out)
     return out
 

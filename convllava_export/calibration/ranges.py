@@ -102,13 +102,16 @@ def collect_ranges(
     if method != "minmax":
         d = HISTOGRAM_DEFAULTS[method]
         collector = HistogramCollector(method, d["symmetric"], d["num_bins"], d["num_quantized_bins"], d["percentile"], "same")
-    for i, px in enumerate(pixels):
-        if progress:
-            progress(f"calibration image {i + 1}/{len(pixels)} {tuple(px.shape[-2:])}")
+    from ..progress import Meter
+
+    meter = Meter("calibrating int8 activations", len(pixels), "images", progress, every=0.0) if progress else None
+    for px in pixels:
         feed = {"pixel_values": np.ascontiguousarray(px if px.ndim == 4 else px[None], dtype=np.float32)}
         out = session.run(scalars, feed)
         mins, maxs, sizes = (np.array(out[j::3]) for j in range(3))
         lo, hi = np.minimum(lo, mins), np.maximum(hi, maxs)
+        if meter:
+            meter.advance(1)
         if collector is not None:
             for group in _groups(tensors, sizes * 4, fetch_budget):
                 arrays = session.run(group, feed)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 from torch import nn
 
 from ..checkpoint import CheckpointInfo, read_tensor
@@ -153,8 +154,9 @@ def export_decoder_gqa(
             rewrite_weights(out / GRAPH, folder / GRAPH, precision, block_size, progress=progress)
         (folder / "genai_config.json").write_text(json.dumps(genai_cfg, indent=2))
     last_position_logits(folder / GRAPH)
-    if checkpoint is not None:
-        table = read_tensor(checkpoint, EMBED_KEY).float().numpy()
+    if checkpoint is not None:  # an fp16 table stays fp16 (exact, half the bytes); bf16 goes to fp32
+        t = read_tensor(checkpoint, EMBED_KEY)
+        table = t.numpy() if t.dtype == torch.float16 else t.float().numpy()
     else:
         table = llm.get_input_embeddings().weight.detach().float().numpy()
     np.save(folder / EMBEDDINGS, table)

@@ -125,8 +125,10 @@ class ReferenceModel:
             names = {k: expected.get(k, ()) for k in info.weight_map}
             check_keys({k: () for k in expected}, {k: () for k in names}, str(info.path), ignore)
         found: dict[str, tuple[int, ...]] = {}
-        for i, f in enumerate(info.weight_files, 1):
-            say(f"loading {f.name} ({i}/{len(info.weight_files)})")
+        from ..progress import Meter
+
+        meter = Meter(f"loading {info.path.name} ({len(info.weight_files)} shards)", sum(f.stat().st_size for f in info.weight_files), "bytes", say, every=0.0)
+        for f in info.weight_files:
             shard = load_shard(f, None)  # memory-mapped; each kept tensor is cast on its own below
             found.update({k: tuple(v.shape) for k, v in shard.items()})
             for k, v in shard.items():
@@ -142,11 +144,13 @@ class ReferenceModel:
                         parts["t"][k[len(TOWER_PREFIX):]] = cast(v, vision_dtype)
                 elif load_llm:
                     parts["l"][k] = cast(v)
+            meter.advance(f.stat().st_size)
             _assign(projector, parts["p"])
             _assign(tower, parts["t"])
             if load_llm:
                 _assign(llm, parts["l"])
             del shard, parts
+        meter.done()
         check_keys(expected, found, str(info.path), ignore)
         if info.tower_weights_source == "tower-folder" and load_vision:
             assert info.tower_weight_file is not None
