@@ -80,7 +80,7 @@ class BuildOptions:
     opt_size: str | None = None
     max_size: str = "2048x2048"
     max_batch: int = 4
-    int4_block_size: int = 32
+    int4_block_size: int = 128  # export/stream_quant.py BLOCK_SIZE
     llm_graph: str = "dynamo"  # or "gqa": ORT's fused attention layout (needs onnxruntime-genai)
     threads: int | None = None
     vision_tower: str | None = None

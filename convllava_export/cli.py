@@ -247,7 +247,7 @@ def export_vision_cmd(checkpoint, output, precision, calib_images, calib_method,
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt-llm"]), default="onnxruntime", show_default=True)
 @click.option("--precision", default="fp32", show_default=True, help="onnxruntime: fp32|fp16|int8|int4; tensorrt-llm: fp16|int8-sq|int8|fp8|int4-awq")
-@click.option("--int4-block-size", type=click.IntRange(16), default=32, show_default=True, help="onnxruntime int4 (MatMulNBits) block size")
+@click.option("--int4-block-size", type=click.IntRange(16), default=128, show_default=True, help="onnxruntime int4/int8 (MatMulNBits): weights per scale")
 @click.option("--graph", "llm_graph", type=click.Choice(["dynamo", "gqa"]), default="dynamo", show_default=True, help="onnxruntime: our exact export, or ORT's fused-attention layout (fp32/int8/int4; needs onnxruntime-genai)")
 @click.option("--awq-block-size", type=click.IntRange(8), default=128, show_default=True, help="tensorrt-llm int4-awq group size")
 @click.option("--calib-images", "--calib", "calib_images", default=None, help="tensorrt-llm: images for multimodal calibration prompts (folder, `calibrate` set, or 'builtin')")
@@ -346,7 +346,7 @@ def build_options(f):
         click.option("--opt-size", default=None),
         click.option("--max-size", default="2048x2048", show_default=True),
         click.option("--max-batch", type=click.IntRange(1), default=4, show_default=True),
-        click.option("--int4-block-size", type=click.IntRange(16), default=32, show_default=True),
+        click.option("--int4-block-size", type=click.IntRange(16), default=128, show_default=True, help="int4/int8 LLM weights per scale (MatMulNBits)"),
         click.option("--llm-graph", type=click.Choice(["auto", "dynamo", "gqa"]), default="auto", show_default=True, help="auto: gqa (ORT's fused-attention layout) for int4/int8 when onnxruntime-genai is installed, else dynamo (our exact export)"),
         click.option("--reference-dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="torch reference for the smoke test; auto: fp32 when it fits in memory, else the checkpoint's dtype"),
         click.option("--smoke-test/--no-smoke-test", default=True, show_default=True, help="run the build once and compare it with the torch reference"),
@@ -711,8 +711,8 @@ def bench_e2e_cmd(builds, clients, requests_per_client, max_new_tokens, threads,
 @click.option("--tokens", type=click.IntRange(1), default=128, show_default=True, help="decode tokens per run (ignore_eos)")
 @click.option("--torch-tokens", type=click.IntRange(1), default=16, show_default=True, help="decode tokens for the torch bf16 eager baseline")
 @click.option("--with-llama-cpp/--without-llama-cpp", default=True, show_default=True, help="llama.cpp Q4_0 on the same weights (needs llama-cpp-python and gguf)")
-@click.option("--reuse-build", is_flag=True, help="reuse WORKDIR/build-768 when present")
-@click.option("--int4-block-size", type=click.IntRange(16), default=32, show_default=True)
+@click.option("--reuse-build", is_flag=True, help="reuse WORKDIR/build-768-bBLOCK when present")
+@click.option("--int4-block-size", type=click.IntRange(16), default=128, show_default=True)
 @click.option("--steps", default=",".join(("build", "run", "torch", "llama_cpp", "validate", "serve")), show_default=True, help="which steps to run")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 def bench_real_size_cmd(workdir, shape, resolutions, tokens, torch_tokens, with_llama_cpp, reuse_build, int4_block_size, steps, json_path) -> None:

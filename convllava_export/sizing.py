@@ -134,7 +134,7 @@ def trace_dtype(size: ModelSize, precision: str, budget: int | None = None) -> s
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[size.weights_dtype]
 
 
-def quantized_llm_bytes(size: ModelSize, precision: str, block: int = 32) -> int:
+def quantized_llm_bytes(size: ModelSize, precision: str, block: int = 128) -> int:
     """Bytes of the exported decoder graph plus its fp32/fp16 embedding table."""
     matmul = size.llm_params - size.vocab * size.hidden  # the table is outside the graph
     per = {"fp32": 4.0, "fp16": 2.0, "int8": 1 + 4 / block, "int4": 0.5 + 4 / block}[precision]

@@ -95,7 +95,7 @@ def step_machine() -> dict[str, Any]:
             "memory_available_gb": round(available_memory() / GB, 1), "python": platform.python_version(), "torch": torch.__version__}
 
 
-def step_build(checkpoint: str, dest: str, resolution: str, block: str = "32") -> dict[str, Any]:
+def step_build(checkpoint: str, dest: str, resolution: str, block: str = "128") -> dict[str, Any]:
     from ..build import BuildOptions, build
     from ..export.llm import choose_graph
 
@@ -252,12 +252,12 @@ STEP_NAMES = ("build", "run", "torch", "llama_cpp", "validate", "serve")
 
 
 def real_size(workdir: Path, shape: str = "vicuna-7b", resolutions: tuple[int, ...] = (768, 1024, 1536), tokens: int = 128, torch_tokens: int = 16,
-              with_llama_cpp: bool = True, skip_build: bool = False, progress=print, block: int = 32, steps: tuple[str, ...] = STEP_NAMES) -> dict[str, Any]:
+              with_llama_cpp: bool = True, skip_build: bool = False, progress=print, block: int = 128, steps: tuple[str, ...] = STEP_NAMES) -> dict[str, Any]:
     from ..tiny import ModelShape, write_random_checkpoint
 
     workdir.mkdir(parents=True, exist_ok=True)
     ck = workdir / "ck" / "ConvLLaVA-tiny-sft"
-    build_dir = workdir / ("build-768" if block == 32 else f"build-768-b{block}")
+    build_dir = workdir / f"build-768-b{block}"
     out: dict[str, Any] = {"shape": shape, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "int4_block_size": block, "steps": list(steps)}
     progress("machine")
     out["machine"] = _child("machine")

@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import ExportError
 from ..model.reference import CACHE_KWARG
 from .spec import PartSpec, decoder_spec
+from .stream_quant import BLOCK_SIZE
 from .vision import quiet_logs, save_checked, save_model
 
 GRAPH = "decoder.onnx"
@@ -143,7 +144,7 @@ def export_llm_onnxruntime(
     llm: nn.Module | None,
     folder: Path,
     precision: str = "fp32",
-    block_size: int = 32,
+    block_size: int = BLOCK_SIZE,
     progress: Progress = print,
     graph: str = "dynamo",
     tokenizer_dir: Path | None = None,

@@ -31,6 +31,7 @@ from torch import nn
 from ..checkpoint import CheckpointInfo, read_tensor
 from ..errors import ExportError
 from .spec import PartSpec, TensorSpec
+from .stream_quant import BLOCK_SIZE
 
 GRAPH = "decoder.onnx"
 EMBEDDINGS = "embed_tokens.npy"
@@ -94,7 +95,7 @@ def export_decoder_gqa(
     llm: nn.Module | None,
     folder: Path,
     precision: str = "int4",
-    block_size: int = 32,
+    block_size: int = BLOCK_SIZE,
     tokenizer_dir: Path | None = None,
     progress: Progress = print,
     checkpoint: CheckpointInfo | None = None,

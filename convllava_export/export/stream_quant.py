@@ -27,6 +27,10 @@ from ..progress import Meter
 
 Progress = Callable[[str], None]
 WEIGHT_BITS = {"int4": 4, "int8": 8}
+# Weights per scale. 128 rather than llama.cpp's 32: on the 7B shapes it decoded 1.46x faster,
+# prefilled 1.6x faster and took 1.9 GB less memory at run time than 32, and on the trained mid
+# model it agreed better with the reference (top-1 0.993 vs 0.964; docs/real-size.md).
+BLOCK_SIZE = 128
 REWRITE_PRECISIONS = ("fp32", "int8", "int4")
 LOW_FLOATS = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 FLOATS = (TensorProto.FLOAT, *LOW_FLOATS)
@@ -133,7 +137,7 @@ def _retype_graph(graph: onnx.GraphProto) -> int:
     return changed
 
 
-def rewrite_weights(src: Path, dest: Path, precision: str, block_size: int = 32, accuracy_level: int = 4, progress: Progress = print) -> dict[str, Any]:
+def rewrite_weights(src: Path, dest: Path, precision: str, block_size: int = BLOCK_SIZE, accuracy_level: int = 4, progress: Progress = print) -> dict[str, Any]:
     """src graph (+ external data) → dest graph + dest.data at `precision`, streaming.
 
     fp32: every fp16/bf16 tensor and type becomes fp32. int4/int8: in addition, each MatMul
