@@ -125,7 +125,9 @@ def load_vision(folder: Path, manifest: dict[str, Any], threads: int | None = No
     from ..engines.profiles import VisionProfile
 
     threads = threads or manifest.get("threads")
-    ort_target = {"jetson": "tensorrt"}.get(manifest["target"], manifest["target"])
+    from ..targets import get_target
+
+    ort_target = "tensorrt" if get_target(manifest["target"]).backend == "tensorrt" else manifest["target"]
     profile = VisionProfile.from_dict(manifest["vision"]["profile"])
     backend = vision_backend or manifest["vision"]["backend"]
     if backend == "tensorrt":
@@ -145,7 +147,9 @@ def load_decoder(folder: Path, manifest: dict[str, Any], threads: int | None = N
     from ..engines.onnxruntime import open_decoder
 
     threads = threads or manifest.get("threads")
-    llm_target = llm_target or ("cpu" if manifest["target"] == "cpu" else "cuda")
+    from ..targets import get_target
+
+    llm_target = llm_target or get_target(manifest["target"]).ort_device
     return open_decoder(folder / manifest["llm"]["folder"], llm_target, threads), f"onnxruntime {manifest['llm']['precision']}"
 
 

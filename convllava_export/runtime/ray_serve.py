@@ -33,9 +33,9 @@ from .generation import Timings, TokenEvent  # noqa: E402
 from .sampling import SamplingParams  # noqa: E402
 from .engine import EngineSettings, Finished, QueueFull  # noqa: E402
 from .server import ApiError, ImageSource, ServerLimits, create_app, image_pixels  # noqa: E402
+from ..targets import GPU_TARGETS  # noqa: E402
 
 APP_NAME = "convllava"
-GPU_TARGETS = ("cuda", "tensorrt", "jetson")
 REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
 
 
