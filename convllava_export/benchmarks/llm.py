@@ -124,7 +124,8 @@ def _gguf_worker(shape: str, work: str, queue) -> None:
 
 
 def _export_worker(shape: str, work: str, queue) -> None:
-    from ..export.llm import GRAPH, export_decoder, quantize_decoder
+    from ..export.llm import GRAPH, export_decoder
+    from ..export.stream_quant import rewrite_weights
 
     work_p = Path(work)
     llm = build_llm(shape)
@@ -142,7 +143,7 @@ def _export_worker(shape: str, work: str, queue) -> None:
         folder = work_p / precision
         folder.mkdir(exist_ok=True)
         t = time.perf_counter()
-        quantize_decoder(work_p / "fp32" / GRAPH, folder / GRAPH, precision, 32, progress=lambda m: None)
+        rewrite_weights(work_p / "fp32" / GRAPH, folder / GRAPH, precision, progress=lambda m: None)
         times[f"quantize_{precision}_s"] = time.perf_counter() - t
         shutil.copy(work_p / "fp32" / "embed_tokens.npy", folder)
         spec = PartSpec.load(work_p / "fp32" / "decoder.json")
@@ -156,7 +157,7 @@ def _gqa_export_worker(shape: str, work: str, queue) -> None:
     from ..export.llm_gqa import export_decoder_gqa
 
     t = time.perf_counter()
-    export_decoder_gqa(build_llm(shape), Path(work) / "int4-gqa", "int4", 32, progress=lambda m: None)
+    export_decoder_gqa(build_llm(shape), Path(work) / "int4-gqa", "int4", progress=lambda m: None)
     queue.put({"export_int4_gqa_s": time.perf_counter() - t, "gqa_peak_rss_mb": peak_rss_mb()})
 
 
