@@ -27,9 +27,9 @@ import numpy as np
 from . import __version__
 from .errors import BuildError, ConvLlavaError
 from .targets import TARGET_NAMES, check_target, get_target
+from .manifest import SCHEMA_VERSION, read_manifest
 from .fsutil import SPOT_BLOCK, SPOT_BLOCKS, TOOL_NAME, atomic_output_dir, check_destination, json_sha256, sha256_file, spot_sha256
 
-SCHEMA_VERSION = 1
 TARGETS = TARGET_NAMES
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-llm", "numpy", "pillow")
@@ -359,16 +359,3 @@ def inspect_build(folder: str | Path) -> dict[str, Any]:
         "size_mb": round(sum(f["bytes"] for f in files.values()) / 1e6, 2),
         "files": len(files),
     }
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / "manifest.json"
-    if not path.is_file():
-        raise BuildError(f"{folder} is not a build folder (no manifest.json); create one with `convllava-export build`")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BuildError(f"{path} is not valid JSON: {exc}") from None
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise BuildError(f"{path}: schema version {manifest.get('schema_version')} is not {SCHEMA_VERSION}; rebuild with this version of convllava-export")
-    return manifest

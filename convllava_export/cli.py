@@ -102,7 +102,7 @@ def verify_cmd(build_dir: Path, as_json: bool) -> None:
 
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-    from .build import read_manifest
+    from .manifest import read_manifest
     from .errors import BuildError
     from .runtime.build_loader import check_files
 
@@ -537,7 +537,7 @@ def serve_cmd(
         return
     from dataclasses import asdict
 
-    from .build import read_manifest
+    from .manifest import read_manifest
     from .runtime import ray_serve
 
     read_manifest(build_dir)  # a clear error for a folder that is not a build, before Ray starts
@@ -747,7 +747,7 @@ def bench_real_size_cmd(workdir, shape, resolutions, tokens, torch_tokens, with_
 def bench_serve_cmd(build, concurrency, max_tokens, prompts_per_level, max_running, json_path) -> None:
     """Concurrency sweep against `serve` (vllm bench serve's metrics), batching on vs off in one run."""
     from .benchmarks.serving import bench_serving, markdown
-    from .build import read_manifest
+    from .manifest import read_manifest
 
     read_manifest(build)
     levels = [int(c) for c in concurrency.split(",")]
@@ -769,7 +769,7 @@ def bench_serve_cmd(build, concurrency, max_tokens, prompts_per_level, max_runni
 def bench_ray_cmd(build, replicas, clients, requests_per_client, max_new_tokens, no_local, json_path) -> None:
     """Throughput and p50/p95 under concurrent clients: single process vs Ray Serve with N replicas."""
     from .benchmarks.serve import bench_serve, markdown
-    from .build import read_manifest
+    from .manifest import read_manifest
 
     read_manifest(build)
     result = bench_serve(build, [int(r) for r in replicas.split(",")], clients, requests_per_client, max_new_tokens, not no_local, progress=say)

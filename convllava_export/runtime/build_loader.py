@@ -185,7 +185,7 @@ def load_pipeline_from_manifest(
 
 
 def load_pipeline(folder: str | Path, verify: str | bool = True, threads: int | None = None, **kw: Any) -> Pipeline:
-    from ..build import read_manifest
+    from ..manifest import read_manifest
 
     folder = Path(folder)
     return load_pipeline_from_manifest(folder, read_manifest(folder), verify, threads, **kw)

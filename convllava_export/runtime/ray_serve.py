@@ -289,7 +289,7 @@ class Ingress:
     """HTTP entry: the same FastAPI app as the single-process server, over RayBackend."""
 
     def __init__(self, vision: Any, llm: Any, args: dict[str, Any]) -> None:
-        from ..build import read_manifest
+        from ..manifest import read_manifest
 
         self.opts = RayServeOptions.from_dict(args)
         self.backend = RayBackend(vision, llm, self.opts, read_manifest(Path(self.opts.build_dir)))
@@ -300,7 +300,7 @@ class Ingress:
 
 def build_application(opts: RayServeOptions):
     """The bound application, with each deployment's options applied."""
-    from ..build import read_manifest
+    from ..manifest import read_manifest
 
     opts.validate()
     manifest = read_manifest(Path(opts.build_dir))
@@ -317,7 +317,7 @@ def app_builder(args: dict[str, Any]):
 
 def serve_config(opts: RayServeOptions, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME) -> dict[str, Any]:
     """A Serve config (the schema `serve deploy` and KubeRay's serveConfigV2 take) for this build."""
-    from ..build import read_manifest
+    from ..manifest import read_manifest
 
     opts.validate()
     manifest = read_manifest(Path(opts.build_dir))
@@ -365,7 +365,7 @@ def run(opts: RayServeOptions, address: str | None = None, host: str = "127.0.0.
 
     import ray
 
-    from ..build import read_manifest
+    from ..manifest import read_manifest
 
     opts.validate()
     target = read_manifest(Path(opts.build_dir))["target"]

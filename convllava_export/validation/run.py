@@ -200,7 +200,7 @@ def validate(
         # every reference answer first, then the reference goes: a 7B reference and a build
         # are never in memory together
         from ..runtime.build_loader import preprocess_config
-        from ..build import read_manifest
+        from ..manifest import read_manifest
 
         for cfg in {repr(c): c for c in (preprocess_config(read_manifest(Path(b))) for b in builds)}.values():
             for n, item in enumerate(items, 1):
