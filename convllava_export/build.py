@@ -26,11 +26,10 @@ import numpy as np
 
 from . import __version__
 from .errors import BuildError, ConvLlavaError
-from .targets import TARGET_NAMES, check_target, get_target
+from .targets import check_target, get_target
 from .manifest import SCHEMA_VERSION, read_manifest
 from .fsutil import SPOT_BLOCK, SPOT_BLOCKS, TOOL_NAME, atomic_output_dir, check_destination, json_sha256, sha256_file, spot_sha256
 
-TARGETS = TARGET_NAMES
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-llm", "numpy", "pillow")
 Progress = Callable[[str], None]
@@ -143,14 +142,15 @@ def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress
     from .calibration.images import calibration_source, split_heldout
     from .checkpoint import read_checkpoint
     from .engines.profiles import VisionProfile
-    from .export.llm import export_llm_onnxruntime
+    from .export.llm import export_llm_from_checkpoint
     from .export.vision import export_vision
     from .model.reference import ReferenceModel
     from .preprocess import DEFAULT_MAX_TOKENS, PreprocessConfig
     from .progress import StageLog
-    from .sizing import available_memory, check_fits, estimate_build, model_size, trace_dtype
+    from .sizing import available_memory, check_fits, estimate_build, model_size
 
     _validate(opts)
+    target = get_target(opts.target)
     dest = Path(dest)
     check_destination(dest, opts.force, BuildError)
     info = read_checkpoint(checkpoint, opts.vision_tower)
@@ -176,15 +176,9 @@ def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress
         sample = _smoke_sample(pcfg)
         sample["reference_embeds"] = ref.encode_images(sample["pixels"][None])[0]
         del ref, pixels, cal, held
-        trt_plan = _build_trt(tmp / "vision", opts, profile, progress) if get_target(opts.target).backend == "tensorrt" else None
+        trt_plan, jetson = _build_trt(tmp / "vision", opts, profile, progress) if target.backend == "tensorrt" else (None, None)
         log.stage(f"LLM export ({opts.llm_precision}, {opts.llm_graph} graph)")
-        if opts.llm_graph == "gqa":
-            export_llm_onnxruntime(None, tmp / "llm", opts.llm_precision, opts.int4_block_size, progress, "gqa", info.path, checkpoint=info)
-        else:
-            dtype = trace_dtype(size, opts.llm_precision, budget)
-            llm_ref = ReferenceModel.load(checkpoint, vision_tower=opts.vision_tower, dtype=dtype, load_vision=False, progress=progress)
-            export_llm_onnxruntime(llm_ref.llm, tmp / "llm", opts.llm_precision, opts.int4_block_size, progress, "dynamo", info.path)
-            del llm_ref
+        export_llm_from_checkpoint(info, tmp / "llm", opts.llm_precision, opts.int4_block_size, progress, opts.llm_graph, budget)
         _copy_tokenizer(info.path, tmp / "tokenizer")
         (tmp / "preprocessor_config.json").write_text(json.dumps({**info.preprocessor_config, "convllava_export": pcfg.to_dict()}, indent=2))
         manifest = {
@@ -195,9 +189,9 @@ def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress
             "libraries": library_versions(),
             "source": {"checkpoint": str(info.path), "vision_tower": str(info.tower_path), "tower_weights_from": info.tower_weights_source, "fingerprint": info.fingerprint(), "weights_dtype": str(size.weights_dtype).replace("torch.", "")},
             "target": trt_plan.target if trt_plan is not None else opts.target,
-            "jetson": trt_plan_jetson(trt_plan),
+            "jetson": jetson if trt_plan is not None and get_target(trt_plan.target).jetson else None,
             "vision": {
-                "backend": get_target(opts.target).backend,
+                "backend": target.backend,
                 "precision": opts.vision_precision,
                 "graph": "vision/vision.onnx",
                 "ort_graph": "vision/vision.ort.onnx" if (tmp / "vision" / "vision.ort.onnx").exists() else None,
@@ -248,29 +242,21 @@ def file_entries(folder: Path, block: int = SPOT_BLOCK, blocks: int = SPOT_BLOCK
 
 
 def _build_trt(folder: Path, opts: BuildOptions, profile, progress: Progress):
-    """The TensorRT vision engine; returns its plan (whose `target` resolves `jetson`)."""
+    """The TensorRT vision engine; returns its plan (whose `target` resolves `jetson`) and the
+    L4T/JetPack release of this machine (None off Jetson)."""
     from .engines.tensorrt import build_engine, gpu_identity, jetson_identity, plan_build
     from .extras import require
 
     trt = require("tensorrt", "gpu", "TensorRT engines")
-    gpu = gpu_identity()
+    gpu, jetson = gpu_identity(), jetson_identity()
     plan = plan_build(
         opts.vision_precision, trt.__version__, profile, tuple(gpu["compute_capability"]),
-        version_compatible=bool(opts.extra.get("version_compatible")), target=opts.target, jetson=jetson_identity(),
+        version_compatible=bool(opts.extra.get("version_compatible")), target=opts.target, jetson=jetson,
     )
     cache = Path(opts.extra.get("timing_cache") or Path.home() / ".cache" / "convllava-export" / "timing.cache")
     cache.parent.mkdir(parents=True, exist_ok=True)
     build_engine(folder / "vision.onnx", folder, plan, cache, progress)
-    return plan
-
-
-def trt_plan_jetson(plan) -> dict[str, Any] | None:
-    """The L4T/JetPack release a Jetson engine was built on (None off Jetson)."""
-    if plan is None or not get_target(plan.target).jetson:
-        return None
-    from .engines.tensorrt import jetson_identity
-
-    return jetson_identity()
+    return plan, jetson
 
 
 def _copy_tokenizer(src: Path, dest: Path) -> None:
@@ -319,9 +305,10 @@ def _smoke_test(folder: Path, manifest: dict, sample: dict, progress: Progress) 
 
     pipe = load_pipeline_from_manifest(folder, manifest, verify=False)
     built = pipe.generate(sample["image"], sample["question"], max_new_tokens=SMOKE_TOKENS)
-    cos = cosine_report([sample["reference_embeds"][None]], [pipe.vision.encode(sample["pixels"][None])])
+    embeds = pipe.vision.encode(sample["pixels"][None])
+    cos = cosine_report([sample["reference_embeds"][None]], [embeds])
     want = sample["reference_ids"]
-    seq = pipe.prepare(Request(sample["question"], [sample["image"]]), Timings())
+    seq = pipe.prepare(Request(sample["question"], [sample["image"]]), Timings(), [embeds[0]])
     top1 = teacher_forced_logits(pipe.decoder, seq, want).argmax(-1)
     agree = float(np.mean(top1 == np.asarray(want))) if want else 1.0
     checks = {

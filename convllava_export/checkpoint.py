@@ -28,6 +28,12 @@ WEIGHT_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.j
 SINGLE_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+EMBED_KEY = "model.embed_tokens.weight"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 → 'bf16': the names of DTYPES."""
+    return next(k for k, v in DTYPES.items() if v == dtype)
 
 
 @dataclass
@@ -222,7 +228,7 @@ def read_tensor(info: CheckpointInfo, key: str) -> torch.Tensor:
 
 def weights_dtype(info: CheckpointInfo) -> torch.dtype:
     """The dtype the LLM weights are stored in (that of its embedding table), read without loading."""
-    return read_tensor(info, "model.embed_tokens.weight").dtype
+    return read_tensor(info, EMBED_KEY).dtype
 
 
 def _read_keys(path: Path) -> list[str]:

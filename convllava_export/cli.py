@@ -257,7 +257,7 @@ def export_vision_cmd(checkpoint, output, precision, calib_images, calib_method,
 @click.option("--force", is_flag=True)
 def export_llm_cmd(checkpoint, output, backend, precision, int4_block_size, llm_graph, awq_block_size, calib_images, prompts, calib_limit, vision_tower, force) -> None:
     """Vicuna → ONNX Runtime decoder (KV cache, inputs_embeds) or a TensorRT-LLM checkpoint."""
-    from .export.llm import ORT_PRECISIONS, export_llm_onnxruntime
+    from .export.llm import ORT_PRECISIONS
     from .fsutil import atomic_output_dir, check_destination
     from .model.reference import ReferenceModel
 
@@ -277,16 +277,11 @@ def export_llm_cmd(checkpoint, output, backend, precision, int4_block_size, llm_
     check_destination(output, force)
     if backend == "onnxruntime":
         from .checkpoint import read_checkpoint
-        from .sizing import model_size, trace_dtype
+        from .export.llm import export_llm_from_checkpoint
 
         info = read_checkpoint(checkpoint, vision_tower)
         with atomic_output_dir(output, force) as tmp:
-            if llm_graph == "gqa":  # the builder reads the shards: nothing is loaded here
-                export_llm_onnxruntime(None, tmp, precision, int4_block_size, progress=say, graph="gqa", checkpoint=info)
-            else:  # traced in the checkpoint's own dtype: no fp32 copy of the decoder
-                dtype = trace_dtype(model_size(info), precision)
-                ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, dtype=dtype, load_vision=False, progress=say)
-                export_llm_onnxruntime(ref.llm, tmp, precision, int4_block_size, progress=say, graph="dynamo", tokenizer_dir=ref.info.path)
+            export_llm_from_checkpoint(info, tmp, precision, int4_block_size, say, llm_graph)
         out.print(str(output))
         return
     ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, load_vision=True, progress=say)

@@ -16,14 +16,12 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointInfo, weights_dtype
+from .checkpoint import DTYPES, CheckpointInfo, dtype_name, weights_dtype
 from .errors import BuildError
 
 GB = 1e9
 BASE_BYTES = 1.2 * GB  # interpreter, torch, onnxruntime, tokenizer
-DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 REFERENCE_DTYPES = ("auto", "fp32", "bf16", "fp16")
-DTYPE_OF = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -37,10 +35,10 @@ class ModelSize:
     @property
     def llm_bytes(self) -> int:
         """The LLM as stored (and as loaded in its own dtype)."""
-        return self.llm_params * DTYPE_BYTES[self.weights_dtype]
+        return self.llm_bytes_in(self.weights_dtype)
 
     def llm_bytes_in(self, dtype: torch.dtype) -> int:
-        return self.llm_params * DTYPE_BYTES[dtype]
+        return self.llm_params * dtype.itemsize
 
     @property
     def vision_fp32_bytes(self) -> int:
@@ -110,7 +108,7 @@ def reference_dtype(size: ModelSize, requested: str = "auto", with_vision: bool 
     checkpoint's own dtype. A forced dtype is taken as given."""
     if requested not in REFERENCE_DTYPES:
         raise BuildError(f"unknown reference dtype '{requested}' (use {', '.join(REFERENCE_DTYPES)})")
-    own = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[size.weights_dtype]
+    own = dtype_name(size.weights_dtype)
     if requested != "auto":
         return requested, f"--reference-dtype {requested}"
     budget = available_memory() if budget is None else budget
@@ -131,7 +129,7 @@ def trace_dtype(size: ModelSize, precision: str, budget: int | None = None) -> s
     budget = available_memory() if budget is None else budget
     if BASE_BYTES + 1.1 * size.llm_bytes_in(torch.float32) <= budget:
         return "fp32"
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[size.weights_dtype]
+    return dtype_name(size.weights_dtype)
 
 
 def quantized_llm_bytes(size: ModelSize, precision: str, block: int = 128) -> int:
@@ -168,12 +166,12 @@ def estimate_build(size: ModelSize, vision_precision: str, llm_precision: str, l
         # torch model + exported program + ORT sessions optimizing / calibrating the graph
         "vision export": BASE_BYTES + int(3.5 * v32),
         # gqa: the builder holds the LLM in its own dtype; dynamo: torch traces it in that dtype
-        "LLM export": BASE_BYTES + int(1.1 * (size.llm_bytes if llm_graph == "gqa" else size.llm_bytes_in(DTYPE_OF[trace_dtype(size, llm_precision, budget)]))),
+        "LLM export": BASE_BYTES + int(1.1 * (size.llm_bytes if llm_graph == "gqa" else size.llm_bytes_in(DTYPES[trace_dtype(size, llm_precision, budget)]))),
         "LLM rewrite": BASE_BYTES + 3 * size.vocab * size.hidden * 4,
     }
     if smoke_test:
         # the LLM alone: the reference image embeddings were computed in the vision phase
-        phases["reference check"] = BASE_BYTES + size.llm_bytes_in(DTYPE_OF[ref_dtype])
+        phases["reference check"] = BASE_BYTES + size.llm_bytes_in(DTYPES[ref_dtype])
         phases["smoke test"] = BASE_BYTES + built_llm + (v32 if vision_precision == "fp32" else v32 // 2)
     vision_disk = v32 * 2 if vision_precision == "fp32" else int(v32 * 1.3)
     scratch = size.llm_params * 4 if llm_graph == "gqa" else size.llm_bytes  # builder's fp32 graph / traced graph

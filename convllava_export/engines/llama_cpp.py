@@ -26,66 +26,50 @@ def permute_for_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(model: Any) -> dict[str, np.ndarray]:
-    """transformers LlamaForCausalLM → {gguf tensor name: f16/f32 array}."""
-    cfg = model.config
-    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    f16 = lambda a: a.astype(np.float16)  # noqa: E731
-    out = {"token_embd.weight": f16(sd["model.embed_tokens.weight"]), "output_norm.weight": sd["model.norm.weight"].astype(np.float32)}
-    out["output.weight"] = f16(sd["lm_head.weight"] if "lm_head.weight" in sd else sd["model.embed_tokens.weight"])
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        out[f"blk.{i}.attn_norm.weight"] = sd[p + "input_layernorm.weight"].astype(np.float32)
-        out[f"blk.{i}.ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"].astype(np.float32)
-        out[f"blk.{i}.attn_q.weight"] = f16(permute_for_rope(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads))
-        out[f"blk.{i}.attn_k.weight"] = f16(permute_for_rope(sd[p + "self_attn.k_proj.weight"], kv_heads))
-        out[f"blk.{i}.attn_v.weight"] = f16(sd[p + "self_attn.v_proj.weight"])
-        out[f"blk.{i}.attn_output.weight"] = f16(sd[p + "self_attn.o_proj.weight"])
-        out[f"blk.{i}.ffn_gate.weight"] = f16(sd[p + "mlp.gate_proj.weight"])
-        out[f"blk.{i}.ffn_up.weight"] = f16(sd[p + "mlp.up_proj.weight"])
-        out[f"blk.{i}.ffn_down.weight"] = f16(sd[p + "mlp.down_proj.weight"])
-    return out
-
-
 GGUF_NAMES = {
     "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
     "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
     "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
+TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
 
 
-def checkpoint_gguf_tensors(info: Any, config: Any) -> dict[str, np.ndarray]:
-    """The LLM's tensors straight from a checkpoint's shards, for a 7B without a full copy:
-    fp16 tensors are views on the memory-mapped shards (read as the GGUF is written); only the
-    permuted q/k (and any bf16 → f16 conversion) are copies."""
-    from ..checkpoint import load_shard
-
+def gguf_tensors(items: Any, config: Any) -> dict[str, np.ndarray]:
+    """(HF LLaMA name, tensor) pairs → {gguf tensor name: array}: norms f32, the rest f16,
+    q/k rows permuted as llama.cpp expects; other keys (projector, tower) are skipped. fp16
+    tensors become views (on memory-mapped shards: read only when the GGUF is written); only
+    the permuted q/k and dtype conversions are copies."""
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     out: dict[str, np.ndarray] = {}
-    for f in info.weight_files:
-        for key, t in load_shard(f, None).items():
-            if not key.startswith(("model.layers.", "model.embed_tokens", "model.norm", "lm_head")):
-                continue
-            arr = (t if t.dtype == torch.float16 else t.to(torch.float16)).numpy()
-            if key.startswith("model.layers."):
-                i, rest = key[len("model.layers."):].split(".", 1)
-                name = f"blk.{i}.{GGUF_NAMES[rest]}"
-                if rest.endswith("norm.weight"):
-                    arr = arr.astype(np.float32)
-                elif rest.startswith("self_attn.q_proj"):
-                    arr = permute_for_rope(arr, config.num_attention_heads)
-                elif rest.startswith("self_attn.k_proj"):
-                    arr = permute_for_rope(arr, kv_heads)
-            else:
-                name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}[key]
-                if name == "output_norm.weight":
-                    arr = arr.astype(np.float32)
-            out[name] = arr
-    if "output.weight" not in out:
-        out["output.weight"] = out["token_embd.weight"]
+    for key, t in items:
+        if key.startswith("model.layers."):
+            i, rest = key[len("model.layers."):].split(".", 1)
+            name = f"blk.{i}.{GGUF_NAMES[rest]}"
+        elif key in TOP_NAMES:
+            name, rest = TOP_NAMES[key], key
+        else:
+            continue
+        t = t.detach()
+        if rest.endswith("norm.weight"):
+            out[name] = t.float().numpy()
+            continue
+        arr = (t if t.dtype == torch.float16 else t.to(torch.float16)).numpy()
+        if rest.startswith("self_attn.q_proj"):
+            arr = permute_for_rope(arr, config.num_attention_heads)
+        elif rest.startswith("self_attn.k_proj"):
+            arr = permute_for_rope(arr, kv_heads)
+        out[name] = arr
+    out.setdefault("output.weight", out["token_embd.weight"])  # tied embeddings
     return out
+
+
+def checkpoint_items(info: Any) -> Any:
+    """Every (name, tensor) of a checkpoint's shards, memory-mapped, one shard at a time."""
+    from ..checkpoint import load_shard
+
+    for f in info.weight_files:
+        yield from load_shard(f, None).items()
 
 
 def write_gguf(model: Any, path: Path, checkpoint: Any = None) -> Path:
@@ -123,7 +107,7 @@ def write_gguf(model: Any, path: Path, checkpoint: Any = None) -> Path:
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
-    tensors = checkpoint_gguf_tensors(checkpoint, cfg) if checkpoint is not None else gguf_tensors(model)
+    tensors = gguf_tensors(checkpoint_items(checkpoint) if checkpoint is not None else model.state_dict().items(), cfg)
     for name, arr in tensors.items():
         w.add_tensor(name, arr)
     w.write_header_to_file()

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
@@ -25,7 +24,7 @@ from ..errors import ExportError
 from ..model.reference import CACHE_KWARG
 from .spec import PartSpec, decoder_spec
 from .stream_quant import BLOCK_SIZE
-from .vision import quiet_logs, save_checked, save_model
+from .vision import quiet_logs, save_checked
 
 GRAPH = "decoder.onnx"
 EMBEDDINGS = "embed_tokens.npy"
@@ -123,7 +122,6 @@ def export_decoder(llm: nn.Module, folder: Path, progress: Progress = print, ops
 
 
 GRAPHS = ("dynamo", "gqa")
-GRAPH_CHOICES = ("auto", *GRAPHS)
 
 
 def choose_graph(requested: str, precision: str) -> tuple[str, str]:
@@ -194,3 +192,19 @@ def export_llm_onnxruntime(
     spec.save(folder)
     (folder / "decoder_report.json").write_text(json.dumps(info, indent=2))
     return spec
+
+
+def export_llm_from_checkpoint(
+    info: Any, folder: Path, precision: str, block_size: int = BLOCK_SIZE, progress: Progress = print, graph: str = "dynamo", budget: int | None = None
+) -> PartSpec:
+    """`export_llm_onnxruntime` from a checkpoint (a CheckpointInfo), holding at most one copy
+    of the LLM: none with the gqa graph (the builder reads the shards), or the LLM alone in the
+    dtype `sizing.trace_dtype` picks for the memory available (`budget`)."""
+    from ..model.reference import ReferenceModel
+    from ..sizing import model_size, trace_dtype
+
+    if graph == "gqa":
+        return export_llm_onnxruntime(None, folder, precision, block_size, progress, "gqa", info.path, checkpoint=info)
+    dtype = trace_dtype(model_size(info), precision, budget)
+    ref = ReferenceModel.load(info.path, vision_tower=info.tower_path, dtype=dtype, load_vision=False, progress=progress)
+    return export_llm_onnxruntime(ref.llm, folder, precision, block_size, progress, "dynamo", info.path)

@@ -28,14 +28,13 @@ import onnx
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointInfo, read_tensor
+from ..checkpoint import EMBED_KEY, CheckpointInfo, read_tensor
 from ..errors import ExportError
 from .spec import PartSpec, TensorSpec
 from .stream_quant import BLOCK_SIZE
 
 GRAPH = "decoder.onnx"
 EMBEDDINGS = "embed_tokens.npy"
-EMBED_KEY = "model.embed_tokens.weight"
 GQA_PRECISIONS = ("fp32", "int8", "int4")
 Progress = Callable[[str], None]
 
@@ -81,7 +80,7 @@ def write_llm_folder(info: CheckpointInfo, dest: Path) -> None:
 
     dest.mkdir(parents=True)
     cfg = llama_config(info.config).to_dict()
-    cfg.update({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": str(weights_dtype(info)).replace("torch.", "")})
+    cfg.update({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": str(weights_dtype(info)).replace("torch.", "")})  # transformers' names
     cfg["dtype"] = cfg["torch_dtype"]
     (dest / "config.json").write_text(json.dumps(cfg, indent=2))
     for name in WEIGHT_INDEX_NAMES:

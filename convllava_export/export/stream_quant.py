@@ -38,32 +38,12 @@ INLINE_BYTES = 1024  # smaller tensors stay inside the .onnx file
 ALIGN = 4096
 
 
-def _np_dtype(elem: int) -> np.dtype:
-    if elem == TensorProto.BFLOAT16:
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
-
-
 def read_initializer(t: TensorProto, base: Path) -> np.ndarray:
-    """One initializer's values, read from its external file (not memory-mapped) or inline."""
-    shape = tuple(t.dims)
-    if t.data_location == TensorProto.EXTERNAL:
-        info = {e.key: e.value for e in t.external_data}
-        path = base / info["location"]
-        dtype = _np_dtype(t.data_type)
-        count = int(np.prod(shape, dtype=np.int64))
-        with path.open("rb") as fh:
-            fh.seek(int(info.get("offset", 0)))
-            buf = fh.read(count * dtype.itemsize)
-        if len(buf) != count * dtype.itemsize:
-            raise ExportError(f"{path} is truncated: tensor '{t.name}' needs {count * dtype.itemsize} bytes at offset {info.get('offset', 0)}")
-        return np.frombuffer(buf, dtype=dtype).reshape(shape)
-    if t.data_type == TensorProto.BFLOAT16:
-        raw = t.raw_data if t.raw_data else np.asarray(t.int32_data, dtype=np.uint16).tobytes()
-        return np.frombuffer(raw, dtype=_np_dtype(t.data_type)).reshape(shape)
-    return numpy_helper.to_array(t)
+    """One initializer's values, read from its external file (only its own bytes) or inline."""
+    try:
+        return numpy_helper.to_array(t, base_dir=str(base))
+    except ValueError as exc:
+        raise ExportError(f"the weights of '{t.name}' cannot be read from {base}: the data file is truncated or corrupt ({exc})") from None
 
 
 def _quantize(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,7 +109,7 @@ def _retype_graph(graph: onnx.GraphProto) -> int:
                 attr.i = TensorProto.FLOAT
                 changed += 1
             elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in LOW_FLOATS:
-                value = read_initializer(attr.t, Path(".")).astype(np.float32)
+                value = numpy_helper.to_array(attr.t).astype(np.float32)
                 attr.t.CopyFrom(numpy_helper.from_array(value, attr.t.name))
                 changed += 1
             elif attr.type == onnx.AttributeProto.GRAPH:

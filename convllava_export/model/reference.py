@@ -91,14 +91,15 @@ class ReferenceModel:
     ) -> ReferenceModel:
         info = read_checkpoint(path, vision_tower)
         say = progress or (lambda msg: None)
-        vision_dtype = None if dtype != "auto" else torch.float32  # auto: the tower (2.8 GB at 7B) stays fp32
-        if dtype == "auto":  # the LLM in fp32 when it fits in the memory available, else in the checkpoint's dtype
-            from ..sizing import model_size, reference_dtype
+        if dtype == "auto":  # the LLM in fp32 when it fits in the memory available, else in the checkpoint's
+            from ..sizing import model_size, reference_dtype  # dtype; the tower (2.8 GB at 7B) stays fp32
 
             dtype, why = reference_dtype(model_size(info), "auto", with_vision=load_vision) if load_llm else ("fp32", "vision only")
             say(f"reference dtype {dtype}: {why}")
+            vision_dtype = torch.float32
+        else:
+            vision_dtype = DTYPES[dtype]
         torch_dtype = DTYPES[dtype]
-        vision_dtype = vision_dtype or torch_dtype
         tokenizer = load_tokenizer(info.path)
         llm_cfg = llama_config(info.config)
         llm_cfg._attn_implementation = attn_implementation
@@ -128,13 +129,13 @@ class ReferenceModel:
         from ..progress import Meter
 
         meter = Meter(f"loading {info.path.name} ({len(info.weight_files)} shards)", sum(f.stat().st_size for f in info.weight_files), "bytes", say, every=0.0)
+        cast = lambda v, dt=torch_dtype: v.to(dt) if v.is_floating_point() else v  # noqa: E731
         for f in info.weight_files:
             shard = load_shard(f, None)  # memory-mapped; each kept tensor is cast on its own below
             found.update({k: tuple(v.shape) for k, v in shard.items()})
             for k, v in shard.items():
                 if k in expected and tuple(v.shape) != expected[k]:
                     check_keys({k: expected[k]}, {k: tuple(v.shape)}, str(f))
-            cast = lambda v, dt=torch_dtype: v.to(dt) if v.is_floating_point() else v  # noqa: E731
             parts: dict[str, dict[str, torch.Tensor]] = {"p": {}, "t": {}, "l": {}}
             for k, v in shard.items():
                 if k.startswith(PROJECTOR_PREFIX):

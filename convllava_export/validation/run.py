@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConvLlavaError
-from ..checkpoint import DTYPES
+from ..checkpoint import dtype_name
 from ..model.reference import ReferenceModel, TorchDecoder
 from ..progress import release_memory
 from ..preprocess import PreprocessConfig, load_image, preprocess
@@ -193,7 +193,7 @@ def validate(
         raise ConvLlavaError("nothing to validate: give build folders and/or formats to simulate")
     progress(f"loading the reference {reference}")
     model = ReferenceModel.load(reference, vision_tower=vision_tower, dtype=reference_dtype, progress=progress)
-    ref_dtype = {v: k for k, v in DTYPES.items()}[model.dtype]
+    ref_dtype = dtype_name(model.dtype)
     ref = _ReferenceCache(model, max_new_tokens)
     images = {it.id: load_image(it.image) for it in items}
     if not formats:
