@@ -6,7 +6,8 @@ Layout of a build folder:
     preprocessor_config.json      the tower's preprocessing + mode / resolution / token budget
     tokenizer/                    the checkpoint's tokenizer files
     vision/  vision.onnx, vision.ort.onnx, vision.json, vision_report.json[, vision.engine(.json)]
-    llm/     decoder.onnx, decoder.json, embed_tokens.npy
+    llm/     decoder.onnx, decoder.json, embed_tokens.npy       (--llm-backend onnxruntime)
+             engine/, convllava_trtllm.json                      (--llm-backend tensorrt-llm)
 The folder is assembled in a temporary sibling and renamed into place only when complete.
 """
 
@@ -28,9 +29,9 @@ from . import __version__
 from .errors import BuildError, ConvLlavaError
 from .targets import check_target, get_target
 from .manifest import SCHEMA_VERSION, read_manifest
+from .tokenizer import copy_tokenizer
 from .fsutil import SPOT_BLOCK, SPOT_BLOCKS, TOOL_NAME, atomic_output_dir, check_destination, json_sha256, sha256_file, spot_sha256
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-llm", "numpy", "pillow")
 Progress = Callable[[str], None]
 
@@ -81,6 +82,9 @@ class BuildOptions:
     max_batch: int = 4
     int4_block_size: int = 128  # export/stream_quant.py BLOCK_SIZE
     llm_graph: str = "dynamo"  # or "gqa": ORT's fused attention layout (needs onnxruntime-genai)
+    llm_backend: str = "onnxruntime"  # or "tensorrt-llm": ModelOpt + trtllm-build (engine flow)
+    awq_block_size: int = 128  # tensorrt-llm int4-awq group size
+    calib_prompts: str | None = None  # tensorrt-llm: JSONL of calibration questions (default: built in)
     threads: int | None = None
     vision_tower: str | None = None
     force: bool = False
@@ -92,25 +96,15 @@ class BuildOptions:
 
 
 def _validate(opts: BuildOptions) -> None:
-    from .export.llm import ORT_PRECISIONS
-    from .export.vision import PRECISIONS
+    """Everything about the options and this machine that can be refused before any work."""
+    from .options import check_llm, check_trtllm_here, check_vision
 
     target = get_target(opts.target)
-    if opts.vision_precision not in PRECISIONS:
-        raise BuildError(f"unknown vision precision '{opts.vision_precision}' (use {', '.join(PRECISIONS)})")
-    if opts.llm_precision not in ORT_PRECISIONS:
-        raise BuildError(
-            f"LLM precision '{opts.llm_precision}' is not built by `build` for ONNX Runtime (use {', '.join(ORT_PRECISIONS)}); "
-            "TensorRT-LLM precisions (int8-sq, fp8, int4-awq) go through `convllava-export export llm --backend tensorrt-llm`"
-        )
-    if opts.llm_graph == "gqa":
-        from .export.llm_gqa import GQA_PRECISIONS, genai_available
-
-        if opts.llm_precision not in GQA_PRECISIONS:
-            raise BuildError(f"--llm-graph gqa builds {', '.join(GQA_PRECISIONS)}; for '{opts.llm_precision}' use the default graph")
-        if not genai_available():
-            raise BuildError("--llm-graph gqa needs onnxruntime-genai's model builder: pip install 'convllava-export[genai]'")
+    check_vision(opts.vision_precision)
+    check_llm(opts.llm_backend, opts.llm_precision, opts.llm_graph)
     check_target(target, opts.vision_precision)
+    if opts.llm_backend == "tensorrt-llm" and target.ort_device != "cuda":
+        raise BuildError(f"--llm-backend tensorrt-llm runs on an NVIDIA GPU; target '{opts.target}' is the CPU (use --target tensorrt, orin or cuda)")
     if target.ort_device == "cuda":
         from .extras import available
 
@@ -126,7 +120,13 @@ def _validate(opts: BuildOptions) -> None:
             from .engines.tensorrt import gpu_identity, jetson_identity
 
             gpu = gpu_identity()
-            check_target(target, opts.vision_precision, trt.__version__, tuple(gpu["compute_capability"]), jetson_identity(), gpu.get("gpu_name"))
+            target = check_target(target, opts.vision_precision, trt.__version__, tuple(gpu["compute_capability"]), jetson_identity(), gpu.get("gpu_name"))
+        if opts.llm_backend == "tensorrt-llm":
+            check_trtllm_here(opts.llm_precision, target.name)
+
+
+# what a TensorRT-LLM precision weighs, for the memory and disk estimate (sizing.py knows ORT's)
+_ESTIMATE_AS = {"fp16": "fp16", "int8": "int8", "int8-sq": "int8", "fp8": "int8", "int4-awq": "int4"}
 
 
 def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress: Progress = print) -> dict[str, Any]:
@@ -161,10 +161,13 @@ def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress
         raise BuildError(f"vision precision {opts.vision_precision} needs --calib-images DIR (or a `calibrate` set, or --calib-images builtin)")
     size = model_size(info)
     budget = available_memory()
-    est = estimate_build(size, opts.vision_precision, opts.llm_precision, opts.llm_graph, opts.int4_block_size, opts.reference_dtype, opts.smoke_test, budget)
+    llm_as = _ESTIMATE_AS[opts.llm_precision] if opts.llm_backend == "tensorrt-llm" else opts.llm_precision
+    est = estimate_build(size, opts.vision_precision, llm_as, opts.llm_graph, opts.int4_block_size, opts.reference_dtype, opts.smoke_test, budget)
     progress(f"estimated peak memory {est.memory / 1e9:.1f} GB ({budget / 1e9:.1f} GB available), disk {est.disk / 1e9:.1f} GB; reference dtype: {est.reference_why}")
-    check_fits(est, dest, budget, size, opts.llm_precision)
-    progress(f"LLM graph: {opts.llm_graph} ({opts.extra.get('llm_graph_why', '--llm-graph')})")
+    check_fits(est, dest, budget, size, llm_as)
+    if opts.llm_backend == "onnxruntime":
+        progress(f"LLM graph: {opts.llm_graph} ({opts.extra.get('llm_graph_why', '--llm-graph')})")
+    max_visual = min(profile.max_visual_tokens, DEFAULT_MAX_TOKENS) if opts.mode == "native" and not opts.max_tokens else opts.max_tokens or (res // 64) ** 2
     started = time.perf_counter()
     log = StageLog(progress, 4 if opts.smoke_test else 2)
     with atomic_output_dir(dest, opts.force, BuildError) as tmp:
@@ -177,9 +180,14 @@ def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress
         sample["reference_embeds"] = ref.encode_images(sample["pixels"][None])[0]
         del ref, pixels, cal, held
         trt_plan, jetson = _build_trt(tmp / "vision", opts, profile, progress) if target.backend == "tensorrt" else (None, None)
-        log.stage(f"LLM export ({opts.llm_precision}, {opts.llm_graph} graph)")
-        export_llm_from_checkpoint(info, tmp / "llm", opts.llm_precision, opts.int4_block_size, progress, opts.llm_graph, budget)
-        _copy_tokenizer(info.path, tmp / "tokenizer")
+        if opts.llm_backend == "tensorrt-llm":
+            log.stage(f"TensorRT-LLM engine ({opts.llm_precision})")
+            llm_part = _build_trtllm(checkpoint, tmp, opts, max_visual, progress)
+        else:
+            log.stage(f"LLM export ({opts.llm_precision}, {opts.llm_graph} graph)")
+            export_llm_from_checkpoint(info, tmp / "llm", opts.llm_precision, opts.int4_block_size, progress, opts.llm_graph, budget)
+            llm_part = {"backend": "onnxruntime", "graph": opts.llm_graph, "graph_choice": opts.extra.get("llm_graph_why", "--llm-graph")}
+        copy_tokenizer(info.path, tmp / "tokenizer")
         (tmp / "preprocessor_config.json").write_text(json.dumps({**info.preprocessor_config, "convllava_export": pcfg.to_dict()}, indent=2))
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -198,9 +206,9 @@ def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress
                 "profile": profile.to_dict(),
                 "report": vis.report.get("heldout"),
             },
-            "llm": {"backend": "onnxruntime", "precision": opts.llm_precision, "graph": opts.llm_graph, "graph_choice": opts.extra.get("llm_graph_why", "--llm-graph"), "folder": "llm", "vocab_size": size.vocab},
+            "llm": {**llm_part, "precision": opts.llm_precision, "folder": "llm", "vocab_size": size.vocab},
             "preprocess": pcfg.to_dict(),
-            "token_budget": {"max_visual_tokens_per_image": min(profile.max_visual_tokens, DEFAULT_MAX_TOKENS) if opts.mode == "native" and not opts.max_tokens else opts.max_tokens or (res // 64) ** 2, "max_context": int(info.config.get("tokenizer_model_max_length", 2048))},
+            "token_budget": {"max_visual_tokens_per_image": max_visual, "max_context": int(info.config.get("tokenizer_model_max_length", 2048))},
             "prompt_template": "vicuna_v1",
             "threads": opts.threads,
             "estimate": est.to_dict(),
@@ -259,11 +267,27 @@ def _build_trt(folder: Path, opts: BuildOptions, profile, progress: Progress):
     return plan, jetson
 
 
-def _copy_tokenizer(src: Path, dest: Path) -> None:
-    dest.mkdir()
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dest / name)  # not copy2: the checkpoint's modes would override the umask
+def _build_trtllm(checkpoint, tmp: Path, opts: BuildOptions, max_visual: int, progress: Progress) -> dict[str, Any]:
+    """The engine flow into tmp/llm: ModelOpt quantization calibrated on multimodal prompts (the
+    calibration images spliced into templated questions), the TensorRT-LLM checkpoint in a
+    scratch folder, then `trtllm-build` with a prompt table for max batch x visual tokens."""
+    from .engines.tensorrt_llm import META, TrtLlmBuildConfig, build_trtllm_engine, export_trtllm_checkpoint
+    from .export.trtllm import calibration_sequences
+    from .model.reference import ReferenceModel
+
+    ref = ReferenceModel.load(checkpoint, vision_tower=opts.vision_tower, dtype="fp16", progress=progress)
+    seqs = [] if opts.llm_precision == "fp16" else calibration_sequences(ref, opts.calib_images, opts.calib_prompts, opts.calib_limit, progress)
+    scratch = tmp.parent / f"{tmp.name}-trtllm-checkpoint"
+    try:
+        meta = export_trtllm_checkpoint(ref.llm, seqs, opts.llm_precision, scratch, opts.awq_block_size, progress=progress)
+        del ref
+        cfg = TrtLlmBuildConfig(max_batch_size=opts.max_batch, max_visual_tokens=max_visual)
+        (tmp / "llm").mkdir()
+        build_trtllm_engine(scratch, tmp / "llm" / "engine", cfg, progress)
+        shutil.copyfile(scratch / META, tmp / "llm" / META)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"backend": "tensorrt-llm", "engine": "llm/engine", "quant_algo": meta["quant_algo"], "calibration": meta["calibration"], "engine_config": cfg.__dict__}
 
 
 def _smoke_sample(pcfg) -> dict[str, Any]:

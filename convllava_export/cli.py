@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import ConvLlavaError
+from .precisions import LLM_BACKENDS, LLM_GRAPHS, ORT_LLM, TRTLLM_ENGINE, TRTLLM_FORMATS, TRTLLM_HF, VISION
 from .targets import TARGET_NAMES
 
 console = Console(stderr=True, soft_wrap=True)
@@ -206,7 +207,7 @@ def export() -> None:
 @export.command("vision")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="destination folder (must not exist)")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(list(VISION)), default="fp32", show_default=True)
 @click.option("--calib-images", "--calib", "calib_images", default=None, help="calibration images folder, a `calibrate` set, or 'builtin'")
 @click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
 @click.option("--calib-limit", type=click.IntRange(1), default=64, show_default=True)
@@ -245,64 +246,41 @@ def export_vision_cmd(checkpoint, output, precision, calib_images, calib_method,
 @export.command("llm")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt-llm"]), default="onnxruntime", show_default=True)
-@click.option("--precision", default="fp32", show_default=True, help="onnxruntime: fp32|fp16|int8|int4; tensorrt-llm: fp16|int8-sq|int8|fp8|int4-awq")
+@click.option("--backend", type=click.Choice(list(LLM_BACKENDS)), default="onnxruntime", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(list(TRTLLM_FORMATS)), default="engine", show_default=True,
+              help="tensorrt-llm: engine = checkpoint for trtllm-build (TensorRT-LLM 0.12-1.2.x); hf = ModelOpt unified HF checkpoint for the PyTorch backend (1.x)")
+@click.option("--precision", default="fp32", show_default=True,
+              help=f"onnxruntime: {'|'.join(ORT_LLM)}; tensorrt-llm engine: {'|'.join(TRTLLM_ENGINE)}; tensorrt-llm hf: {'|'.join(TRTLLM_HF)}")
 @click.option("--int4-block-size", type=click.IntRange(16), default=128, show_default=True, help="onnxruntime int4/int8 (MatMulNBits): weights per scale")
-@click.option("--graph", "llm_graph", type=click.Choice(["dynamo", "gqa"]), default="dynamo", show_default=True, help="onnxruntime: our exact export, or ORT's fused-attention layout (fp32/int8/int4; needs onnxruntime-genai)")
-@click.option("--awq-block-size", type=click.IntRange(8), default=128, show_default=True, help="tensorrt-llm int4-awq group size")
+@click.option("--graph", "llm_graph", type=click.Choice(list(LLM_GRAPHS)), default="dynamo", show_default=True, help="onnxruntime: our exact export, or ORT's fused-attention layout (fp32/int8/int4; needs onnxruntime-genai)")
+@click.option("--awq-block-size", type=click.IntRange(8), default=128, show_default=True, help="tensorrt-llm int4-awq / w4a8-awq group size")
 @click.option("--calib-images", "--calib", "calib_images", default=None, help="tensorrt-llm: images for multimodal calibration prompts (folder, `calibrate` set, or 'builtin')")
 @click.option("--prompts", type=click.Path(path_type=Path), default=None, help="JSONL of calibration questions")
 @click.option("--calib-limit", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--vision-tower", type=click.Path(path_type=Path), default=None)
 @click.option("--force", is_flag=True)
-def export_llm_cmd(checkpoint, output, backend, precision, int4_block_size, llm_graph, awq_block_size, calib_images, prompts, calib_limit, vision_tower, force) -> None:
+def export_llm_cmd(checkpoint, output, backend, fmt, precision, int4_block_size, llm_graph, awq_block_size, calib_images, prompts, calib_limit, vision_tower, force) -> None:
     """Vicuna → ONNX Runtime decoder (KV cache, inputs_embeds) or a TensorRT-LLM checkpoint."""
-    from .export.llm import ORT_PRECISIONS
     from .fsutil import atomic_output_dir, check_destination
-    from .model.reference import ReferenceModel
+    from .options import check_llm, check_trtllm_here
 
-    if backend == "onnxruntime" and precision not in ORT_PRECISIONS:
-        raise ConvLlavaError(f"precision '{precision}' is not available for the onnxruntime backend (use {', '.join(ORT_PRECISIONS)})")
-    if llm_graph == "gqa":
-        from .export.llm_gqa import GQA_PRECISIONS, genai_available
-
-        if backend != "onnxruntime" or precision not in GQA_PRECISIONS:
-            raise ConvLlavaError(f"--graph gqa is for the onnxruntime backend at {', '.join(GQA_PRECISIONS)}")
-        if not genai_available():
-            raise ConvLlavaError("--graph gqa needs onnxruntime-genai's model builder: pip install 'convllava-export[genai]'")
+    check_llm(backend, precision, llm_graph, fmt)
     if backend == "tensorrt-llm":
-        from .engines.tensorrt_llm import check_precision, local_compute_capability
-
-        check_precision(precision, local_compute_capability() if precision == "fp8" else (9, 0))
+        if precision != "fp16" and calib_images is None:
+            raise ConvLlavaError(f"{precision} is calibrated on multimodal prompts: pass --calib-images DIR (or a `calibrate` set, or 'builtin' for the synthetic set)")
+        check_trtllm_here(precision, "tensorrt", fmt, build_engine=False)  # a checkpoint: trtllm-build runs later, on the GPU
     check_destination(output, force)
-    if backend == "onnxruntime":
-        from .checkpoint import read_checkpoint
-        from .export.llm import export_llm_from_checkpoint
-
-        info = read_checkpoint(checkpoint, vision_tower)
-        with atomic_output_dir(output, force) as tmp:
-            export_llm_from_checkpoint(info, tmp, precision, int4_block_size, say, llm_graph)
-        out.print(str(output))
-        return
-    ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, load_vision=True, progress=say)
     with atomic_output_dir(output, force) as tmp:
-        from .calibration.prompts import load_questions, multimodal_sequences
-        from .engines.tensorrt_llm import TrtLlmBuildConfig, export_trtllm_checkpoint, trtllm_build_command
-        from .preprocess import PreprocessConfig
+        if backend == "onnxruntime":
+            from .checkpoint import read_checkpoint
+            from .export.llm import export_llm_from_checkpoint
 
-        cfg = PreprocessConfig.from_preprocessor_config(ref.info.preprocessor_config)
-        cal, held, source = calibration_pixels(calib_images, cfg, calib_limit, needed=precision != "fp16")
-        if calib_images and (Path(calib_images) / "calib.json").is_file():
-            from .calibration.dataset import read_calibration_set
-
-            _, seqs, _ = read_calibration_set(calib_images, cfg)  # prompts spliced at `calibrate` time
+            export_llm_from_checkpoint(read_checkpoint(checkpoint, vision_tower), tmp, precision, int4_block_size, say, llm_graph)
         else:
-            seqs = multimodal_sequences(ref, cal + held, load_questions(prompts))
-        say(f"{len(seqs)} multimodal calibration prompts from {source}")
-        meta = export_trtllm_checkpoint(ref.llm, seqs, precision, tmp, awq_block_size, progress=say)
-        tokens = (cfg.resolution // 64) ** 2
-        cmd = trtllm_build_command(output, output / "engine", TrtLlmBuildConfig(max_visual_tokens=tokens))
-        say(f"quant_algo {meta['quant_algo']}; next, on the GPU: {' '.join(cmd)}")
+            from .export.trtllm import export_llm_tensorrt
+
+            meta = export_llm_tensorrt(checkpoint, tmp, precision, fmt, awq_block_size, calib_images, prompts, calib_limit, vision_tower, say)
+            say(f"quant_algo {meta['quant_algo']}; next, on the GPU: " + (meta["next"].replace(str(tmp), str(output)) if "next" in meta else f"trtllm-serve {output} (docs/tensorrt-llm.md)"))
     out.print(str(output))
 
 
@@ -329,8 +307,11 @@ def _gate_help(part: str) -> str:
 def build_options(f):
     opts = [
         click.option("--target", type=click.Choice(list(TARGET_NAMES)), default=None, help="default: jetson on a Jetson, tensorrt when a GPU and TensorRT are present, else cpu; jetson picks orin (sm_87) or thor (sm_110) by the GPU found"),
-        click.option("--vision-precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]), default="fp32", show_default=True),
-        click.option("--llm-precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="fp32", show_default=True),
+        click.option("--vision-precision", type=click.Choice(list(VISION)), default="fp32", show_default=True),
+        click.option("--llm-backend", type=click.Choice(list(LLM_BACKENDS)), default="onnxruntime", show_default=True, help="tensorrt-llm: ModelOpt + trtllm-build engine flow, on the GPU (TensorRT-LLM 0.12-1.2.x)"),
+        click.option("--llm-precision", type=click.Choice(list(dict.fromkeys(ORT_LLM + TRTLLM_ENGINE))), default="fp32", show_default=True, help=f"onnxruntime: {'|'.join(ORT_LLM)}; tensorrt-llm: {'|'.join(TRTLLM_ENGINE)}"),
+        click.option("--awq-block-size", type=click.IntRange(8), default=128, show_default=True, help="tensorrt-llm int4-awq group size"),
+        click.option("--calib-prompts", type=click.Path(path_type=str), default=None, help="tensorrt-llm: JSONL of calibration questions (default: built in)"),
         click.option("--mode", type=click.Choice(["pad", "native"]), default="pad", show_default=True),
         click.option("--resolution", type=click.IntRange(64), default=None, help="default: the tower's native resolution"),
         click.option("--max-tokens", type=click.IntRange(1), default=None, help="native mode: visual-token budget per image"),
@@ -367,8 +348,11 @@ def build_cmd(checkpoint: Path, output: Path, **kw) -> None:
     from .export.llm import choose_graph
 
     kw["target"] = kw["target"] or default_target()
-    kw["llm_graph"], why = choose_graph(kw["llm_graph"], kw["llm_precision"])
-    kw["extra"] = {"llm_graph_why": why}
+    if kw["llm_backend"] == "onnxruntime":
+        kw["llm_graph"], why = choose_graph(kw["llm_graph"], kw["llm_precision"])
+        kw["extra"] = {"llm_graph_why": why}
+    else:
+        kw["llm_graph"] = "dynamo"  # not used by tensorrt-llm
     manifest = build(checkpoint, output, BuildOptions(**kw), progress=say)
     checks = manifest.get("checks", {})
     if checks:

@@ -1,6 +1,6 @@
 """Build targets: the one table of what each `--target` builds, on which GPUs and TensorRT versions.
 
-A leaf module (it imports only `errors`), so the CLI, `build`, the TensorRT engine code and the
+A leaf module (it imports only `errors` and `precisions`), so the CLI, `build`, the TensorRT engine code and the
 loaders can all read the same rules without importing torch or TensorRT.
 
 | target | vision backend | GPUs | TensorRT | vision precisions |
@@ -21,7 +21,7 @@ NVIDIA JetPack 7.2.2 or later on Jetson AGX Orin and Jetson Thor" (not Orin on J
 
 nvfp4: TensorRT has the E2M1 FP4 type from 10.8 ("Added support for E2M1 FP4 data type on NVIDIA
 Blackwell GPUs using explicit quantization", TensorRT 10.8.0 release notes), but this tool's
-vision export writes no nvfp4 graph (see `export/vision.py` `PRECISIONS`), so nvfp4 is refused
+vision export writes no nvfp4 graph (see `precisions.VISION`), so nvfp4 is refused
 on every target with the reason that applies first.
 """
 
@@ -33,10 +33,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import BuildError
+from .precisions import VISION
 
-# Must equal convllava_export.export.vision.PRECISIONS (tests/test_targets.py checks it; not
-# imported here because that module imports torch and onnx).
-VISION_PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+VISION_PRECISIONS = VISION  # precisions.py: the one list
 NVFP4 = "nvfp4"  # known to TensorRT on Blackwell, not exported by this tool yet
 
 FP8_MIN_CC = (8, 9)  # FP8 tensor cores: Ada / Hopper / Blackwell; Jetson Orin (8.7) has none

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
@@ -19,3 +21,14 @@ def load_tokenizer(folder: str | os.PathLike) -> Any:
     if tok.bos_token_id is None or tok.eos_token_id is None:
         raise CheckpointError(f"tokenizer in {folder} defines no <s>/</s> tokens")
     return tok
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+
+
+def copy_tokenizer(src: Path, dest: Path) -> None:
+    """The checkpoint's tokenizer files into `dest` (made, or added to)."""
+    dest.mkdir(exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dest / name)  # not copy2: the checkpoint's modes would override the umask

@@ -35,11 +35,8 @@ from convllava_export.errors import BuildError, ExportError
 PROFILE = VisionProfile.from_strings("64x64", "1536x1536", "2048x2048", (1, 1, 4))
 
 
-def test_profile_shapes_and_ep_options():
+def test_profile_shapes():
     assert PROFILE.shapes() == ((1, 3, 64, 64), (1, 3, 1536, 1536), (4, 3, 2048, 2048))
-    opts = PROFILE.ort_trt_options()
-    assert opts["trt_profile_max_shapes"] == "pixel_values:4x3x2048x2048"
-    assert opts["trt_profile_min_shapes"] == "pixel_values:1x3x64x64"
     assert PROFILE.max_visual_tokens == 1024
     assert VisionProfile.from_dict(PROFILE.to_dict()) == PROFILE
 

@@ -1,10 +1,12 @@
-"""ONNX Runtime sessions for both engines: CPU, CUDA and TensorRT execution providers."""
+"""ONNX Runtime sessions for both engines: CPU and CUDA execution providers.
+
+TensorRT runs through its own engines (engines/tensorrt.py), not ORT's TensorRT execution
+provider: one path to build, check and ship, with the engine's metadata and version gates.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -15,7 +17,6 @@ from .profiles import VisionProfile
 TARGET_PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
 
 
@@ -39,43 +40,26 @@ def session_options(threads: int | None = None, optimized_path: Path | None = No
     return so
 
 
-def providers_for(target: str, profile: VisionProfile | None = None, cache_dir: Path | None = None, fp16: bool = False) -> list[Any]:
-    """Execution providers for a target, configured (TensorRT EP: engine + timing cache, profile)."""
+def providers_for(target: str) -> list[str]:
+    """Execution providers for a device ('cpu' or 'cuda'), refused when this onnxruntime lacks them."""
     import onnxruntime as ort
 
     if target not in TARGET_PROVIDERS:
-        raise BuildError(f"unknown ONNX Runtime target '{target}' (use {', '.join(TARGET_PROVIDERS)})")
+        raise BuildError(f"unknown ONNX Runtime device '{target}' (use {', '.join(TARGET_PROVIDERS)})")
     available = set(ort.get_available_providers())
     wanted = TARGET_PROVIDERS[target]
     if wanted[0] not in available:
         raise BuildError(
-            f"target '{target}' needs {wanted[0]}, but this onnxruntime offers {', '.join(sorted(available))}; "
+            f"device '{target}' needs {wanted[0]}, but this onnxruntime offers {', '.join(sorted(available))}; "
             "install the gpu extra (pip install 'convllava-export[gpu]') on a machine with an NVIDIA GPU"
         )
-    providers: list[Any] = []
-    for name in wanted:
-        if name == "TensorrtExecutionProvider":
-            opts: dict[str, Any] = {"trt_fp16_enable": fp16}
-            if cache_dir is not None:
-                os.makedirs(cache_dir, exist_ok=True)
-                opts.update(
-                    trt_engine_cache_enable=True,
-                    trt_engine_cache_path=str(cache_dir),
-                    trt_timing_cache_enable=True,
-                    trt_timing_cache_path=str(cache_dir),
-                )
-            if profile is not None:
-                opts.update(profile.ort_trt_options())
-            providers.append((name, opts))
-        else:
-            providers.append(name)
-    return providers
+    return list(wanted)
 
 
-def create_session(path: Path, target: str = "cpu", threads: int | None = None, **provider_kw: Any):
+def create_session(path: Path, target: str = "cpu", threads: int | None = None):
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers_for(target, **provider_kw))
+    return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers_for(target))
 
 
 def save_optimized(src: Path, dest: Path, threads: int | None = None) -> dict[str, int]:
@@ -110,13 +94,10 @@ def save_optimized(src: Path, dest: Path, threads: int | None = None) -> dict[st
 class OrtVision:
     """Vision engine on ONNX Runtime: pixel_values [B,3,H,W] → image_embeds [B,N,hidden]."""
 
-    def __init__(self, path: Path, target: str = "cpu", threads: int | None = None, profile: VisionProfile | None = None, cache_dir: Path | None = None) -> None:
+    def __init__(self, path: Path, target: str = "cpu", threads: int | None = None, profile: VisionProfile | None = None) -> None:
         self.path = Path(path)
         self.profile = profile
-        kw: dict[str, Any] = {}
-        if target == "tensorrt":
-            kw = {"profile": profile, "cache_dir": cache_dir}
-        self.session = create_session(self.path, target, threads, **kw)
+        self.session = create_session(self.path, target, threads)
 
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
         if self.profile is not None:

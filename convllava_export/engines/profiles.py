@@ -76,12 +76,6 @@ class VisionProfile:
     def max_visual_tokens(self) -> int:
         return visual_tokens(*self.max_hw)
 
-    def ort_trt_options(self, input_name: str = "pixel_values") -> dict[str, str]:
-        """The TensorRT execution provider's explicit-profile options."""
-        fmt = lambda s: f"{input_name}:" + "x".join(str(d) for d in s)  # noqa: E731
-        lo, opt, hi = self.shapes()
-        return {"trt_profile_min_shapes": fmt(lo), "trt_profile_opt_shapes": fmt(opt), "trt_profile_max_shapes": fmt(hi)}
-
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -1,25 +1,30 @@
-"""TensorRT-LLM path for the language model.
+"""TensorRT-LLM for the language model: two routes over one ModelOpt quantizer.
 
-1. Quantize the LLaMA decoder with NVIDIA ModelOpt, calibrated on *multimodal* prompts: real
-   image features spliced into templated prompts (what the model will see), then export a
-   TensorRT-LLM checkpoint. Runs on CPU for small models (tested here).
-2. `trtllm-build` with a prompt-embedding table big enough for max batch × max visual tokens
-   (the command is computed here; running it needs TensorRT-LLM and a GPU).
-3. At run time image rows become fake ids `vocab_size + i` into the prompt table
-   (`prompt.prompt_table_ids`).
+Engine flow (TensorRT-LLM 0.12.0-jetson up to 1.2.x; removed after 1.2):
+1. ModelOpt quantizes the LLaMA decoder, calibrated on *multimodal* prompts (image features
+   spliced into templated prompts: what the model will see), and writes a TensorRT-LLM
+   checkpoint (`export_trtllm_checkpoint`).
+2. `trtllm-build` with a prompt-embedding table sized for max batch x visual tokens, and context
+   logits gathered so a build can be measured teacher-forced (`build_trtllm_engine`).
+3. At run time image rows become ids `table_base + i` into that table (`prompt.prompt_table_ids`)
+   and `TrtLlmGenerator` runs the engine behind the runtime's `Generator` contract.
 
-Targets the TensorRT-engine flow of TensorRT-LLM 1.x (deprecated there, removed after 1.2)
-and the v0.12 Jetson branch.
+PyTorch backend (TensorRT-LLM 1.x, the only flow from 1.3): ModelOpt's unified Hugging Face
+checkpoint (`export_hf_checkpoint`) for `tensorrt_llm.LLM` / `trtllm-serve`; docs/tensorrt-llm.md.
+
+Nothing here has run on a GPU in this project's CI: what needs no GPU (version gates, configs,
+the build command, ModelOpt checkpoints of small models on CPU, output slicing) is tested.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import subprocess
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,29 +32,74 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ExportError
+from ..errors import BuildError, ExportError
 from ..extras import require
+from ..precisions import MODELOPT, TRTLLM_ENGINE, TRTLLM_HF, TRTLLM_MIN_CC
 
-# our name → (ModelOpt config, TensorRT-LLM quant_algo we expect in the exported config)
-PRECISIONS: dict[str, tuple[str | None, str | None]] = {
-    "fp16": (None, None),
-    "int8-sq": ("INT8_SMOOTHQUANT_CFG", "W8A8_SQ_PER_CHANNEL"),
-    "int8": ("INT8_WEIGHT_ONLY_CFG", "W8A16"),
-    "fp8": ("FP8_DEFAULT_CFG", "FP8"),
-    "int4-awq": ("INT4_AWQ_CFG", "W4A16_AWQ"),
-}
-GPU_ONLY = {"fp8": (8, 9)}  # FP8 kernels: Ada/Hopper
-META = "convllava_trtllm.json"
+META = "convllava_trtllm.json"  # written beside a checkpoint / engine: precision, table base, calibration
+BUILD_META = "convllava_build.json"  # the TrtLlmBuildConfig an engine was built with
+ENGINE_FLOW_FIRST = (0, 12)  # v0.12.0-jetson: the last TensorRT-LLM for Jetson Orin
+ENGINE_FLOW_LAST = (1, 2)  # trtllm-build and the TensorRT engine flow are gone from 1.3.0rc on
+ROUTE_HINT = (
+    "for TensorRT-LLM 1.3 and newer use the PyTorch-backend route: `convllava-export export llm CHECKPOINT --backend tensorrt-llm "
+    "--format hf --precision fp8|nvfp4|int4-awq|w4a8-awq -o DIR`, then `trtllm-serve DIR` (docs/tensorrt-llm.md)"
+)
 Progress = Callable[[str], None]
 
 
-def check_precision(precision: str, compute_capability: tuple[int, int] | None) -> None:
-    if precision not in PRECISIONS:
-        raise ExportError(f"precision '{precision}' is not available for the tensorrt-llm backend (use {', '.join(PRECISIONS)})")
-    need = GPU_ONLY.get(precision)
+# ---------------------------------------------------------------------------------------------
+# versions, precisions and GPUs
+
+
+def parse_trtllm_version(version: str) -> tuple[int, int, int]:
+    """'1.2.0rc6' -> (1, 2, 0); '0.12.0.dev2024073000' -> (0, 12, 0); '1.3.0rc1' -> (1, 3, 0)."""
+    m = re.match(r"\s*(\d+)\.(\d+)(?:\.(\d+))?", str(version))
+    if not m:
+        raise BuildError(f"cannot read the TensorRT-LLM version '{version}' (expected MAJOR.MINOR[.PATCH])")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+
+
+def check_trtllm_version(version: str, target: str = "tensorrt") -> tuple[int, int, int]:
+    """Refuse a TensorRT-LLM this engine flow does not run on, in one line naming what does."""
+    v = parse_trtllm_version(version)
+    supported = f"{'.'.join(map(str, ENGINE_FLOW_FIRST))} (v0.12.0-jetson) to {'.'.join(map(str, ENGINE_FLOW_LAST))}.x"
+    if v[:2] > ENGINE_FLOW_LAST:
+        raise BuildError(f"TensorRT-LLM {version} has no engine flow (trtllm-build was removed after 1.2); this backend runs {supported}. {ROUTE_HINT[0].upper()}{ROUTE_HINT[1:]}")
+    if v[:2] < ENGINE_FLOW_FIRST:
+        raise BuildError(f"TensorRT-LLM {version} is older than this backend supports ({supported}); upgrade TensorRT-LLM")
+    if target == "orin" and v[:2] != ENGINE_FLOW_FIRST:
+        raise BuildError(
+            f"TensorRT-LLM {version} does not support Jetson Orin: its last TensorRT-LLM is the v0.12.0-jetson branch "
+            "(JetPack 6); NVIDIA points newer Jetson LLM work to TensorRT Edge-LLM"
+        )
+    if target == "thor":
+        raise BuildError(
+            "the TensorRT-LLM engine flow is not a Jetson Thor route: NVIDIA's LLM path on Thor (JetPack 7) is TensorRT Edge-LLM "
+            "or TensorRT-LLM's PyTorch backend; build the vision engine with --target thor and the LLM with --llm-backend onnxruntime, "
+            f"or {ROUTE_HINT}"
+        )
+    return v
+
+
+def sm(cc: tuple[int, int] | None) -> str:
+    return f"sm_{cc[0]}{cc[1]}" if cc else "no CUDA GPU"
+
+
+def check_precision(precision: str, compute_capability: tuple[int, int] | None, fmt: str = "engine") -> None:
+    """`precision` is made by this route (`engine` or `hf`) and runs on the GPU found (None:
+    no GPU visible; only formats that need no particular GPU pass)."""
+    allowed = TRTLLM_ENGINE if fmt == "engine" else TRTLLM_HF
+    if precision not in allowed:
+        other = "hf" if fmt == "engine" else "engine"
+        also = f" ({precision} is made by --format {other})" if precision in (TRTLLM_HF if fmt == "engine" else TRTLLM_ENGINE) else ""
+        raise ExportError(f"precision '{precision}' is not available for the tensorrt-llm {fmt} route (use {', '.join(allowed)}){also}")
+    need = TRTLLM_MIN_CC.get(precision)
     if need and (compute_capability is None or tuple(compute_capability) < need):
-        where = "no CUDA GPU is visible" if compute_capability is None else f"this GPU is sm_{''.join(map(str, compute_capability))}"
-        raise ExportError(f"{precision} needs an Ada/Hopper GPU (sm_89 or newer) to calibrate and run, and {where}; use int8-sq or int4-awq")
+        raise ExportError(
+            f"{precision} needs a GPU of {sm(need)} or newer to calibrate and run (ModelOpt's {precision} kernels are CUDA-only), "
+            f"and this machine has {sm(compute_capability)}; use int4-awq{' or int8-sq' if fmt == 'engine' else ''} here, "
+            "or export on the GPU that will run it"
+        )
 
 
 def local_compute_capability() -> tuple[int, int] | None:
@@ -59,18 +109,61 @@ def local_compute_capability() -> tuple[int, int] | None:
     return None
 
 
-def _modelopt_config(precision: str, awq_block_size: int) -> dict[str, Any]:
+def modelopt_config(precision: str, awq_block_size: int) -> dict[str, Any]:
+    """A copy of the format's ModelOpt config; AWQ formats use `awq_block_size` as group size."""
     mtq = require("modelopt.torch.quantization", "quant", "TensorRT-LLM quantization")
-    cfg = copy.deepcopy(getattr(mtq, PRECISIONS[precision][0]))
-    if precision == "int4-awq":
+    cfg = copy.deepcopy(getattr(mtq, MODELOPT[precision].config))
+    if precision in ("int4-awq", "w4a8-awq"):
         entries = cfg["quant_cfg"]
         items = entries if isinstance(entries, list) else [{"quantizer_name": k, "cfg": v} for k, v in entries.items()]
         for item in items:
-            if item.get("quantizer_name") == "*weight_quantizer" and isinstance(item.get("cfg"), dict):
-                item["cfg"]["block_sizes"] = {-1: awq_block_size, "type": "static"}
+            if item.get("quantizer_name") != "*weight_quantizer":
+                continue
+            cfgs = item.get("cfg")
+            for c in cfgs if isinstance(cfgs, list) else [cfgs]:  # w4a8: [int4 blockwise, fp8]
+                if isinstance(c, dict) and isinstance(c.get("block_sizes"), dict) and -1 in c["block_sizes"]:
+                    c["block_sizes"] = {**c["block_sizes"], -1: awq_block_size}
         if not isinstance(entries, list):
             cfg["quant_cfg"] = {i["quantizer_name"]: i["cfg"] for i in items}
     return cfg
+
+
+def quantize(llm: torch.nn.Module, calib_sequences: Sequence[np.ndarray], precision: str, awq_block_size: int, progress: Progress) -> torch.nn.Module:
+    """ModelOpt-quantize `llm` in place, calibrated on spliced multimodal embedding sequences."""
+    if MODELOPT[precision].config is None:
+        return llm
+    cfg = llm.config
+    if "awq" in precision and (cfg.hidden_size % awq_block_size or cfg.intermediate_size % awq_block_size):
+        raise ExportError(f"{precision} block size {awq_block_size} must divide hidden {cfg.hidden_size} and intermediate {cfg.intermediate_size}")
+    if not calib_sequences:
+        raise ExportError(f"{precision} needs calibration prompts (images spliced into templated prompts)")
+    mtq = require("modelopt.torch.quantization", "quant", "TensorRT-LLM quantization")
+    from ..progress import Meter
+
+    def forward_loop(m: torch.nn.Module) -> None:
+        meter = Meter(f"calibrating {precision}", len(calib_sequences), "prompts", progress)
+        param = next(m.parameters())
+        with torch.no_grad():
+            for seq in calib_sequences:
+                m(inputs_embeds=torch.from_numpy(np.asarray(seq, np.float32))[None].to(param.device, param.dtype))
+                meter.advance()
+        meter.done()
+
+    return mtq.quantize(llm, modelopt_config(precision, awq_block_size), forward_loop)
+
+
+def _write_meta(dest: Path, llm: torch.nn.Module, precision: str, quant_algo: str | None, table_base: int, calib: Sequence[np.ndarray], fmt: str) -> dict[str, Any]:
+    meta = {
+        "format": fmt,
+        "precision": precision,
+        "quant_algo": quant_algo,
+        "vocab_size": llm.config.vocab_size,
+        "prompt_table_base": table_base,
+        "hidden_size": llm.config.hidden_size,
+        "calibration": {"sequences": len(calib), "tokens": int(sum(len(s) for s in calib))},
+    }
+    (dest / META).write_text(json.dumps(meta, indent=2))
+    return meta
 
 
 def export_trtllm_checkpoint(
@@ -82,50 +175,76 @@ def export_trtllm_checkpoint(
     dtype: torch.dtype = torch.float16,
     progress: Progress = print,
 ) -> dict[str, Any]:
-    """ModelOpt-quantize `llm` on spliced multimodal embeddings, write a TensorRT-LLM checkpoint."""
-    check_precision(precision, local_compute_capability() if precision in GPU_ONLY else (9, 0))
+    """Engine flow: ModelOpt-quantize `llm` on multimodal prompts, write a TensorRT-LLM checkpoint."""
+    check_precision(precision, local_compute_capability() if precision in TRTLLM_MIN_CC else (9, 0))
     me = require("modelopt.torch.export", "quant", "TensorRT-LLM checkpoints")
-    hidden = llm.config.hidden_size
-    if precision == "int4-awq" and (hidden % awq_block_size or llm.config.intermediate_size % awq_block_size):
-        raise ExportError(f"int4-awq block size {awq_block_size} must divide hidden {hidden} and intermediate {llm.config.intermediate_size}")
-    model = llm
     dest.mkdir(parents=True, exist_ok=True)
-    calib_info: dict[str, Any] = {"sequences": len(calib_sequences), "tokens": int(sum(len(s) for s in calib_sequences))}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if PRECISIONS[precision][0] is not None:
-            if not calib_sequences:
-                raise ExportError(f"{precision} needs calibration prompts (images spliced into templated prompts)")
-            mtq = require("modelopt.torch.quantization", "quant", "TensorRT-LLM quantization")
-            device = next(model.parameters()).device
-
-            def forward_loop(m: torch.nn.Module) -> None:
-                with torch.no_grad():
-                    for i, seq in enumerate(calib_sequences, 1):
-                        m(inputs_embeds=torch.from_numpy(np.asarray(seq, np.float32))[None].to(device, next(m.parameters()).dtype))
-                        if i % 8 == 0 or i == len(calib_sequences):
-                            progress(f"calibrating {precision}: {i}/{len(calib_sequences)} multimodal prompts")
-
-            model = mtq.quantize(model, _modelopt_config(precision, awq_block_size), forward_loop)
+        model = quantize(llm, calib_sequences, precision, awq_block_size, progress)
         progress(f"writing the TensorRT-LLM checkpoint to {dest}")
-        me.export_tensorrt_llm_checkpoint(model, "llama", dtype, str(dest), inference_tensor_parallel=1)
+        _modelopt_call("export_tensorrt_llm_checkpoint", me.export_tensorrt_llm_checkpoint, model, "llama", dtype, str(dest), inference_tensor_parallel=1)
     config = json.loads((dest / "config.json").read_text())
-    got = (config.get("quantization") or {}).get("quant_algo")
-    want = PRECISIONS[precision][1]
+    got, want = (config.get("quantization") or {}).get("quant_algo"), MODELOPT[precision].quant_algo
     if got != want:
         raise ExportError(f"ModelOpt wrote quant_algo {got!r} for {precision}, expected {want!r}")
-    # ModelOpt pads the vocabulary for some kernels (int4-awq: 1000 → 1024); TensorRT-LLM's
-    # fake prompt-table ids start at the *engine's* vocab size, so record that one.
-    meta = {
-        "precision": precision,
-        "quant_algo": got,
-        "vocab_size": llm.config.vocab_size,
-        "prompt_table_base": int(config["vocab_size"]),
-        "hidden_size": hidden,
-        "calibration": calib_info,
-    }
-    (dest / META).write_text(json.dumps(meta, indent=2))
-    return meta
+    # ModelOpt pads the vocabulary for some kernels (int4-awq: 1000 -> 1024); TensorRT-LLM's
+    # prompt-table ids start at the *engine's* vocab size, so that is the table base.
+    return _write_meta(dest, llm, precision, got, int(config["vocab_size"]), calib_sequences, "engine")
+
+
+def export_hf_checkpoint(
+    llm: torch.nn.Module,
+    calib_sequences: Sequence[np.ndarray],
+    precision: str,
+    dest: Path,
+    awq_block_size: int = 128,
+    dtype: torch.dtype = torch.float16,
+    progress: Progress = print,
+) -> dict[str, Any]:
+    """PyTorch-backend route: ModelOpt's unified Hugging Face checkpoint (config.json with the
+    quantization config, safetensors, hf_quant_config.json) that `tensorrt_llm.LLM` loads."""
+    check_precision(precision, local_compute_capability() if precision in TRTLLM_MIN_CC else (9, 0), fmt="hf")
+    me = require("modelopt.torch.export", "quant", "ModelOpt unified checkpoints")
+    dest.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = quantize(llm, calib_sequences, precision, awq_block_size, progress)
+        progress(f"writing the unified Hugging Face checkpoint to {dest}")
+        if not getattr(model.config, "architectures", None):  # our LlamaConfig is built from the LLaVA config, which names LLaVA
+            model.config.architectures = ["LlamaForCausalLM"]
+        model.to(dtype)  # calibrated in fp32 on CPU: ModelOpt converts only the quantized layers to `dtype`
+        model.config.torch_dtype = dtype
+        _modelopt_call("export_hf_checkpoint", me.export_hf_checkpoint, model, dtype=dtype, export_dir=str(dest))
+    got = hf_quant_algo(dest)
+    want = MODELOPT[precision].quant_algo
+    if got != want:
+        raise ExportError(f"ModelOpt wrote quant_algo {got!r} for {precision}, expected {want!r}")
+    return _write_meta(dest, llm, precision, got, llm.config.vocab_size, calib_sequences, "hf")
+
+
+def _modelopt_call(name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    """A ModelOpt export, its failure as one line naming the function and ModelOpt's version."""
+    try:
+        return fn(*args, **kw)
+    except Exception as exc:  # noqa: BLE001 - a third-party exporter raises anything; say which step failed
+        import modelopt
+
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExportError(f"ModelOpt {getattr(modelopt, '__version__', '?')} {name} failed: {type(exc).__name__}: {first}") from exc
+
+
+def hf_quant_algo(folder: Path) -> str | None:
+    """The quant_algo of a unified checkpoint: hf_quant_config.json, else config.json's quantization_config."""
+    path = folder / "hf_quant_config.json"
+    if path.is_file():
+        return (json.loads(path.read_text()).get("quantization") or {}).get("quant_algo")
+    qc = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    return qc.get("quant_algo")
+
+
+# ---------------------------------------------------------------------------------------------
+# trtllm-build
 
 
 @dataclass
@@ -136,6 +255,7 @@ class TrtLlmBuildConfig:
     max_visual_tokens: int = 576  # per image
     max_images_per_prompt: int = 1
     gemm_plugin: str = "auto"
+    gather_context_logits: bool = True  # teacher-forced checks (smoke test, validate); costs max_num_tokens x vocab fp32 of GPU memory
 
     @property
     def prompt_table_size(self) -> int:
@@ -149,9 +269,9 @@ class TrtLlmBuildConfig:
             raise ExportError(f"max_seq_len {self.max_seq_len} must exceed max_input_len {self.max_input_len}")
 
 
-def trtllm_build_command(checkpoint_dir: Path, engine_dir: Path, cfg: TrtLlmBuildConfig) -> list[str]:
+def trtllm_build_command(checkpoint_dir: Path | str, engine_dir: Path | str, cfg: TrtLlmBuildConfig) -> list[str]:
     cfg.validate()
-    return [
+    cmd = [
         "trtllm-build",
         "--checkpoint_dir", str(checkpoint_dir),
         "--output_dir", str(engine_dir),
@@ -161,46 +281,129 @@ def trtllm_build_command(checkpoint_dir: Path, engine_dir: Path, cfg: TrtLlmBuil
         "--max_prompt_embedding_table_size", str(cfg.prompt_table_size),
         "--gemm_plugin", cfg.gemm_plugin,
     ]  # fmt: skip
+    if cfg.gather_context_logits:
+        cmd.append("--gather_context_logits")
+    return cmd
 
 
 def build_trtllm_engine(checkpoint_dir: Path, engine_dir: Path, cfg: TrtLlmBuildConfig, progress: Progress = print) -> Path:
-    require("tensorrt_llm", "trtllm", "TensorRT-LLM engines")
+    """Run `trtllm-build` (stderr's tail in the error when it fails) and record its settings."""
     if shutil.which("trtllm-build") is None:
-        raise ExportError("trtllm-build is not on PATH: install TensorRT-LLM (pip install 'convllava-export[trtllm]')")
+        raise BuildError("trtllm-build is not on PATH: install TensorRT-LLM 0.12-1.2.x on the GPU machine (pip install 'convllava-export[trtllm]')")
     cmd = trtllm_build_command(checkpoint_dir, engine_dir, cfg)
     progress(" ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise ExportError(f"trtllm-build failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    (engine_dir / "convllava_build.json").write_text(json.dumps(asdict(cfg), indent=2))
+        raise BuildError(f"trtllm-build failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    (engine_dir / BUILD_META).write_text(json.dumps(asdict(cfg), indent=2))
     return engine_dir
 
 
-class TrtLlmGenerator:
-    """TensorRT-LLM engine runner: spliced prompts go in as ids + a prompt-embedding table."""
+def engine_dtype(engine_dir: Path) -> str:
+    """The engine's activation dtype from its config.json ('float16', 'bfloat16', ...): what the
+    prompt table must be fed as."""
+    config = json.loads((Path(engine_dir) / "config.json").read_text())
+    dtype = (config.get("pretrained_config") or {}).get("dtype") or (config.get("builder_config") or {}).get("precision")
+    if not dtype:
+        raise BuildError(f"{engine_dir}/config.json names no dtype (pretrained_config.dtype): not a TensorRT-LLM engine folder")
+    return str(dtype)
 
-    def __init__(self, engine_dir: Path) -> None:
-        require("tensorrt_llm", "trtllm", "TensorRT-LLM engines")
+
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------
+# runner
+
+
+def generated_tokens(output_ids: np.ndarray, sequence_lengths: np.ndarray, input_lengths: Sequence[int]) -> list[list[int]]:
+    """Exactly the generated tokens of each sequence, from ModelRunner's return_dict outputs:
+    output_ids [batch, beams, max_len] (prompt + generated + end-id padding) and
+    sequence_lengths [batch, beams] (prompt + generated). Beam 0."""
+    out = []
+    for b, n_in in enumerate(input_lengths):
+        end = int(np.asarray(sequence_lengths)[b, 0])
+        out.append([int(t) for t in np.asarray(output_ids)[b, 0, n_in:end]])
+    return out
+
+
+def batch_table_inputs(prompts: Sequence[Any], table_base: int) -> tuple[list[list[int]], np.ndarray | None]:
+    """Token ids of each prompt and the one prompt table of the batch (None without images).
+
+    ModelRunner's (Python session) p-tuning layout: one task whose table holds the rows of every
+    image of the batch in order, and image rows as ids from `table_base` counted across the
+    whole batch, so the second prompt's first image row is `table_base` + the first's rows.
+    """
+    from ..prompt import prompt_table_ids
+
+    ids: list[list[int]] = []
+    rows: list[np.ndarray] = []
+    for p in prompts:
+        ids.append(prompt_table_ids(p.ids, [len(e) for e in p.images], table_base + sum(len(r) for r in rows)))
+        rows += [np.asarray(e) for e in p.images]
+    return ids, (np.concatenate(rows) if rows else None)
+
+
+class TrtLlmGenerator:
+    """A TensorRT-LLM engine behind the runtime's `Generator` contract (runtime/generation.py):
+    prompts go in as token ids with image rows as prompt-table ids, tokens come out per step."""
+
+    def __init__(self, engine_dir: Path, meta: dict[str, Any]) -> None:
+        trtllm = require("tensorrt_llm", "trtllm", "TensorRT-LLM engines")
+        check_trtllm_version(trtllm.__version__)
         from tensorrt_llm.runtime import ModelRunner
 
-        self.runner = ModelRunner.from_dir(str(engine_dir))
-        self.meta = json.loads((Path(engine_dir) / "convllava_build.json").read_text())
+        self.engine_dir = Path(engine_dir)
+        self.build = json.loads((self.engine_dir / BUILD_META).read_text())
+        self.dtype = TORCH_DTYPES[engine_dtype(self.engine_dir)]
+        self.vocab_size = int(meta["vocab_size"])
+        self.table_base = int(meta["prompt_table_base"])
+        self.max_batch = int(self.build["max_batch_size"])
+        self.has_context_logits = bool(self.build.get("gather_context_logits"))
+        self.runner = ModelRunner.from_dir(str(self.engine_dir))
 
-    def generate(self, ids: Sequence[int], images: Sequence[np.ndarray], vocab_size: int, max_new_tokens: int, end_id: int, pad_id: int = 0, temperature: float = 1.0, top_p: float = 1.0) -> list[int]:
-        from ..prompt import prompt_table_ids
+    def _inputs(self, prompts: Sequence[Any]) -> tuple[dict[str, Any], list[int]]:
+        """ModelRunner inputs for a batch of TablePrompts, and each prompt's length."""
+        ids, table = batch_table_inputs(prompts, self.table_base)
+        kw: dict[str, Any] = {"batch_input_ids": [torch.tensor(i, dtype=torch.int32) for i in ids]}
+        if table is not None:
+            t = torch.from_numpy(table).to(self.dtype).cuda()  # the engine's dtype, not always fp16
+            kw.update(prompt_table=t[None], prompt_tasks=",".join("0" for _ in prompts))
+        return kw, [len(i) for i in ids]
 
-        counts = [len(im) for im in images]
-        fake = prompt_table_ids(ids, counts, vocab_size)
-        table = torch.from_numpy(np.concatenate(images)).to(torch.float16).cuda()[None]
-        out = self.runner.generate(
-            batch_input_ids=[torch.tensor(fake, dtype=torch.int32)],
-            prompt_table=table,
-            prompt_tasks="0",
-            max_new_tokens=max_new_tokens,
-            end_id=end_id,
-            pad_id=pad_id,
-            temperature=max(temperature, 1e-5),
-            top_k=1 if temperature == 0 else 0,
-            top_p=top_p,
-        )
-        return out[0, 0, len(fake):].tolist()
+    def stream(self, prompts: Sequence[Any], params: Any, end_id: int) -> Iterator[list[list[int]]]:
+        """Per engine step, each prompt's new tokens (a list per prompt, maybe empty); batches of
+        at most the engine's max batch size, one after another."""
+        for start in range(0, len(prompts), self.max_batch):
+            chunk = prompts[start : start + self.max_batch]
+            inputs, lengths = self._inputs(chunk)
+            seen = [0] * len(chunk)
+            pad = [[] for _ in range(start)]
+            for out in self.runner.generate(
+                **inputs,
+                max_new_tokens=params.max_new_tokens,
+                end_id=-1 if params.ignore_eos else end_id,
+                pad_id=end_id if end_id >= 0 else 0,
+                temperature=max(params.temperature, 1e-5),
+                top_k=1 if params.temperature == 0 else 0,
+                top_p=params.top_p,
+                random_seed=params.seed,
+                streaming=True,
+                output_sequence_lengths=True,
+                return_dict=True,
+            ):
+                torch.cuda.synchronize()
+                toks = generated_tokens(out["output_ids"].cpu().numpy(), out["sequence_lengths"].cpu().numpy(), lengths)
+                step = [t[s:] for t, s in zip(toks, seen)]
+                seen = [len(t) for t in toks]
+                yield pad + step + [[] for _ in range(len(prompts) - start - len(chunk))]
+
+    def context_logits(self, prompt: Any) -> np.ndarray:
+        """Logits [len(ids), V] at every prompt position (the engine gathers context logits)."""
+        if not self.has_context_logits:
+            raise BuildError(f"{self.engine_dir} was built without --gather_context_logits; rebuild it to measure agreement")
+        inputs, (length,) = self._inputs([prompt])
+        out = self.runner.generate(**inputs, max_new_tokens=1, end_id=-1, pad_id=0, top_k=1, output_sequence_lengths=True, return_dict=True)
+        logits = out["context_logits"]
+        logits = logits[0] if isinstance(logits, list) else logits
+        return logits.float().reshape(length, -1)[:, : self.vocab_size].cpu().numpy()

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
+from ..precisions import GQA_LLM, LLM_GRAPHS, ORT_LLM
 from ..model.reference import CACHE_KWARG
 from .spec import PartSpec, decoder_spec
 from .stream_quant import BLOCK_SIZE
@@ -29,7 +30,6 @@ from .vision import quiet_logs, save_checked
 GRAPH = "decoder.onnx"
 EMBEDDINGS = "embed_tokens.npy"
 OPSET = 18
-ORT_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 Progress = Callable[[str], None]
 
 
@@ -121,17 +121,14 @@ def export_decoder(llm: nn.Module, folder: Path, progress: Progress = print, ops
     return spec
 
 
-GRAPHS = ("dynamo", "gqa")
-
-
 def choose_graph(requested: str, precision: str) -> tuple[str, str]:
     """(graph, why). auto: the fused gqa layout for int4/int8 where onnxruntime-genai is
     installed (1.5-2x faster decode on CPU, BENCHMARKS.md), our dynamo export otherwise."""
     if requested != "auto":
         return requested, f"--llm-graph {requested}"
-    from .llm_gqa import GQA_PRECISIONS, genai_available
+    from .llm_gqa import genai_available
 
-    if precision in ("int4", "int8") and precision in GQA_PRECISIONS:
+    if precision in ("int4", "int8") and precision in GQA_LLM:
         if genai_available():
             return "gqa", f"auto: fused gqa layout for {precision} (onnxruntime-genai installed)"
         return "dynamo", "auto: dynamo graph (onnxruntime-genai not installed; pip install 'convllava-export[genai]' for the faster gqa layout)"
@@ -156,10 +153,10 @@ def export_llm_onnxruntime(
     onnxruntime-genai's builder, see llm_gqa.py; it reads the checkpoint's shards itself
     (`checkpoint`: a CheckpointInfo) or saves `llm`.
     """
-    if precision not in ORT_PRECISIONS:
-        raise ExportError(f"precision '{precision}' is not available for the onnxruntime backend (use {', '.join(ORT_PRECISIONS)})")
-    if graph not in GRAPHS:
-        raise ExportError(f"unknown decoder graph '{graph}' (use {', '.join(GRAPHS)})")
+    if precision not in ORT_LLM:
+        raise ExportError(f"precision '{precision}' is not available for the onnxruntime backend (use {', '.join(ORT_LLM)})")
+    if graph not in LLM_GRAPHS:
+        raise ExportError(f"unknown decoder graph '{graph}' (use {', '.join(LLM_GRAPHS)})")
     folder.mkdir(parents=True, exist_ok=True)
     if graph == "gqa":
         from .llm_gqa import export_decoder_gqa

@@ -30,12 +30,12 @@ from torch import nn
 
 from ..checkpoint import EMBED_KEY, CheckpointInfo, read_tensor
 from ..errors import ExportError
+from ..precisions import GQA_LLM
 from .spec import PartSpec, TensorSpec
 from .stream_quant import BLOCK_SIZE
 
 GRAPH = "decoder.onnx"
 EMBEDDINGS = "embed_tokens.npy"
-GQA_PRECISIONS = ("fp32", "int8", "int4")
 Progress = Callable[[str], None]
 
 
@@ -109,8 +109,8 @@ def export_decoder_gqa(
     """
     from .stream_quant import rewrite_weights
 
-    if precision not in GQA_PRECISIONS:
-        raise ExportError(f"precision '{precision}' is not available for the gqa graph (use {', '.join(GQA_PRECISIONS)})")
+    if precision not in GQA_LLM:
+        raise ExportError(f"precision '{precision}' is not available for the gqa graph (use {', '.join(GQA_LLM)})")
     if not genai_available():
         raise ExportError("the gqa graph is built by onnxruntime-genai's model builder: pip install onnxruntime-genai (or use the default graph)")
     if (llm is None) == (checkpoint is None):

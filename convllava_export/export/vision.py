@@ -18,13 +18,13 @@ import onnx
 import torch
 
 from ..errors import ExportError
+from ..precisions import VISION as PRECISIONS
 from ..model.vision import VisionEncoder, config_stride
 from .spec import PartSpec, vision_spec
 
 GRAPH = "vision.onnx"
 OPSET = 18
 EXTERNAL_DATA_BYTES = 1 << 30  # use external data above 1 GiB (protobuf's hard limit is 2 GiB)
-PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 FP16_MAX = 65504.0
 FP16_KEEP_FP32 = ["LayerNormalization"]
 

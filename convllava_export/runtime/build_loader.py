@@ -119,38 +119,13 @@ def preprocess_config(manifest: dict[str, Any]) -> PreprocessConfig:
     return PreprocessConfig(**{**pre, "mean": tuple(pre["mean"]), "std": tuple(pre["std"]), "size": tuple(pre["size"]) if pre.get("size") else None})
 
 
-def load_vision(folder: Path, manifest: dict[str, Any], threads: int | None = None, vision_backend: str | None = None) -> tuple[Any, str]:
-    """The build's vision engine and a description of it (e.g. 'onnxruntime fp32')."""
-    from ..engines.onnxruntime import OrtVision
-    from ..engines.profiles import VisionProfile
-
-    threads = threads or manifest.get("threads")
+def load_context(folder: Path, manifest: dict[str, Any], threads: int | None = None, device: str | None = None) -> Any:
+    """What every backend loader gets (engines/registry.py): ONNX Runtime runs on the target's
+    device unless `device` overrides it."""
+    from ..engines.registry import LoadContext
     from ..targets import get_target
 
-    ort_target = "tensorrt" if get_target(manifest["target"]).backend == "tensorrt" else manifest["target"]
-    profile = VisionProfile.from_dict(manifest["vision"]["profile"])
-    backend = vision_backend or manifest["vision"]["backend"]
-    if backend == "tensorrt":
-        from ..engines.tensorrt import TrtVision
-
-        vision: Any = TrtVision(folder / "vision")
-    elif backend == "onnxruntime":
-        graph = manifest["vision"].get("ort_graph") if ort_target == "cpu" else None
-        vision = OrtVision(folder / (graph or manifest["vision"]["graph"]), ort_target if ort_target != "tensorrt" else "cuda", threads, profile)
-    else:
-        raise BuildError(f"unknown vision backend '{backend}' in the manifest")
-    return vision, f"{backend} {manifest['vision']['precision']}"
-
-
-def load_decoder(folder: Path, manifest: dict[str, Any], threads: int | None = None, llm_target: str | None = None) -> tuple[Any, str]:
-    """The build's LLM decoder and a description of it."""
-    from ..engines.onnxruntime import open_decoder
-
-    threads = threads or manifest.get("threads")
-    from ..targets import get_target
-
-    llm_target = llm_target or get_target(manifest["target"]).ort_device
-    return open_decoder(folder / manifest["llm"]["folder"], llm_target, threads), f"onnxruntime {manifest['llm']['precision']}"
+    return LoadContext(Path(folder), manifest, threads or manifest.get("threads"), device or get_target(manifest["target"]).ort_device)
 
 
 def load_pipeline_from_manifest(
@@ -159,18 +134,23 @@ def load_pipeline_from_manifest(
     verify: str | bool = True,
     threads: int | None = None,
     vision_backend: str | None = None,
-    llm_target: str | None = None,
+    llm_backend: str | None = None,
     parts: tuple[str, ...] = ("vision", "llm"),
+    device: str | None = None,
 ) -> Pipeline:
-    """A Pipeline over the build; `parts` loads only some engines (a Ray replica needs one)."""
+    """A Pipeline over the build, its backends opened by the registry from what the manifest
+    names (`vision_backend` / `llm_backend` override it, e.g. `torch` for the reference);
+    `parts` loads only some engines (a Ray replica needs one)."""
     from ..engines.profiles import VisionProfile
+    from ..engines.registry import open_backend
     from ..tokenizer import load_tokenizer
 
     folder = Path(folder)
     verify_files(folder, manifest, verify)
     check_libraries(manifest)
-    vision, vision_info = load_vision(folder, manifest, threads, vision_backend) if "vision" in parts else (None, "not loaded")
-    decoder, llm_info = load_decoder(folder, manifest, threads, llm_target) if "llm" in parts else (None, "not loaded")
+    ctx = load_context(folder, manifest, threads, device)
+    vision, vision_info = open_backend("vision", ctx, vision_backend) if "vision" in parts else (None, "not loaded")
+    decoder, llm_info = open_backend("llm", ctx, llm_backend) if "llm" in parts else (None, "not loaded")
     tokenizer = load_tokenizer(folder / "tokenizer")
     info = {
         "build": folder.resolve().name,  # not the path: /health is public

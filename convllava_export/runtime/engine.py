@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import ConvLlavaError
 from ..preprocess import visual_tokens
 from ..prompt import IMAGE_TOKEN_INDEX, splice_embeddings
-from .generation import SequenceState, Timings, TokenEvent
+from .generation import SequenceState, Timings, TokenEvent, is_generator
 from .kv import SeqKV
 from .pipeline import Pipeline, Request
 from .sampling import SamplingParams
@@ -218,6 +218,11 @@ class Engine:
         self.pipeline = pipeline
         self.settings = settings or EngineSettings()
         self.settings.validate()
+        if is_generator(pipeline.decoder):
+            raise ConvLlavaError(
+                f"the server schedules decoders step by step, and this build's LLM ({pipeline.info.get('llm')}) runs its own loop; "
+                "serve an onnxruntime LLM build, or use `run` / `chat` with this one (docs/tensorrt-llm.md)"
+            )
         self.decoder = pipeline.decoder
         self.waiting: queue.Queue[Job] = queue.Queue()
         self.ready: queue.Queue[Job] = queue.Queue(maxsize=self.settings.max_running)

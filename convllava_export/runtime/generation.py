@@ -1,10 +1,12 @@
 """Generation over explicit KV caches: prefill each sequence, then decode all of them together.
 
-A backend provides a `Decoder`: `embed(ids)`, and pure functions over cache objects (kv.py):
+Two kinds of LLM backend. A `Decoder` (torch, ONNX Runtime) provides `embed(ids)`, and pure functions over cache objects (kv.py):
 `extend(embeds, past) -> (logits, SeqKV)` for one sequence, `new_batch()` and
 `decode(embeds, batch) -> (logits, batch)` for one token of every running sequence. Who calls
 them owns the caches: `stream_tokens` below (a fixed batch), the serving engine (engine.py:
-requests joining and leaving between steps).
+requests joining and leaving between steps). A `Generator` (TensorRT-LLM) runs its own decoding
+loop: prompts go in as token ids plus the images' rows (its prompt-embedding table), tokens come
+out step by step, and `stream_generated` turns them into the same TokenEvents.
 """
 
 from __future__ import annotations
@@ -30,6 +32,28 @@ class Decoder(Protocol):
     def new_batch(self) -> Batch: ...
 
     def decode(self, embeds: np.ndarray, batch: Batch) -> tuple[np.ndarray, Batch]: ...
+
+
+@dataclass(frozen=True)
+class TablePrompt:
+    """A prompt for a Generator: token ids with IMAGE_TOKEN_INDEX at each image, and each
+    image's embedding rows (the engine looks them up through its prompt table)."""
+
+    ids: Sequence[int]
+    images: Sequence[np.ndarray] = ()
+
+
+class Generator(Protocol):
+    vocab_size: int
+
+    def stream(self, prompts: Sequence[TablePrompt], params: SamplingParams, end_id: int) -> Iterator[list[list[int]]]: ...
+
+    def context_logits(self, prompt: TablePrompt) -> np.ndarray: ...
+
+
+def is_generator(backend: object) -> bool:
+    """True for a backend that runs its own decoding loop (a Generator), False for a Decoder."""
+    return hasattr(backend, "stream") and not hasattr(backend, "extend")
 
 
 @dataclass
@@ -149,7 +173,10 @@ class SequenceState:
 
     def accept(self, logits: np.ndarray) -> TokenEvent:
         """Choose the next token from this sequence's last-position logits [V]."""
-        tok = int(select_tokens(logits[None], self.params, self.rng)[0])
+        return self.take(int(select_tokens(logits[None], self.params, self.rng)[0]))
+
+    def take(self, tok: int) -> TokenEvent:
+        """Account for the next token, chosen here or by an engine that samples itself."""
         self.generated += 1
         self.last_token = tok
         if tok == self.eos and not self.params.ignore_eos:
@@ -201,19 +228,63 @@ def stream_tokens(
             batch, live = batch.drop(keep), [live[r] for r in keep]
 
 
-def generate(
-    decoder: Decoder,
+def stream_generated(
+    generator: Generator,
     tokenizer,
-    sequences: Sequence[np.ndarray],
+    prompts: Sequence[TablePrompt],
+    params: SamplingParams,
+    timings: Sequence[Timings] | None = None,
+) -> Iterator[TokenEvent]:
+    """`stream_tokens` for a Generator: the engine samples; text, stop strings and finish
+    reasons are handled here exactly as for a Decoder. Stops reading once every sequence ended."""
+    params.validate()
+    timings = list(timings) if timings is not None else [Timings() for _ in prompts]
+    states = [SequenceState(i, params, tokenizer, t) for i, t in enumerate(timings)]
+    done = [False] * len(prompts)
+    t0 = last = time.perf_counter()
+    steps = generator.stream(prompts, params, -1 if tokenizer.eos_token_id is None else int(tokenizer.eos_token_id))
+    try:
+        for new in steps:
+            now = time.perf_counter()
+            for i, toks in enumerate(new):
+                for tok in toks:
+                    if done[i]:
+                        break
+                    if states[i].generated == 0:
+                        timings[i].prefill_s = now - t0
+                    else:
+                        timings[i].decode_s += now - last
+                        timings[i].decode_tokens += 1
+                    event = states[i].take(tok)
+                    done[i] = event.finish_reason is not None
+                    yield event
+            last = now
+            if all(done):
+                break
+    finally:
+        close = getattr(steps, "close", None)
+        if close is not None:
+            close()
+    eos = tokenizer.eos_token_id
+    for i, finished in enumerate(done):  # the engine stopped at its end id, which it does not return
+        if not finished:
+            yield states[i].take(int(eos)) if eos is not None else TokenEvent(i, -1, states[i].detok.flush(), "stop")
+
+
+def generate(
+    decoder: Decoder | Generator,
+    tokenizer,
+    sequences: Sequence[np.ndarray] | Sequence[TablePrompt],
     params: SamplingParams,
     timings: Sequence[Timings] | None = None,
 ) -> list[GenerationResult]:
-    """Non-streaming `stream_tokens`: one result per sequence."""
+    """Non-streaming `stream_tokens` (or `stream_generated`): one result per sequence."""
     timings = list(timings) if timings is not None else [Timings() for _ in sequences]
     ids: list[list[int]] = [[] for _ in sequences]
     texts = [""] * len(sequences)
     reasons = ["length"] * len(sequences)
-    for ev in stream_tokens(decoder, tokenizer, sequences, params, timings):
+    events = stream_generated(decoder, tokenizer, sequences, params, timings) if is_generator(decoder) else stream_tokens(decoder, tokenizer, sequences, params, timings)
+    for ev in events:
         ids[ev.index].append(ev.token_id)
         texts[ev.index] += ev.text
         if ev.finish_reason:

@@ -1,7 +1,9 @@
 """Pipeline: images + prompt → preprocess → vision backend → splice → decoder, with timings.
 
-Backends are anything with `encode(pixel_values) -> image_embeds` (vision) and the
-generation loop's `Decoder` protocol (LLM): the torch reference, ONNX Runtime, TensorRT.
+Backends are anything with `encode(pixel_values) -> image_embeds` (vision: torch, ONNX Runtime,
+TensorRT) and, for the LLM, the generation loop's `Decoder` protocol (torch, ONNX Runtime: the
+prompt is spliced into embeddings here) or its `Generator` protocol (TensorRT-LLM: the prompt
+goes in as ids plus the images' rows as a prompt table). engines/registry.py opens them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from PIL import Image
 from ..errors import ConvLlavaError
 from ..preprocess import PreprocessConfig, load_image, preprocess, visual_tokens
 from ..prompt import IMAGE_TOKEN, Conversation, build_prompt, check_image_count, splice_embeddings, tokenize_with_images
-from .generation import Decoder, GenerationResult, Timings, TokenEvent, generate, stream_tokens
+from .generation import Decoder, GenerationResult, Generator, TablePrompt, Timings, TokenEvent, generate, is_generator, stream_generated, stream_tokens
 from .sampling import SamplingParams
 
 ImageInput = str | bytes | Image.Image | np.ndarray  # ndarray: preprocessed pixel values [3, H, W]
@@ -55,7 +57,7 @@ def max_piece_chars(tokenizer: Any) -> int:
 
 class Pipeline:
     def __init__(
-        self, vision: VisionBackend, decoder: Decoder, tokenizer: Any, preprocess_cfg: PreprocessConfig, info: dict | None = None
+        self, vision: VisionBackend, decoder: Decoder | Generator, tokenizer: Any, preprocess_cfg: PreprocessConfig, info: dict | None = None
     ) -> None:
         self.vision = vision
         self.decoder = decoder
@@ -134,20 +136,26 @@ class Pipeline:
             raise self._context_error(f"{total} tokens", sum(image_rows))
         return ids
 
-    def prepare(self, request: Request, timings: Timings, image_embeds: Sequence[np.ndarray] | None = None) -> np.ndarray:
-        """The spliced embedding sequence [S, hidden] for one request.
+    def prepare(self, request: Request, timings: Timings, image_embeds: Sequence[np.ndarray] | None = None) -> np.ndarray | TablePrompt:
+        """The spliced embedding sequence [S, hidden] for one request (a TablePrompt for a
+        Generator backend, which splices inside its engine).
 
         `image_embeds` skips the vision engine (encoded elsewhere, e.g. by a Ray vision replica);
         `request.images` then only counts the images for the prompt template.
         """
         if image_embeds is not None:
             ids = self.plan(request, [len(e) for e in image_embeds])
-            return splice_embeddings(ids, list(image_embeds), self.decoder.embed)
+            return self._splice(ids, list(image_embeds))
         t0 = time.perf_counter()
         pixels = self.pixel_values(request.images)
         timings.preprocess_s += time.perf_counter() - t0
         ids = self.plan(request, [visual_tokens(p.shape[1], p.shape[2]) for p in pixels])
-        return splice_embeddings(ids, self.encode_pixels(pixels, timings), self.decoder.embed)
+        return self._splice(ids, self.encode_pixels(pixels, timings))
+
+    def _splice(self, ids: list[int], embeds: list[np.ndarray]) -> np.ndarray | TablePrompt:
+        if is_generator(self.decoder):
+            return TablePrompt(ids, embeds)
+        return splice_embeddings(ids, embeds, self.decoder.embed)
 
     # -- generation -----------------------------------------------------------------------
     def stream(
@@ -163,7 +171,10 @@ class Pipeline:
         timings = list(timings) if timings is not None else [Timings() for _ in reqs]
         embeds = image_embeds if image_embeds is not None else [None] * len(reqs)
         seqs = [self.prepare(r, t, e) for r, t, e in zip(reqs, timings, embeds)]
-        yield from stream_tokens(self.decoder, self.tokenizer, seqs, params, timings)
+        if is_generator(self.decoder):
+            yield from stream_generated(self.decoder, self.tokenizer, seqs, params, timings)
+        else:
+            yield from stream_tokens(self.decoder, self.tokenizer, seqs, params, timings)
 
     def generate(
         self, images: Sequence[ImageInput] | ImageInput = (), prompt: str | Conversation = "", params: SamplingParams | None = None, **sampling: Any

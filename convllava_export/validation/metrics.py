@@ -9,11 +9,16 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.generation import Decoder
+from ..runtime.generation import Decoder, Generator, TablePrompt, is_generator
 
 
-def teacher_forced_logits(decoder: Decoder, prompt: np.ndarray, answer_ids: Sequence[int]) -> np.ndarray:
-    """Logits [len(answer), V] predicting each answer token given the true prefix."""
+def teacher_forced_logits(decoder: Decoder | Generator, prompt: np.ndarray | TablePrompt, answer_ids: Sequence[int]) -> np.ndarray:
+    """Logits [len(answer), V] predicting each answer token given the true prefix (a Generator:
+    one run over prompt + answer, reading the engine's context logits)."""
+    if is_generator(decoder):
+        full = TablePrompt([*prompt.ids, *answer_ids[:-1]], prompt.images)
+        rows = np.asarray(decoder.context_logits(full), dtype=np.float64)  # one per (expanded) position
+        return rows[-max(len(answer_ids), 1) :]  # position i predicts token i+1: the last prompt row predicts answer[0]
     logits, kv = decoder.extend(np.asarray(prompt, dtype=np.float32))
     rows = [logits]
     for tok in answer_ids[:-1]:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ..errors import ConvLlavaError
+from ..precisions import MODELOPT, SIMULATED, SIMULATED_VISION
 from ..preprocess import PreprocessConfig
 from ..runtime.pipeline import Pipeline, TorchVision
 
@@ -55,10 +56,8 @@ class SimFormat:
 
 
 FORMATS: dict[str, SimFormat] = {
-    "fp8": SimFormat("FP8_DEFAULT_CFG", True, "FP8 E4M3 per-tensor weights + activations (LLM Linears; vision Conv + Linear)"),
-    "int4-awq": SimFormat("INT4_AWQ_CFG", False, "INT4 blockwise weights, AWQ-lite scaling, fp activations (LLM Linears)"),
-    "nvfp4": SimFormat("NVFP4_DEFAULT_CFG", False, "NVFP4 (E2M1, 16-element blocks, FP8 scales) weights + activations (LLM Linears)"),
-    "int8-sq": SimFormat("INT8_SMOOTHQUANT_CFG", False, "INT8 SmoothQuant: per-channel weights, per-tensor activations (LLM Linears)"),
+    name: SimFormat(MODELOPT[name].config, name in SIMULATED_VISION, MODELOPT[name].describe + (" (LLM Linears; vision Conv + Linear)" if name in SIMULATED_VISION else " (LLM Linears)"))
+    for name in SIMULATED
 }
 AWQ_BLOCK_SIZES = (128, 64, 32, 16, 8)
 
@@ -91,12 +90,10 @@ def parse_formats(formats: Sequence[str]) -> list[str]:
 
 def format_config(fmt: str, awq_block_size: int = 128) -> dict[str, Any]:
     """The format's ModelOpt config (a copy); int4-awq with `awq_block_size`, as the real export sets it."""
-    from ..engines.tensorrt_llm import PRECISIONS, _modelopt_config
+    from ..engines.tensorrt_llm import modelopt_config
 
-    mtq = _mtq()
-    if fmt in PRECISIONS and PRECISIONS[fmt][0] == FORMATS[fmt].config:
-        return _modelopt_config(fmt, awq_block_size)  # the very config `export llm --backend tensorrt-llm` uses
-    return copy.deepcopy(getattr(mtq, FORMATS[fmt].config))
+    _mtq()
+    return modelopt_config(fmt, awq_block_size)  # the very config `export llm --backend tensorrt-llm` uses
 
 
 def check_cpu_support(fmt: str) -> None:
