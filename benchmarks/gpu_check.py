@@ -1,10 +1,21 @@
-"""GPU checks for a lent CUDA machine (no TensorRT there): one script, results as JSON.
+"""GPU checks for a lent CUDA machine: one script, results as JSON, within 10 minutes.
 
-1. The torch reference on CUDA, fp32 and fp16, against the conformance fixtures.
-2. A TensorRT-LLM FP8 checkpoint of the conformance LLM through ModelOpt (FP8 needs sm_89+),
-   calibrated on the fixtures' multimodal prompts.
-3. Torch eager latency of the full-size ConvNeXt†+projector on the GPU (fp32 / fp16 / bf16),
-   and the fp16 range check (activations above 65504) at 1536².
+1. conformance: the torch reference on CUDA, fp32 and fp16, against the conformance fixtures.
+2. trtllm_checkpoint: a TensorRT-LLM FP8 checkpoint of the conformance LLM through ModelOpt
+   (FP8 needs sm_89+), calibrated on the fixtures' multimodal prompts.
+3. hf_checkpoints: ModelOpt unified HF checkpoints (`export llm --format hf`) at fp8, nvfp4
+   (its calibration kernels are CUDA-only), int4-awq and w4a8-awq, through the CLI.
+4. simulate: `validate --device cuda --simulate fp8 --simulate int4-awq --simulate nvfp4` on a
+   freshly trained tiny model: what the CPU cannot simulate (nvfp4), with the same metrics.
+5. tensorrt_vision: `build --target tensorrt --vision-precision fp16` of the tiny model; the
+   smoke test measures the built engine's cosine (needs TensorRT and onnxruntime-gpu).
+6. trtllm_build: `build --llm-backend tensorrt-llm --llm-precision int4-awq`, then `run`
+   (needs TensorRT-LLM 0.12-1.2.x and TensorRT).
+7. vision_latency: torch eager latency of the full-size ConvNeXt†+projector (fp32 / fp16 /
+   bf16), and the fp16 range check (activations above 65504) at 1536².
+
+A check whose requirements are missing is recorded as skipped with the reason (`skip_reason`);
+without a CUDA GPU every check is skipped, so the script runs (and is tested) anywhere.
 
 Usage: python benchmarks/gpu_check.py OUT.json
 """
@@ -70,7 +81,7 @@ def fp8_trtllm(results: dict, workdir: Path) -> None:
         for k in f.keys():
             if k.endswith("qkv.weight") or k.endswith("fc.weight"):
                 dtypes[k] = str(f.get_tensor(k).dtype)
-    results["trtllm_fp8"] = {"meta": meta, "seconds": time.perf_counter() - t, "weight_dtypes": dtypes, "passed": meta["quant_algo"] == "FP8" and all("float8" in d for d in dtypes.values())}
+    results["trtllm_checkpoint_fp8"] = {"meta": meta, "seconds": time.perf_counter() - t, "weight_dtypes": dtypes, "passed": meta["quant_algo"] == "FP8" and all("float8" in d for d in dtypes.values())}
 
 
 def vision_latency(results: dict) -> None:
@@ -101,21 +112,145 @@ def vision_latency(results: dict) -> None:
     results["fp16_range_1536_random_weights"] = {"max_abs": report["max_abs"], "count": report["count"], "first": report["overflows_fp16"][:5]}
 
 
-def main() -> None:
-    out = Path(sys.argv[1])
+def hf_checkpoints(results: dict, workdir: Path, formats: tuple[str, ...] = ("fp8", "nvfp4", "int4-awq", "w4a8-awq")) -> None:
+    from click.testing import CliRunner
+
+    from convllava_export.cli import cli
+
+    ckpt = FIX / "convllava-tiny-a"
+    out = {}
+    for precision in formats:
+        dest = workdir / f"hf-{precision}"
+        args = ["export", "llm", str(ckpt), "--vision-tower", str(FIX / "convnext-tiny-a"), "-o", str(dest), "--force",
+                "--backend", "tensorrt-llm", "--format", "hf", "--precision", precision, "--calib-images", "builtin", "--calib-limit", "8", "--awq-block-size", "32"]
+        t = time.perf_counter()
+        res = CliRunner().invoke(cli, args)
+        row: dict = {"exit_code": res.exit_code, "seconds": time.perf_counter() - t}
+        if res.exit_code == 0:
+            row["hf_quant_config"] = json.loads((dest / "hf_quant_config.json").read_text())["quantization"]
+        else:
+            row["output"] = res.output[-1500:]
+        out[precision] = row
+    want = {"fp8": "FP8", "nvfp4": "NVFP4", "int4-awq": "W4A16_AWQ", "w4a8-awq": "W4A8_AWQ"}
+    results["hf_checkpoints"] = {"formats": out, "passed": all(out[p].get("hf_quant_config", {}).get("quant_algo") == want[p] for p in formats)}
+
+
+def simulate(results: dict, workdir: Path, device: str = "cuda", formats: tuple[str, ...] = ("fp8", "int4-awq", "nvfp4")) -> None:
+    from convllava_export.tiny import write_tiny_checkpoint
+    from convllava_export.validation.data import load_items
+    from convllava_export.validation.report import write_reports
+    from convllava_export.validation.run import Gates, validate
+
+    ckpt = write_tiny_checkpoint(workdir / "tiny", progress=lambda m: None)
+    report, images = validate([], ckpt, load_items("builtin:16"), Gates(), 16, simulate=formats, device=device, progress=lambda m: None)
+    write_reports(report, images, workdir / "simulate-report")
+    rows = {b["name"]: {k: b["metrics"][k] for k in ("top1_agreement", "kl_mean", "greedy_exact_match")} | {"cosine_mean": b["metrics"]["vision_cosine"]["mean"]} for b in report["builds"]}
+    results[f"simulate_{device}"] = {"builds": rows, "note": report["simulation"]["note"], "passed": set(rows) == {f"simulated:{f}" for f in formats}}
+
+
+def _build(results: dict, key: str, workdir: Path, extra: list[str]) -> None:
+    from click.testing import CliRunner
+
+    from convllava_export.cli import cli
+
+    ckpt = FIX / "convllava-tiny-a"
+    dest = workdir / key
+    args = ["build", str(ckpt), "--vision-tower", str(FIX / "convnext-tiny-a"), "-o", str(dest), "--force", "--target", "tensorrt",
+            "--calib-images", "builtin", "--min-size", "64x64", "--max-size", "512x512", "--min-token-agreement", "0", *extra]
+    t = time.perf_counter()
+    res = CliRunner().invoke(cli, args)
+    row: dict = {"exit_code": res.exit_code, "seconds": time.perf_counter() - t, "output": res.output[-2000:]}
+    if res.exit_code == 0:
+        manifest = json.loads((dest / "manifest.json").read_text())
+        row["checks"] = {k: v for k, v in manifest["checks"].items() if k != "timings"}
+        row["llm"] = manifest["llm"]
+        ran = CliRunner().invoke(cli, ["run", str(dest), "--image", str(next((FIX / "images").iterdir())), "--prompt", "What is shown?", "--max-new-tokens", "16"])
+        row["run"] = {"exit_code": ran.exit_code, "output": ran.output[-1000:]}
+    row["passed"] = res.exit_code == 0 and row.get("run", {}).get("exit_code") == 0
+    results[key] = row
+
+
+def tensorrt_vision(results: dict, workdir: Path) -> None:
+    _build(results, "tensorrt_vision", workdir, ["--vision-precision", "fp16", "--llm-precision", "fp16"])
+
+
+def trtllm_build(results: dict, workdir: Path) -> None:
+    _build(results, "trtllm_build", workdir, ["--vision-precision", "fp16", "--llm-backend", "tensorrt-llm", "--llm-precision", "int4-awq", "--awq-block-size", "32"])
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def skip_reason(name: str) -> str | None:
+    """Why check `name` cannot run here (None: it can)."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible to torch"
+    cc = torch.cuda.get_device_capability(0)
+    if name in ("trtllm_checkpoint", "hf_checkpoints", "simulate") and not _has("modelopt"):
+        return "NVIDIA ModelOpt not installed (pip install 'convllava-export[quant]')"
+    if name == "trtllm_checkpoint" and cc < (8, 9):
+        return f"FP8 needs sm_89+, this GPU is sm_{cc[0]}{cc[1]}"
+    if name in ("tensorrt_vision", "trtllm_build"):
+        if not _has("tensorrt"):
+            return "TensorRT not installed (the lent machine has none; pip install 'convllava-export[gpu]')"
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return "onnxruntime-gpu (CUDAExecutionProvider) not installed"
+    if name == "trtllm_build":
+        if not _has("tensorrt_llm"):
+            return "TensorRT-LLM not installed (engine flow: 0.12-1.2.x)"
+        from importlib import metadata
+
+        from convllava_export.engines.tensorrt_llm import check_trtllm_version
+        from convllava_export.errors import ConvLlavaError
+
+        try:
+            check_trtllm_version(metadata.version("tensorrt_llm"))
+        except ConvLlavaError as exc:
+            return str(exc)
+    return None
+
+
+CHECKS = {
+    "conformance": lambda r, w: conformance(r),
+    "trtllm_checkpoint": fp8_trtllm,
+    "hf_checkpoints": hf_checkpoints,
+    "simulate": simulate,
+    "tensorrt_vision": tensorrt_vision,
+    "trtllm_build": trtllm_build,
+    "vision_latency": lambda r, w: vision_latency(r),
+}
+
+
+def main(out: Path, only: list[str] | None = None) -> dict:
     work = out.parent / "work"
     work.mkdir(parents=True, exist_ok=True)
-    results: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0), "cc": list(torch.cuda.get_device_capability(0))}
-    for name, fn in (("conformance", lambda: conformance(results)), ("fp8", lambda: fp8_trtllm(results, work)), ("vision", lambda: vision_latency(results))):
+    cuda = torch.cuda.is_available()
+    results: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if cuda else None,
+                     "cc": list(torch.cuda.get_device_capability(0)) if cuda else None, "skipped": {}}
+    for name, fn in CHECKS.items():
+        if only and name not in only:
+            continue
+        why = skip_reason(name)
+        if why is not None:
+            results["skipped"][name] = why
+            print(name, "skipped:", why, flush=True)
+            continue
         t = time.perf_counter()
         try:
-            fn()
+            fn(results, work)
         except Exception:  # noqa: BLE001 - record and go on to the next check
             results[f"{name}_error"] = traceback.format_exc()[-3000:]
         results[f"{name}_seconds"] = time.perf_counter() - t
         out.write_text(json.dumps(results, indent=2))
         print(name, "done", flush=True)
+    out.write_text(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]), sys.argv[2:] or None)

@@ -275,7 +275,7 @@ def _build_trtllm(checkpoint, tmp: Path, opts: BuildOptions, max_visual: int, pr
     from .export.trtllm import calibration_sequences
     from .model.reference import ReferenceModel
 
-    ref = ReferenceModel.load(checkpoint, vision_tower=opts.vision_tower, dtype="fp16", progress=progress)
+    ref = ReferenceModel.load(checkpoint, vision_tower=opts.vision_tower, dtype="fp16", device="cuda", progress=progress)  # _validate: a GPU is here
     seqs = [] if opts.llm_precision == "fp16" else calibration_sequences(ref, opts.calib_images, opts.calib_prompts, opts.calib_limit, progress)
     scratch = tmp.parent / f"{tmp.name}-trtllm-checkpoint"
     try:

@@ -262,13 +262,17 @@ def export_vision_cmd(checkpoint, output, precision, calib_images, calib_method,
 def export_llm_cmd(checkpoint, output, backend, fmt, precision, int4_block_size, llm_graph, awq_block_size, calib_images, prompts, calib_limit, vision_tower, force) -> None:
     """Vicuna → ONNX Runtime decoder (KV cache, inputs_embeds) or a TensorRT-LLM checkpoint."""
     from .fsutil import atomic_output_dir, check_destination
-    from .options import check_llm, check_trtllm_here
+    from .options import check_llm
 
     check_llm(backend, precision, llm_graph, fmt)
     if backend == "tensorrt-llm":
+        from .engines.tensorrt_llm import gpu_note, local_compute_capability
+
         if precision != "fp16" and calib_images is None:
             raise ConvLlavaError(f"{precision} is calibrated on multimodal prompts: pass --calib-images DIR (or a `calibrate` set, or 'builtin' for the synthetic set)")
-        check_trtllm_here(precision, "tensorrt", fmt, build_engine=False)  # a checkpoint: trtllm-build runs later, on the GPU
+        note = gpu_note(precision, local_compute_capability())
+        if note:  # a checkpoint is made anywhere; it runs on the GPU it is meant for
+            say(f"note: {note}; the checkpoint is written all the same, for the GPU that will run it")
     check_destination(output, force)
     with atomic_output_dir(output, force) as tmp:
         if backend == "onnxruntime":
@@ -557,8 +561,9 @@ def serve_cmd(
 @click.option("--prompts", type=click.Path(path_type=Path), default=None, help="--simulate: JSONL of calibration questions")
 @click.option("--awq-block-size", type=click.IntRange(8), default=None, help="--simulate int4-awq: group size (default: the largest of 128/64/32/16/8 that divides the layers)")
 @click.option("--reference-dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="auto: fp32 when it fits in memory, else the checkpoint's dtype (recorded in the report)")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="where the torch reference and the simulated builds run (cuda: nvfp4 can be simulated)")
 def validate_cmd(builds, reference, data, question, limit, max_new_tokens, output, min_cosine, min_agreement, max_kl, min_accuracy, vision_tower,
-                 simulate, calib, calib_limit, prompts, awq_block_size, reference_dtype) -> None:
+                 simulate, calib, calib_limit, prompts, awq_block_size, reference_dtype, device) -> None:
     """Measure builds (and simulated GPU formats) against the fp32 reference; JSON + HTML report; gates set the exit code."""
     from .fsutil import writable_dir
     from .validation.data import load_items
@@ -566,13 +571,18 @@ def validate_cmd(builds, reference, data, question, limit, max_new_tokens, outpu
     from .validation.run import Gates, validate
 
     writable_dir(output)  # before minutes of validation
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConvLlavaError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu")
     items = load_items(data, question, limit)
     gates = Gates(min_cosine, min_agreement, max_kl, min_accuracy)
     if not builds and not simulate:
         raise ConvLlavaError("nothing to validate: give build folders and/or --simulate FORMAT")
     report, images = validate(
         [str(b) for b in builds], reference, items, gates, max_new_tokens, vision_tower, progress=say,
-        simulate=simulate, calib=calib, calib_limit=calib_limit, prompts=prompts, awq_block_size=awq_block_size, reference_dtype=reference_dtype,
+        simulate=simulate, calib=calib, calib_limit=calib_limit, prompts=prompts, awq_block_size=awq_block_size, reference_dtype=reference_dtype, device=device,
     )
     json_path, html_path = write_reports(report, images, output)
     table = Table(title=f"validation against the torch {report['reference']['dtype']} reference")

@@ -40,30 +40,29 @@ def check_llm(backend: str, precision: str, graph: str = "dynamo", fmt: str = "e
     from .engines.tensorrt_llm import check_precision
 
     try:
-        check_precision(precision, (9, 0), fmt)  # the name only; the GPU is checked by check_trtllm_here
+        check_precision(precision, fmt)  # the name only; the GPU is checked by check_trtllm_here
     except ConvLlavaError as exc:
         raise BuildError(str(exc)) from None
 
 
-def check_trtllm_here(precision: str, target: str, fmt: str = "engine", build_engine: bool = True) -> tuple[int, int] | None:
-    """This machine can make `precision` for TensorRT-LLM: a GPU that runs the format where its
-    calibration needs one and, to build an engine (`build_engine`), TensorRT-LLM of a supported
-    version with `trtllm-build`. Returns the GPU's compute capability (None: no GPU)."""
+def check_trtllm_here(precision: str, target: str) -> tuple[int, int]:
+    """This machine can build and run a TensorRT-LLM engine of `precision`: TensorRT-LLM of a
+    supported version with `trtllm-build`, and a GPU that runs the format. Returns its compute
+    capability. (A checkpoint, `export llm --backend tensorrt-llm`, needs none of this.)"""
     import shutil
 
-    from .engines.tensorrt_llm import check_precision, check_trtllm_version, local_compute_capability
+    from .engines.tensorrt_llm import check_runs_here, check_trtllm_version, local_compute_capability
     from .extras import require
 
+    trtllm = require("tensorrt_llm", "trtllm", "TensorRT-LLM engines")
+    check_trtllm_version(trtllm.__version__, target)
+    if shutil.which("trtllm-build") is None:
+        raise BuildError("trtllm-build is not on PATH: install TensorRT-LLM 0.12-1.2.x on the GPU machine (pip install 'convllava-export[trtllm]')")
     cc = local_compute_capability()
-    if build_engine:
-        trtllm = require("tensorrt_llm", "trtllm", "TensorRT-LLM engines")
-        check_trtllm_version(trtllm.__version__, target)
-        if shutil.which("trtllm-build") is None:
-            raise BuildError("trtllm-build is not on PATH: install TensorRT-LLM 0.12-1.2.x on the GPU machine (pip install 'convllava-export[trtllm]')")
-        if cc is None:
-            raise BuildError("the TensorRT-LLM engine flow builds on the GPU that runs it, and no CUDA GPU is visible here")
+    if cc is None:
+        raise BuildError("the TensorRT-LLM engine flow builds on the GPU that runs it, and no CUDA GPU is visible here")
     try:
-        check_precision(precision, cc, fmt)
+        check_runs_here(precision, cc)
     except ConvLlavaError as exc:
         raise BuildError(str(exc)) from None
     return cc

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from convllava_export.cli import cli
 from convllava_export.engines.onnxruntime import OrtDecoder
-from convllava_export.engines.tensorrt_llm import TrtLlmBuildConfig, check_precision, trtllm_build_command
+from convllava_export.engines.tensorrt_llm import TrtLlmBuildConfig, check_precision, check_runs_here, trtllm_build_command
 from convllava_export.errors import ExportError
 from convllava_export.export.llm import export_llm_onnxruntime
 from convllava_export.export.spec import PartSpec
@@ -89,7 +89,7 @@ def test_ort_cli_errors(tiny_checkpoint, tmp_path):
     res = runner.invoke(cli, ["export", "llm", str(tiny_checkpoint), "-o", str(tmp_path / "x"), "--precision", "int4-awq"])
     assert res.exit_code == 2 and "not available for ONNX Runtime" in res.output and "TensorRT-LLM precision" in res.output
     res = runner.invoke(cli, ["export", "llm", str(tiny_checkpoint), "-o", str(tmp_path / "x"), "--backend", "tensorrt-llm", "--precision", "fp8"])
-    assert res.exit_code == 2 and "needs a GPU of sm_89 or newer" in res.output
+    assert res.exit_code == 2 and "calibrated on multimodal prompts: pass --calib-images" in res.output
     (tmp_path / "exists").mkdir()
     res = runner.invoke(cli, ["export", "llm", str(tiny_checkpoint), "-o", str(tmp_path / "exists")])
     assert res.exit_code == 2 and "already exists" in res.output
@@ -104,10 +104,10 @@ def test_trtllm_build_plan():
     with pytest.raises(ExportError, match="no room for text"):
         trtllm_build_command("ck", "eng", TrtLlmBuildConfig(max_input_len=576))
     with pytest.raises(ExportError, match="sm_89 or newer.*sm_87"):
-        check_precision("fp8", (8, 7))
-    check_precision("fp8", (9, 0))
+        check_runs_here("fp8", (8, 7))
+    check_runs_here("fp8", (9, 0))
     with pytest.raises(ExportError, match="not available for the tensorrt-llm engine route"):
-        check_precision("int4", None)
+        check_precision("int4")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("modelopt") is None, reason="NVIDIA ModelOpt not installed (pip install 'convllava-export[quant]')")
@@ -186,4 +186,4 @@ def test_gqa_int4_reports_agreement(tiny_reference, tmp_path):
 
 def test_gqa_graph_refuses_what_it_cannot_build(tiny_checkpoint, tmp_path):
     res = CliRunner().invoke(cli, ["export", "llm", str(tiny_checkpoint), "-o", str(tmp_path / "x"), "--graph", "gqa", "--precision", "fp16"])
-    assert res.exit_code == 2 and "--graph gqa is for the onnxruntime backend" in res.output and not (tmp_path / "x").exists()
+    assert res.exit_code == 2 and "the gqa graph builds fp32, int8, int4" in res.output and not (tmp_path / "x").exists()

@@ -21,7 +21,9 @@ from convllava_export.engines.tensorrt_llm import (
     TrtLlmBuildConfig,
     batch_table_inputs,
     check_precision,
+    check_runs_here,
     check_trtllm_version,
+    gpu_note,
     engine_dtype,
     generated_tokens,
     trtllm_build_command,
@@ -64,17 +66,19 @@ def test_old_and_jetson_versions():
 
 
 def test_precisions_per_route_and_gpu():
-    check_precision("int8-sq", None, "engine")
-    check_precision("int4-awq", None, "hf")
+    check_precision("int8-sq", "engine")
+    check_precision("int4-awq", "hf")
     with pytest.raises(ExportError, match=r"tensorrt-llm engine route.*made by --format hf"):
-        check_precision("nvfp4", (10, 0), "engine")
+        check_precision("nvfp4", "engine")
     with pytest.raises(ExportError, match=r"tensorrt-llm hf route.*made by --format engine"):
-        check_precision("int8-sq", (9, 0), "hf")
+        check_precision("int8-sq", "hf")
     with pytest.raises(ExportError, match="sm_100 or newer.*sm_90"):
-        check_precision("nvfp4", (9, 0), "hf")
+        check_runs_here("nvfp4", (9, 0))
     with pytest.raises(ExportError, match="sm_89 or newer.*no CUDA GPU"):
-        check_precision("w4a8-awq", None, "hf")
-    check_precision("nvfp4", (11, 0), "hf")  # Jetson Thor
+        check_runs_here("w4a8-awq", None)
+    check_runs_here("nvfp4", (11, 0))  # Jetson Thor
+    check_runs_here("int4-awq", (8, 7))  # Orin
+    assert gpu_note("fp8", None) and gpu_note("int8-sq", None) is None
 
 
 def test_build_command_gathers_context_logits():
@@ -218,12 +222,27 @@ def test_unified_hf_checkpoint_int4_awq(tiny_checkpoint, tmp_path):
     assert weights["lm_head.weight"].dtype == np.float16 and weights["model.embed_tokens.weight"].dtype == np.float16
 
 
-@pytest.mark.parametrize("precision, need", [("nvfp4", "sm_100"), ("w4a8-awq", "sm_89"), ("fp8", "sm_89")])
-def test_gpu_formats_refused_without_gpu(tiny_checkpoint, tmp_path, precision, need):
+@needs_modelopt
+@pytest.mark.parametrize("precision, algo, weight_dtype, packed", [
+    ("fp8", "FP8", "float8_e4m3fn", 1),
+    ("nvfp4", "NVFP4", "uint8", 2),
+    ("w4a8-awq", "W4A8_AWQ", "uint8", 2),
+])
+def test_gpu_formats_are_written_without_a_gpu(tiny_checkpoint, tmp_path, precision, algo, weight_dtype, packed):
+    """A checkpoint for another machine: ModelOpt calibrates and packs these on the CPU; the
+    CLI says which GPUs run them and writes the checkpoint."""
     import torch
+    from safetensors import safe_open
 
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA GPU is visible: the refusal applies only without one")
     dest = tmp_path / "hf"
-    res = CliRunner().invoke(cli, ["export", "llm", str(tiny_checkpoint), "-o", str(dest), "--backend", "tensorrt-llm", "--format", "hf", "--precision", precision, "--calib-images", "builtin"])
-    assert res.exit_code == 2 and need in res.output and not dest.exists()
+    res = CliRunner().invoke(cli, ["export", "llm", str(tiny_checkpoint), "-o", str(dest), "--backend", "tensorrt-llm", "--format", "hf",
+                                   "--precision", precision, "--calib-images", "builtin", "--calib-limit", "8", "--awq-block-size", "32"])
+    assert res.exit_code == 0, res.output
+    if not torch.cuda.is_available():
+        assert "runs on GPUs of sm_" in res.output
+    assert json.loads((dest / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == algo
+    hidden = json.loads((dest / "config.json").read_text())["hidden_size"]
+    with safe_open(str(next(dest.glob("*.safetensors"))), "pt") as f:
+        w = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
+        assert str(w.dtype) == f"torch.{weight_dtype}" and w.numel() * packed == hidden * hidden
+        assert "model.layers.0.self_attn.q_proj.input_scale" in f.keys()  # activations quantized too

@@ -55,7 +55,8 @@ def export_llm_tensorrt(
     from ..model.reference import ReferenceModel
     from ..preprocess import PreprocessConfig
 
-    ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, dtype="fp16" if _cuda() else "fp32", progress=progress)
+    cuda = _cuda()  # fp8 / nvfp4 / w4a8 calibrate with CUDA kernels; the rest also on CPU, in fp32 there
+    ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, dtype="fp16" if cuda else "fp32", device="cuda" if cuda else "cpu", progress=progress)
     seqs: Sequence[np.ndarray] = [] if precision == "fp16" else calibration_sequences(ref, calib_images, prompts, calib_limit, progress)
     if fmt == "hf":
         from ..tokenizer import copy_tokenizer

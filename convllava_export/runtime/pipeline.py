@@ -145,14 +145,15 @@ class Pipeline:
         """
         if image_embeds is not None:
             ids = self.plan(request, [len(e) for e in image_embeds])
-            return self._splice(ids, list(image_embeds))
+            return self.splice(ids, list(image_embeds))
         t0 = time.perf_counter()
         pixels = self.pixel_values(request.images)
         timings.preprocess_s += time.perf_counter() - t0
         ids = self.plan(request, [visual_tokens(p.shape[1], p.shape[2]) for p in pixels])
-        return self._splice(ids, self.encode_pixels(pixels, timings))
+        return self.splice(ids, self.encode_pixels(pixels, timings))
 
-    def _splice(self, ids: list[int], embeds: list[np.ndarray]) -> np.ndarray | TablePrompt:
+    def splice(self, ids: list[int], embeds: list[np.ndarray]) -> np.ndarray | TablePrompt:
+        """Image embeddings into the prompt: here for a Decoder, in its engine for a Generator."""
         if is_generator(self.decoder):
             return TablePrompt(ids, embeds)
         return splice_embeddings(ids, embeds, self.decoder.embed)

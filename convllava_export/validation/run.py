@@ -89,7 +89,7 @@ def evaluate_build(name: str, pipe: Pipeline, items: Sequence[Item], images: dic
         t1 = time.perf_counter()
         emb = pipe.vision.encode(px)
         t.preprocess_s, t.vision_s = t1 - t0, time.perf_counter() - t1
-        seq = splice_embeddings(r["ids"], [emb[0]], pipe.decoder.embed)
+        seq = pipe.splice(r["ids"], [emb[0]])  # spliced embeddings, or a TablePrompt for a Generator backend
         got = generate(pipe.decoder, pipe.tokenizer, [seq], SamplingParams(max_new_tokens=ref.max_new_tokens), [t])[0]
         timings.append(t)
         agree = logits_agreement(r["logits"], teacher_forced_logits(pipe.decoder, seq, r["answer"].token_ids))
@@ -172,12 +172,13 @@ def validate(
     prompts: str | Path | None = None,
     awq_block_size: int | None = None,
     reference_dtype: str = "auto",
+    device: str = "cpu",
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Returns (report, images by item id).
 
     `simulate`: formats ("fp8", "int4-awq", "int8-sq", "nvfp4") evaluated as simulated builds
     named `simulated:FORMAT` after the real ones: the reference with ModelOpt fake quantization,
-    on CPU, calibrated on `calib` ('builtin', a folder of images or a `calibrate` set; at most
+    on `device` (the reference's: nvfp4 needs "cuda"), calibrated on `calib` ('builtin', a folder of images or a `calibrate` set; at most
     `calib_limit` images, one multimodal prompt each, questions from `prompts`). `builds` may be
     empty when `simulate` is not. `awq_block_size` (int4-awq): None picks the largest of
     128/64/32/16/8 that divides the LLM's hidden and intermediate sizes.
@@ -188,11 +189,12 @@ def validate(
 
         formats = parse_formats(simulate)
         for f in formats:  # fail before minutes of loading and calibration
-            check_cpu_support(f)
+            if device == "cpu":
+                check_cpu_support(f)
     if not builds and not formats:
         raise ConvLlavaError("nothing to validate: give build folders and/or formats to simulate")
     progress(f"loading the reference {reference}")
-    model = ReferenceModel.load(reference, vision_tower=vision_tower, dtype=reference_dtype, progress=progress)
+    model = ReferenceModel.load(reference, vision_tower=vision_tower, dtype=reference_dtype, device=device, progress=progress)
     ref_dtype = dtype_name(model.dtype)
     ref = _ReferenceCache(model, max_new_tokens)
     images = {it.id: load_image(it.image) for it in items}
@@ -221,7 +223,7 @@ def validate(
 
         cfg = PreprocessConfig.from_preprocessor_config(model.info.preprocessor_config)
         calibration = calibration_data(model, cfg, calib, calib_limit, prompts, progress)
-        simulation = {"note": NOTE, "formats": formats, "calibration": calibration.info}
+        simulation = {"note": NOTE.replace("on CPU", f"on {device.upper()}"), "formats": formats, "calibration": calibration.info}
         for f in formats:
             sim = simulate_build(model, f, calibration, awq_block_size, progress)
             progress(f"validating {sim.name}")
@@ -232,7 +234,7 @@ def validate(
     failures = check_gates(results, gates)
     report = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "reference": {"checkpoint": str(reference), "dtype": ref_dtype, "backend": "torch", "task_accuracy": float(np.mean(ref_acc)) if ref_acc else None,
+        "reference": {"checkpoint": str(reference), "dtype": ref_dtype, "backend": "torch", "device": device, "task_accuracy": float(np.mean(ref_acc)) if ref_acc else None,
                       "latency": _latency([r["answer"].timings for r in ref_rows])},
         "data": {"items": len(items), "kinds": sorted({it.kind for it in items}), "max_new_tokens": max_new_tokens},
         "builds": results,

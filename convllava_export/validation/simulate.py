@@ -202,11 +202,13 @@ class SimulatedBuild:
 def simulate_build(model, fmt: str, calibration: Calibration, awq_block_size: int | None = None, progress: Progress = print) -> SimulatedBuild:
     """A fake-quantized copy of the fp32 reference `model` (left untouched) for one format."""
     (fmt,) = parse_formats([fmt])
-    if model.dtype != torch.float32 or model.device.type != "cpu":
-        raise ConvLlavaError(f"simulated builds start from the fp32 reference on CPU (got {model.dtype} on {model.device})")
+    if model.dtype != torch.float32:
+        raise ConvLlavaError(f"simulated builds start from the fp32 reference (got {model.dtype} on {model.device})")
     if model.llm is None or model.vision is None:
         raise ConvLlavaError("simulated builds need the reference loaded with both the vision part and the LLM")
-    check_cpu_support(fmt)
+    device = model.device
+    if device.type == "cpu":
+        check_cpu_support(fmt)  # nvfp4: ModelOpt's kernel is CUDA-only; on a GPU every format runs
     spec = FORMATS[fmt]
     lcfg = model.llm.config
     block = resolve_awq_block_size(lcfg.hidden_size, lcfg.intermediate_size, awq_block_size) if fmt == "int4-awq" else None
@@ -222,7 +224,7 @@ def simulate_build(model, fmt: str, calibration: Calibration, awq_block_size: in
         label = f" (pass {passes[0]})" if passes[0] > 1 else ""
         with torch.no_grad():
             for i, seq in enumerate(seqs, 1):
-                m(inputs_embeds=torch.from_numpy(np.asarray(seq, np.float32))[None])
+                m(inputs_embeds=torch.from_numpy(np.asarray(seq, np.float32))[None].to(device))
                 if i % 8 == 0 or i == len(seqs):
                     progress(f"{name}: calibrating the LLM{label} {i}/{len(seqs)} multimodal prompts")
 
@@ -240,7 +242,7 @@ def simulate_build(model, fmt: str, calibration: Calibration, awq_block_size: in
         def vision_loop(m: torch.nn.Module) -> None:
             with torch.no_grad():
                 for i, px in enumerate(pixels, 1):
-                    m(torch.from_numpy(np.asarray(px, np.float32)))
+                    m(torch.from_numpy(np.asarray(px, np.float32)).to(device))
                     if i % 8 == 0 or i == len(pixels):
                         progress(f"{name}: calibrating the vision tower {i}/{len(pixels)} images")
 
@@ -252,9 +254,9 @@ def simulate_build(model, fmt: str, calibration: Calibration, awq_block_size: in
 
     sim_model = dataclasses.replace(model, llm=llm, vision=vision)
     info = {
-        "backend": "torch CPU + ModelOpt fake quantization",
+        "backend": f"torch {device.type.upper()} + ModelOpt fake quantization",
         "simulated": True,
-        "note": NOTE,
+        "note": NOTE if device.type == "cpu" else NOTE.replace("on CPU", f"on {device.type.upper()}"),
         "format": fmt,
         "vision": f"{fmt} (simulated)" if spec.vision else "fp32 (torch reference)",
         "llm": f"{fmt} (simulated)",
