@@ -18,7 +18,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -81,7 +81,7 @@ class BuildOptions:
     max_size: str = "2048x2048"
     max_batch: int = 4
     int4_block_size: int = 128  # export/stream_quant.py BLOCK_SIZE
-    llm_graph: str = "dynamo"  # or "gqa": ORT's fused attention layout (needs onnxruntime-genai)
+    llm_graph: str = "auto"  # "dynamo", or "gqa" (ORT's fused attention layout; needs onnxruntime-genai); auto: export/llm.choose_graph
     llm_backend: str = "onnxruntime"  # or "tensorrt-llm": ModelOpt + trtllm-build (engine flow)
     awq_block_size: int = 128  # tensorrt-llm int4-awq group size
     calib_prompts: str | None = None  # tensorrt-llm: JSONL of calibration questions (default: built in)
@@ -149,6 +149,11 @@ def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress
     from .progress import StageLog
     from .sizing import available_memory, check_fits, estimate_build, model_size
 
+    if opts.llm_backend == "onnxruntime" and opts.llm_graph == "auto":
+        from .export.llm import choose_graph
+
+        graph, why = choose_graph("auto", opts.llm_precision)
+        opts = replace(opts, llm_graph=graph, extra={**opts.extra, "llm_graph_why": why})
     _validate(opts)
     target = get_target(opts.target)
     dest = Path(dest)

@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import ConvLlavaError
-from .precisions import LLM_BACKENDS, LLM_GRAPHS, ORT_LLM, TRTLLM_ENGINE, TRTLLM_FORMATS, TRTLLM_HF, VISION
+from .precisions import CALIB_METHODS, LLM_BACKENDS, LLM_GRAPHS, ORT_LLM, REFERENCE_DTYPES, TRTLLM_ENGINE, TRTLLM_FORMATS, TRTLLM_HF, VISION
+from .preprocess import MODES
 from .targets import TARGET_NAMES
 
 console = Console(stderr=True, soft_wrap=True)
@@ -56,7 +57,7 @@ def sampling_options(f):
 
 
 def preprocess_options(f):
-    f = click.option("--mode", type=click.Choice(["pad", "native"]), default=None, help="pad (official) or native aspect ratio")(f)
+    f = click.option("--mode", type=click.Choice(list(MODES)), default=None, help="pad (official) or native aspect ratio")(f)
     f = click.option("--resolution", type=click.IntRange(64), default=None, help="short side / square side (default: the tower's)")(f)
     f = click.option("--max-tokens", type=click.IntRange(1), default=None, help="native mode: bound on visual tokens per image")(f)
     f = click.option("--size", default=None, help="explicit HxW (multiples of 64), overrides --mode")(f)
@@ -130,7 +131,7 @@ def verify_cmd(build_dir: Path, as_json: bool) -> None:
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="image file (repeatable)")
 @click.option("--prompt", required=True, help="question; images are placed before it unless it contains <image>")
 @click.option("--vision-tower", type=click.Path(path_type=Path), default=None)
-@click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True, help="auto: fp32 when it fits in memory, else the checkpoint's dtype")
+@click.option("--dtype", type=click.Choice(list(REFERENCE_DTYPES)), default="auto", show_default=True, help="auto: fp32 when it fits in memory, else the checkpoint's dtype")
 @preprocess_options
 @sampling_options
 def generate(checkpoint, images, prompt, vision_tower, dtype, mode, resolution, max_tokens, size, **sampling) -> None:
@@ -185,20 +186,6 @@ def tiny(dest: Path, seed: int, steps: int, shape: str) -> None:
     out.print(str(path))
 
 
-def calibration_pixels(calib_images: str | None, cfg, limit: int, needed: bool) -> tuple[list, list, str]:
-    """(calibration, held-out, source) pixels: a folder, a calibration set, or 'builtin'."""
-    from .calibration.images import calibration_source, split_heldout
-
-    if calib_images is None and needed:
-        raise ConvLlavaError(
-            "this precision needs calibration images: pass --calib-images DIR (images like those you will "
-            "serve), a set from `convllava-export calibrate`, or --calib-images builtin for the synthetic set"
-        )
-    pixels, source = calibration_source(calib_images, cfg, limit, progress=say)
-    cal, held = split_heldout(pixels)
-    return cal, held, source
-
-
 @cli.group()
 def export() -> None:
     """Export one model part (vision or llm) to a folder."""
@@ -209,7 +196,7 @@ def export() -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="destination folder (must not exist)")
 @click.option("--precision", type=click.Choice(list(VISION)), default="fp32", show_default=True)
 @click.option("--calib-images", "--calib", "calib_images", default=None, help="calibration images folder, a `calibrate` set, or 'builtin'")
-@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
+@click.option("--calib-method", type=click.Choice(list(CALIB_METHODS)), default="minmax", show_default=True)
 @click.option("--calib-limit", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--min-size", default="64x64", show_default=True, help="TensorRT profile: smallest HxW")
 @click.option("--opt-size", default=None, help="TensorRT profile: HxW to tune for (default: native resolution)")
@@ -221,24 +208,13 @@ def export() -> None:
 @preprocess_options
 def export_vision_cmd(checkpoint, output, precision, calib_images, calib_method, calib_limit, min_size, opt_size, max_size, max_batch, vision_tower, threads, force, mode, resolution, max_tokens, size) -> None:
     """ConvNeXt†+projector → dynamic-shape ONNX (fp32/fp16/int8/fp8) with an accuracy report."""
-    from .engines.profiles import VisionProfile
-    from .export.spec import PartSpec
-    from .export.vision import export_vision
-    from .fsutil import atomic_output_dir, check_destination
-    from .model.reference import ReferenceModel
+    from .export.vision import export_vision_from_checkpoint
+    from .preprocess import parse_size
 
-    check_destination(output, force)
-    ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, load_llm=False, progress=say)
-    cfg = make_preprocess_cfg(ref.info.preprocessor_config, mode or "native", resolution, max_tokens, size)
-    res = ref.info.native_resolution
-    profile = VisionProfile.from_strings(min_size, opt_size or f"{res}x{res}", max_size, (1, 1, max_batch))
-    cal, held, source = calibration_pixels(calib_images, cfg, calib_limit, needed=precision in ("int8", "fp8"))
-    say(f"calibration/held-out images: {len(cal)}/{len(held)} from {source}")
-    with atomic_output_dir(output, force) as tmp:
-        result = export_vision(ref.vision, tmp, precision, cal, held, calib_method, threads, progress=say)
-        spec = PartSpec.load(tmp / "vision.json")
-        spec.attributes["profile"] = profile.to_dict()
-        spec.save(tmp)
+    result = export_vision_from_checkpoint(
+        checkpoint, output, precision, calib_images, calib_method, calib_limit, (min_size, opt_size, max_size, max_batch),
+        vision_tower, threads, force, mode or "native", resolution, max_tokens, parse_size(size) if size else None, progress=say,
+    )
     _print_vision_report(result.report)
     out.print(str(output))
 
@@ -316,19 +292,19 @@ def build_options(f):
         click.option("--llm-precision", type=click.Choice(list(dict.fromkeys(ORT_LLM + TRTLLM_ENGINE))), default="fp32", show_default=True, help=f"onnxruntime: {'|'.join(ORT_LLM)}; tensorrt-llm: {'|'.join(TRTLLM_ENGINE)}"),
         click.option("--awq-block-size", type=click.IntRange(8), default=128, show_default=True, help="tensorrt-llm int4-awq group size"),
         click.option("--calib-prompts", type=click.Path(path_type=str), default=None, help="tensorrt-llm: JSONL of calibration questions (default: built in)"),
-        click.option("--mode", type=click.Choice(["pad", "native"]), default="pad", show_default=True),
+        click.option("--mode", type=click.Choice(list(MODES)), default="pad", show_default=True),
         click.option("--resolution", type=click.IntRange(64), default=None, help="default: the tower's native resolution"),
         click.option("--max-tokens", type=click.IntRange(1), default=None, help="native mode: visual-token budget per image"),
         click.option("--calib-images", "--calib", "calib_images", default=None, help="calibration images folder, a `calibrate` set, or 'builtin'"),
-        click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True),
+        click.option("--calib-method", type=click.Choice(list(CALIB_METHODS)), default="minmax", show_default=True),
         click.option("--calib-limit", type=click.IntRange(1), default=64, show_default=True, help="at most this many calibration images (a quarter held out for the report)"),
         click.option("--min-size", default="64x64", show_default=True),
         click.option("--opt-size", default=None),
         click.option("--max-size", default="2048x2048", show_default=True),
         click.option("--max-batch", type=click.IntRange(1), default=4, show_default=True),
         click.option("--int4-block-size", type=click.IntRange(16), default=128, show_default=True, help="int4/int8 LLM weights per scale (MatMulNBits)"),
-        click.option("--llm-graph", type=click.Choice(["auto", "dynamo", "gqa"]), default="auto", show_default=True, help="auto: gqa (ORT's fused-attention layout) for int4/int8 when onnxruntime-genai is installed, else dynamo (our exact export)"),
-        click.option("--reference-dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="torch reference for the smoke test; auto: fp32 when it fits in memory, else the checkpoint's dtype"),
+        click.option("--llm-graph", type=click.Choice(["auto", *LLM_GRAPHS]), default="auto", show_default=True, help="auto: gqa (ORT's fused-attention layout) for int4/int8 when onnxruntime-genai is installed, else dynamo (our exact export)"),
+        click.option("--reference-dtype", type=click.Choice(list(REFERENCE_DTYPES)), default="auto", show_default=True, help="torch reference for the smoke test; auto: fp32 when it fits in memory, else the checkpoint's dtype"),
         click.option("--smoke-test/--no-smoke-test", default=True, show_default=True, help="run the build once and compare it with the torch reference"),
         click.option("--min-vision-cosine", type=click.FloatRange(-1, 1), default=None, help="smoke-test gate: image_embeds cosine to the reference (default by vision precision: " + _gate_help("vision") + ")"),
         click.option("--min-token-agreement", type=click.FloatRange(0, 1), default=None, help="smoke-test gate: teacher-forced top-1 agreement with the reference's greedy answer (default by LLM precision: " + _gate_help("llm") + "); 0 turns it off"),
@@ -349,14 +325,7 @@ def build_cmd(checkpoint: Path, output: Path, **kw) -> None:
     """Export, build engines, smoke-test and write a self-describing BUILD_DIR."""
     from .build import BuildOptions, build, default_target
 
-    from .export.llm import choose_graph
-
     kw["target"] = kw["target"] or default_target()
-    if kw["llm_backend"] == "onnxruntime":
-        kw["llm_graph"], why = choose_graph(kw["llm_graph"], kw["llm_precision"])
-        kw["extra"] = {"llm_graph_why": why}
-    else:
-        kw["llm_graph"] = "dynamo"  # not used by tensorrt-llm
     manifest = build(checkpoint, output, BuildOptions(**kw), progress=say)
     checks = manifest.get("checks", {})
     if checks:
@@ -560,7 +529,7 @@ def serve_cmd(
 @click.option("--calib-limit", type=click.IntRange(1), default=32, show_default=True, help="--simulate: calibration prompts")
 @click.option("--prompts", type=click.Path(path_type=Path), default=None, help="--simulate: JSONL of calibration questions")
 @click.option("--awq-block-size", type=click.IntRange(8), default=None, help="--simulate int4-awq: group size (default: the largest of 128/64/32/16/8 that divides the layers)")
-@click.option("--reference-dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="auto: fp32 when it fits in memory, else the checkpoint's dtype (recorded in the report)")
+@click.option("--reference-dtype", type=click.Choice(list(REFERENCE_DTYPES)), default="auto", show_default=True, help="auto: fp32 when it fits in memory, else the checkpoint's dtype (recorded in the report)")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="where the torch reference and the simulated builds run (cuda: nvfp4 can be simulated)")
 def validate_cmd(builds, reference, data, question, limit, max_new_tokens, output, min_cosine, min_agreement, max_kl, min_accuracy, vision_tower,
                  simulate, calib, calib_limit, prompts, awq_block_size, reference_dtype, device) -> None:
@@ -608,7 +577,7 @@ def validate_cmd(builds, reference, data, question, limit, max_new_tokens, outpu
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
 @click.option("--limit", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--max-mb", type=click.FloatRange(1), default=512.0, show_default=True, help="bound on the preprocessed pixels")
-@click.option("--mode", type=click.Choice(["pad", "native"]), default="pad", show_default=True)
+@click.option("--mode", type=click.Choice(list(MODES)), default="pad", show_default=True)
 @click.option("--resolution", type=click.IntRange(64), default=None)
 @click.option("--max-tokens", type=click.IntRange(1), default=None)
 @click.option("--vision-tower", default=None)

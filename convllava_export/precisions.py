@@ -17,6 +17,11 @@ ORT_LLM = ("fp32", "fp16", "int8", "int4")
 GQA_LLM = ("fp32", "int8", "int4")
 LLM_GRAPHS = ("dynamo", "gqa")  # the ONNX Runtime decoder layouts (`auto` chooses one, export/llm.py)
 
+# the torch reference's dtype (`auto`: fp32 when it fits in memory, else the checkpoint's; sizing.py)
+REFERENCE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+# activation-range calibration of int8 vision graphs (calibration/ranges.py)
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+
 # LLM backends a build can hold, and the runtime backends a manifest can name
 LLM_BACKENDS = ("onnxruntime", "tensorrt-llm")
 VISION_RUNTIMES = ("onnxruntime", "tensorrt", "torch")

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from .checkpoint import DTYPES, CheckpointInfo, dtype_name, weights_dtype
+from .precisions import REFERENCE_DTYPES
 from .errors import BuildError
 
 GB = 1e9
 BASE_BYTES = 1.2 * GB  # interpreter, torch, onnxruntime, tokenizer
-REFERENCE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)

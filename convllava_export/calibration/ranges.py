@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
+from ..precisions import CALIB_METHODS
 
-METHODS = ("minmax", "entropy", "percentile")
 FETCH_BUDGET = 1 << 30  # bytes of activations one histogram run may return
 HISTOGRAM_DEFAULTS = {  # ONNX Runtime's calibrator defaults, except the percentile (99.999 there)
     "entropy": {"num_bins": 128, "num_quantized_bins": 128, "symmetric": False, "percentile": None},
@@ -83,8 +83,8 @@ def collect_ranges(
 
     from ..engines.onnxruntime import session_options
 
-    if method not in METHODS:
-        raise ValueError(f"unknown calibration method '{method}' (use {', '.join(METHODS)})")
+    if method not in CALIB_METHODS:
+        raise ValueError(f"unknown calibration method '{method}' (use {', '.join(CALIB_METHODS)})")
     graph = Path(graph)
     tensors = quantized_activations(onnx.load(str(graph), load_external_data=False), op_types)
     observer = graph.parent / f".calib-{graph.stem}.onnx"

@@ -319,9 +319,6 @@ def engine_dtype(engine_dir: Path) -> str:
     return str(dtype)
 
 
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
 # ---------------------------------------------------------------------------------------------
 # runner
 
@@ -365,7 +362,7 @@ class TrtLlmGenerator:
 
         self.engine_dir = Path(engine_dir)
         self.build = json.loads((self.engine_dir / BUILD_META).read_text())
-        self.dtype = TORCH_DTYPES[engine_dtype(self.engine_dir)]
+        self.dtype = getattr(torch, engine_dtype(self.engine_dir))  # 'float16' -> torch.float16
         self.vocab_size = int(meta["vocab_size"])
         self.table_base = int(meta["prompt_table_base"])
         self.max_batch = int(self.build["max_batch_size"])

@@ -325,3 +325,52 @@ def export_vision(
 
     (folder / "vision_report.json").write_text(json.dumps(report, indent=2))
     return VisionExport(folder, spec, report)
+
+
+def export_vision_from_checkpoint(
+    checkpoint: str | Path,
+    output: Path,
+    precision: str = "fp32",
+    calib_images: str | None = None,
+    calib_method: str = "minmax",
+    calib_limit: int = 64,
+    profile: tuple[str, str | None, str, int] = ("64x64", None, "2048x2048", 4),
+    vision_tower: str | Path | None = None,
+    threads: int | None = None,
+    force: bool = False,
+    mode: str = "native",
+    resolution: int | None = None,
+    max_tokens: int | None = None,
+    size: tuple[int, int] | None = None,
+    progress: Progress = _noop,
+) -> VisionExport:
+    """`export vision`: the checkpoint's tower + projector into a new folder `output` (written
+    whole or not at all), with the engine profile (min, opt, max HxW; max batch) in its spec."""
+    from ..calibration.images import calibration_source, split_heldout
+    from ..engines.profiles import VisionProfile
+    from ..fsutil import atomic_output_dir, check_destination
+    from ..model.reference import ReferenceModel
+    from ..options import check_vision
+    from ..preprocess import PreprocessConfig
+
+    check_vision(precision)
+    check_destination(output, force)
+    if calib_images is None and precision in ("int8", "fp8"):
+        raise ExportError(
+            f"{precision} needs calibration images: pass --calib-images DIR (images like those you will serve), "
+            "a set from `convllava-export calibrate`, or --calib-images builtin for the synthetic set"
+        )
+    ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, load_llm=False, progress=progress)
+    cfg = PreprocessConfig.from_preprocessor_config(ref.info.preprocessor_config, mode=mode, resolution=resolution, max_tokens=max_tokens, size=size)
+    res = ref.info.native_resolution
+    min_size, opt_size, max_size, max_batch = profile
+    vprofile = VisionProfile.from_strings(min_size, opt_size or f"{res}x{res}", max_size, (1, 1, max_batch))
+    pixels, source = calibration_source(calib_images, cfg, calib_limit, progress)
+    cal, held = split_heldout(pixels)
+    progress(f"calibration/held-out images: {len(cal)}/{len(held)} from {source}")
+    with atomic_output_dir(output, force) as tmp:
+        result = export_vision(ref.vision, tmp, precision, cal, held, calib_method, threads, progress)
+        spec = PartSpec.load(tmp / "vision.json")
+        spec.attributes["profile"] = vprofile.to_dict()
+        spec.save(tmp)
+    return result
