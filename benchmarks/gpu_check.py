@@ -3,8 +3,8 @@
 1. conformance: the torch reference on CUDA, fp32 and fp16, against the conformance fixtures.
 2. trtllm_checkpoint: a TensorRT-LLM FP8 checkpoint of the conformance LLM through ModelOpt
    (FP8 needs sm_89+), calibrated on the fixtures' multimodal prompts.
-3. hf_checkpoints: ModelOpt unified HF checkpoints (`export llm --format hf`) at fp8, nvfp4
-   (its calibration kernels are CUDA-only), int4-awq and w4a8-awq, through the CLI.
+3. hf_checkpoints: ModelOpt unified HF checkpoints (`export llm --format hf`) at fp8, nvfp4,
+   int4-awq and w4a8-awq, through the CLI, calibrated on the GPU (CI makes them on CPU).
 4. simulate: `validate --device cuda --simulate fp8 --simulate int4-awq --simulate nvfp4` on a
    freshly trained tiny model: what the CPU cannot simulate (nvfp4), with the same metrics.
 5. tensorrt_vision: `build --target tensorrt --vision-precision fp16` of the tiny model; the
@@ -131,8 +131,9 @@ def hf_checkpoints(results: dict, workdir: Path, formats: tuple[str, ...] = ("fp
         else:
             row["output"] = res.output[-1500:]
         out[precision] = row
-    want = {"fp8": "FP8", "nvfp4": "NVFP4", "int4-awq": "W4A16_AWQ", "w4a8-awq": "W4A8_AWQ"}
-    results["hf_checkpoints"] = {"formats": out, "passed": all(out[p].get("hf_quant_config", {}).get("quant_algo") == want[p] for p in formats)}
+    from convllava_export.precisions import MODELOPT
+
+    results["hf_checkpoints"] = {"formats": out, "passed": all(out[p].get("hf_quant_config", {}).get("quant_algo") == MODELOPT[p].quant_algo for p in formats)}
 
 
 def simulate(results: dict, workdir: Path, device: str = "cuda", formats: tuple[str, ...] = ("fp8", "int4-awq", "nvfp4")) -> None:
@@ -191,8 +192,12 @@ def skip_reason(name: str) -> str | None:
     cc = torch.cuda.get_device_capability(0)
     if name in ("trtllm_checkpoint", "hf_checkpoints", "simulate") and not _has("modelopt"):
         return "NVIDIA ModelOpt not installed (pip install 'convllava-export[quant]')"
-    if name == "trtllm_checkpoint" and cc < (8, 9):
-        return f"FP8 needs sm_89+, this GPU is sm_{cc[0]}{cc[1]}"
+    if name == "trtllm_checkpoint":
+        from convllava_export.engines.tensorrt_llm import gpu_note
+
+        note = gpu_note("fp8", cc)  # the checkpoint is made anywhere; this check also runs it through the GPU's FP8 path
+        if note:
+            return note
     if name in ("tensorrt_vision", "trtllm_build"):
         if not _has("tensorrt"):
             return "TensorRT not installed (the lent machine has none; pip install 'convllava-export[gpu]')"

@@ -29,6 +29,7 @@ from . import __version__
 from .errors import BuildError, ConvLlavaError
 from .targets import check_target, get_target
 from .manifest import SCHEMA_VERSION, read_manifest
+from .precisions import CALIBRATED_VISION, TRTLLM_BYTES_LIKE
 from .tokenizer import copy_tokenizer
 from .fsutil import SPOT_BLOCK, SPOT_BLOCKS, TOOL_NAME, atomic_output_dir, check_destination, json_sha256, sha256_file, spot_sha256
 
@@ -123,10 +124,11 @@ def _validate(opts: BuildOptions) -> None:
             target = check_target(target, opts.vision_precision, trt.__version__, tuple(gpu["compute_capability"]), jetson_identity(), gpu.get("gpu_name"))
         if opts.llm_backend == "tensorrt-llm":
             check_trtllm_here(opts.llm_precision, target.name)
-
-
-# what a TensorRT-LLM precision weighs, for the memory and disk estimate (sizing.py knows ORT's)
-_ESTIMATE_AS = {"fp16": "fp16", "int8": "int8", "int8-sq": "int8", "fp8": "int8", "int4-awq": "int4"}
+    if opts.llm_backend == "tensorrt-llm" and opts.llm_precision != "fp16" and opts.calib_images is None:
+        raise BuildError(
+            f"--llm-precision {opts.llm_precision} is calibrated on multimodal prompts: pass --calib-images DIR (images like those "
+            "you will serve), a `calibrate` set, or --calib-images builtin for the synthetic set"
+        )
 
 
 def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress: Progress = print) -> dict[str, Any]:
@@ -162,17 +164,22 @@ def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress
     res = opts.resolution or info.native_resolution
     profile = VisionProfile.from_strings(opts.min_size, opts.opt_size or f"{res}x{res}", opts.max_size, (1, 1, opts.max_batch))
     pcfg = PreprocessConfig.from_preprocessor_config(info.preprocessor_config, mode=opts.mode, resolution=res, max_tokens=opts.max_tokens)
-    if opts.calib_images is None and opts.vision_precision in ("int8", "fp8"):
+    if opts.calib_images is None and opts.vision_precision in CALIBRATED_VISION:
         raise BuildError(f"vision precision {opts.vision_precision} needs --calib-images DIR (or a `calibrate` set, or --calib-images builtin)")
     size = model_size(info)
     budget = available_memory()
-    llm_as = _ESTIMATE_AS[opts.llm_precision] if opts.llm_backend == "tensorrt-llm" else opts.llm_precision
+    llm_as = TRTLLM_BYTES_LIKE[opts.llm_precision] if opts.llm_backend == "tensorrt-llm" else opts.llm_precision
     est = estimate_build(size, opts.vision_precision, llm_as, opts.llm_graph, opts.int4_block_size, opts.reference_dtype, opts.smoke_test, budget)
     progress(f"estimated peak memory {est.memory / 1e9:.1f} GB ({budget / 1e9:.1f} GB available), disk {est.disk / 1e9:.1f} GB; reference dtype: {est.reference_why}")
     check_fits(est, dest, budget, size, llm_as)
     if opts.llm_backend == "onnxruntime":
         progress(f"LLM graph: {opts.llm_graph} ({opts.extra.get('llm_graph_why', '--llm-graph')})")
     max_visual = min(profile.max_visual_tokens, DEFAULT_MAX_TOKENS) if opts.mode == "native" and not opts.max_tokens else opts.max_tokens or (res // 64) ** 2
+    max_context = int(info.config.get("tokenizer_model_max_length", 2048))
+    if opts.llm_backend == "tensorrt-llm":  # the engine's shapes, checked before minutes of work
+        from .engines.tensorrt_llm import TrtLlmBuildConfig
+
+        TrtLlmBuildConfig(max_batch_size=opts.max_batch, max_visual_tokens=max_visual, max_input_len=max_context, max_seq_len=max_context + TRTLLM_MAX_NEW).validate()
     started = time.perf_counter()
     log = StageLog(progress, 4 if opts.smoke_test else 2)
     with atomic_output_dir(dest, opts.force, BuildError) as tmp:
@@ -187,7 +194,7 @@ def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress
         trt_plan, jetson = _build_trt(tmp / "vision", opts, profile, progress) if target.backend == "tensorrt" else (None, None)
         if opts.llm_backend == "tensorrt-llm":
             log.stage(f"TensorRT-LLM engine ({opts.llm_precision})")
-            llm_part = _build_trtllm(checkpoint, tmp, opts, max_visual, progress)
+            llm_part = _build_trtllm(checkpoint, tmp, opts, max_visual, max_context, progress)
         else:
             log.stage(f"LLM export ({opts.llm_precision}, {opts.llm_graph} graph)")
             export_llm_from_checkpoint(info, tmp / "llm", opts.llm_precision, opts.int4_block_size, progress, opts.llm_graph, budget)
@@ -213,7 +220,7 @@ def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress
             },
             "llm": {**llm_part, "precision": opts.llm_precision, "folder": "llm", "vocab_size": size.vocab},
             "preprocess": pcfg.to_dict(),
-            "token_budget": {"max_visual_tokens_per_image": max_visual, "max_context": int(info.config.get("tokenizer_model_max_length", 2048))},
+            "token_budget": {"max_visual_tokens_per_image": max_visual, "max_context": max_context},
             "prompt_template": "vicuna_v1",
             "threads": opts.threads,
             "estimate": est.to_dict(),
@@ -272,7 +279,10 @@ def _build_trt(folder: Path, opts: BuildOptions, profile, progress: Progress):
     return plan, jetson
 
 
-def _build_trtllm(checkpoint, tmp: Path, opts: BuildOptions, max_visual: int, progress: Progress) -> dict[str, Any]:
+TRTLLM_MAX_NEW = 1024  # tokens a TensorRT-LLM engine generates past the longest prompt (serve's --max-tokens default)
+
+
+def _build_trtllm(checkpoint, tmp: Path, opts: BuildOptions, max_visual: int, max_context: int, progress: Progress) -> dict[str, Any]:
     """The engine flow into tmp/llm: ModelOpt quantization calibrated on multimodal prompts (the
     calibration images spliced into templated questions), the TensorRT-LLM checkpoint in a
     scratch folder, then `trtllm-build` with a prompt table for max batch x visual tokens."""
@@ -285,8 +295,11 @@ def _build_trtllm(checkpoint, tmp: Path, opts: BuildOptions, max_visual: int, pr
     scratch = tmp.parent / f"{tmp.name}-trtllm-checkpoint"
     try:
         meta = export_trtllm_checkpoint(ref.llm, seqs, opts.llm_precision, scratch, opts.awq_block_size, progress=progress)
-        del ref
-        cfg = TrtLlmBuildConfig(max_batch_size=opts.max_batch, max_visual_tokens=max_visual)
+        del ref, seqs
+        from .progress import release_memory
+
+        release_memory()  # the fp16 model off the GPU before trtllm-build needs it
+        cfg = TrtLlmBuildConfig(max_batch_size=opts.max_batch, max_visual_tokens=max_visual, max_input_len=max_context, max_seq_len=max_context + TRTLLM_MAX_NEW)
         (tmp / "llm").mkdir()
         build_trtllm_engine(scratch, tmp / "llm" / "engine", cfg, progress)
         shutil.copyfile(scratch / META, tmp / "llm" / META)

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import ConvLlavaError
-from .precisions import CALIB_METHODS, LLM_BACKENDS, LLM_GRAPHS, ORT_LLM, REFERENCE_DTYPES, TRTLLM_ENGINE, TRTLLM_FORMATS, TRTLLM_HF, VISION
+from .precisions import CALIB_METHODS, DEVICES, LLM_BACKENDS, LLM_GRAPHS, ORT_LLM, REFERENCE_DTYPES, TRTLLM_ENGINE, TRTLLM_FORMATS, TRTLLM_HF, VISION
 from .preprocess import MODES
 from .targets import TARGET_NAMES
 
@@ -465,9 +465,17 @@ def serve_cmd(
     max_batch_size, batch_wait_ms, address, write_config,
 ) -> None:
     """OpenAI-compatible server: POST /v1/chat/completions, GET /v1/models, /health, /metrics."""
+    from .manifest import read_manifest
     from .runtime.engine import EngineSettings
     from .runtime.netutil import bind_listen_socket, host_port
     from .runtime.server import ServerLimits, serve
+
+    llm = read_manifest(build_dir)["llm"]  # a clear error for a folder that is not a build, before anything loads
+    if llm.get("backend", "onnxruntime") != "onnxruntime":
+        raise ConvLlavaError(
+            f"{build_dir}'s LLM is a {llm['backend']} engine, which runs its own generation loop; the server schedules ONNX Runtime "
+            "decoders step by step. Serve an onnxruntime LLM build, or use `run` / `chat` with this one (docs/tensorrt-llm.md)"
+        )
 
     settings = EngineSettings(
         max_running=max_running, max_waiting=max_queue, max_batched_tokens=max_batched_tokens, encoder_cache_mb=encoder_cache_mb, prefix_cache_mb=prefix_cache_mb
@@ -489,10 +497,8 @@ def serve_cmd(
         return
     from dataclasses import asdict
 
-    from .manifest import read_manifest
     from .runtime import ray_serve
 
-    read_manifest(build_dir)  # a clear error for a folder that is not a build, before Ray starts
     opts = ray_serve.RayServeOptions(
         build_dir=str(build_dir.resolve()), model_name=model_name, replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
         target_ongoing_requests=target_ongoing_requests, vision_replicas=vision_replicas, gpus_per_replica=gpus_per_replica,
@@ -530,7 +536,7 @@ def serve_cmd(
 @click.option("--prompts", type=click.Path(path_type=Path), default=None, help="--simulate: JSONL of calibration questions")
 @click.option("--awq-block-size", type=click.IntRange(8), default=None, help="--simulate int4-awq: group size (default: the largest of 128/64/32/16/8 that divides the layers)")
 @click.option("--reference-dtype", type=click.Choice(list(REFERENCE_DTYPES)), default="auto", show_default=True, help="auto: fp32 when it fits in memory, else the checkpoint's dtype (recorded in the report)")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="where the torch reference and the simulated builds run (cuda: nvfp4 can be simulated)")
+@click.option("--device", type=click.Choice(list(DEVICES)), default="cpu", show_default=True, help="where the torch reference and the simulated builds run (cuda: nvfp4 can be simulated)")
 def validate_cmd(builds, reference, data, question, limit, max_new_tokens, output, min_cosine, min_agreement, max_kl, min_accuracy, vision_tower,
                  simulate, calib, calib_limit, prompts, awq_block_size, reference_dtype, device) -> None:
     """Measure builds (and simulated GPU formats) against the fp32 reference; JSON + HTML report; gates set the exit code."""

@@ -53,14 +53,16 @@ def check_trtllm_here(precision: str, target: str) -> tuple[int, int]:
 
     from .engines.tensorrt_llm import check_runs_here, check_trtllm_version, local_compute_capability
     from .extras import require
+    from .targets import jetson_target_for
 
     trtllm = require("tensorrt_llm", "trtllm", "TensorRT-LLM engines")
-    check_trtllm_version(trtllm.__version__, target)
-    if shutil.which("trtllm-build") is None:
-        raise BuildError("trtllm-build is not on PATH: install TensorRT-LLM 0.12-1.2.x on the GPU machine (pip install 'convllava-export[trtllm]')")
     cc = local_compute_capability()
     if cc is None:
         raise BuildError("the TensorRT-LLM engine flow builds on the GPU that runs it, and no CUDA GPU is visible here")
+    board = jetson_target_for(cc)  # the Jetson rules follow the GPU, whatever --target says (cuda on an Orin)
+    check_trtllm_version(trtllm.__version__, board.name if board else target)
+    if shutil.which("trtllm-build") is None:
+        raise BuildError("trtllm-build is not on PATH: install TensorRT-LLM 0.12-1.2.x on the GPU machine (pip install 'convllava-export[trtllm]')")
     try:
         check_runs_here(precision, cc)
     except ConvLlavaError as exc:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 # vision tower + projector: ONNX graphs (and TensorRT engines built from them)
 VISION = ("fp32", "fp16", "int8", "fp8")
+CALIBRATED_VISION = ("int8", "fp8")  # need calibration images
+DEVICES = ("cpu", "cuda")  # where ONNX Runtime and the torch reference run
 
 # LLM on ONNX Runtime: our dynamo export takes all four; ORT's fused gqa layout three of them
 ORT_LLM = ("fp32", "fp16", "int8", "int4")
@@ -55,13 +57,17 @@ TRTLLM_ENGINE = ("fp16", "int8", "int8-sq", "fp8", "int4-awq")
 # --backend tensorrt-llm --format hf`; no INT8 SmoothQuant there
 TRTLLM_HF = ("fp16", "fp8", "nvfp4", "int4-awq", "w4a8-awq")
 TRTLLM_FORMATS = ("engine", "hf")
+AWQ = tuple(p for p in MODELOPT if p.endswith("-awq"))  # formats with an AWQ group size
+# the ONNX Runtime precision whose weight bytes a TensorRT-LLM precision matches (memory/disk estimates)
+TRTLLM_BYTES_LIKE = {"fp16": "fp16", "int8": "int8", "int8-sq": "int8", "fp8": "int8", "int4-awq": "int4"}
 
 # formats `validate --simulate` fake-quantizes on CPU (ModelOpt); the vision tower too for fp8
 SIMULATED = ("fp8", "int4-awq", "nvfp4", "int8-sq")
 SIMULATED_VISION = ("fp8",)
 
-# minimum compute capability to *run* each TensorRT-LLM format (calibration follows it for fp8
-# and nvfp4, whose ModelOpt kernels are CUDA-only); see docs/tensorrt-llm.md for the sources
+# minimum compute capability to *run* each TensorRT-LLM format (its checkpoint is made on any
+# machine: ModelOpt 0.47 calibrates and packs every format on the CPU; only fake-quantized
+# *inference* of nvfp4, `validate --simulate nvfp4`, needs CUDA); docs/tensorrt-llm.md
 TRTLLM_MIN_CC: dict[str, tuple[int, int]] = {
     "fp8": (8, 9),  # Ada, Hopper, Blackwell
     "w4a8-awq": (8, 9),  # FP8 activations

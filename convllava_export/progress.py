@@ -103,6 +103,9 @@ def release_memory() -> None:
                     if attr in getattr(obj, "__dict__", {}):
                         setattr(obj, attr, None)
     gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():  # the caching allocator keeps freed GPU memory otherwise
+        torch.cuda.empty_cache()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

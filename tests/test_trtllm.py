@@ -26,9 +26,11 @@ from convllava_export.engines.tensorrt_llm import (
     gpu_note,
     engine_dtype,
     generated_tokens,
+    new_token_budget,
+    plan_batches,
     trtllm_build_command,
 )
-from convllava_export.errors import BuildError, ExportError
+from convllava_export.errors import BuildError, ConvLlavaError, ExportError
 from convllava_export.gates import SMOKE_GATES
 from convllava_export.precisions import LLM_RUNTIMES, ORT_LLM, TRTLLM_ENGINE, VISION, VISION_RUNTIMES
 from convllava_export.prompt import IMAGE_TOKEN_INDEX
@@ -49,7 +51,7 @@ def test_versions_without_the_engine_flow_name_the_pytorch_route(version):
     with pytest.raises(BuildError) as exc:
         check_trtllm_version(version, "tensorrt")
     msg = str(exc.value)
-    assert "removed after 1.2" in msg and "0.12 (v0.12.0-jetson) to 1.2.x" in msg
+    assert "removed after 1.3.0rc20" in msg and "0.12 (v0.12.0-jetson) to 1.2.x" in msg
     assert "--format hf" in msg and "trtllm-serve" in msg
 
 
@@ -74,7 +76,7 @@ def test_precisions_per_route_and_gpu():
         check_precision("int8-sq", "hf")
     with pytest.raises(ExportError, match="sm_100 or newer.*sm_90"):
         check_runs_here("nvfp4", (9, 0))
-    with pytest.raises(ExportError, match="sm_89 or newer.*no CUDA GPU"):
+    with pytest.raises(ExportError, match="sm_89 or newer.*no GPU"):
         check_runs_here("w4a8-awq", None)
     check_runs_here("nvfp4", (11, 0))  # Jetson Thor
     check_runs_here("int4-awq", (8, 7))  # Orin
@@ -138,19 +140,33 @@ class ScriptedTokens:
 
 def test_stream_generated_eos_length_and_stop(tiny_reference):
     tok = tiny_reference.tokenizer
+    eos = tok.eos_token_id
     words = tok.encode("red blue green", add_special_tokens=False)
-    # sequence 0 ends at the engine's end id (not returned); sequence 1 runs to max_new_tokens
-    gen = ScriptedTokens([[[words[0]], [words[0]]], [[words[1]], [words[1]]], [[], [words[2]]]])
-    timings = [Timings(), Timings()]
-    res = generate(gen, tok, [TablePrompt([1]), TablePrompt([1])], SamplingParams(max_new_tokens=3), timings)
-    assert gen.seen[2] == tok.eos_token_id
-    assert res[0].token_ids == words[:2] + [tok.eos_token_id] and res[0].finish_reason == "stop"
+    # sequence 0 ends at the end id (TrtLlmGenerator passes it on); sequence 1 runs to max_new_tokens;
+    # sequence 2 is cut short by the engine's max_seq_len
+    gen = ScriptedTokens([[[words[0]], [words[0]], [words[0]]], [[words[1]], [words[1]], [words[1]]], [[eos], [words[2]], []]])
+    timings = [Timings(), Timings(), Timings()]
+    res = generate(gen, tok, [TablePrompt([1])] * 3, SamplingParams(max_new_tokens=3), timings)
+    assert gen.seen[2] == eos
+    assert res[0].token_ids == words[:2] + [eos] and res[0].finish_reason == "stop" and res[0].text.strip() == "red blue"
     assert res[1].token_ids == words[:3] and res[1].finish_reason == "length" and res[1].text.strip() == "red blue green"
+    assert res[2].token_ids == words[:2] and res[2].finish_reason == "length"
     assert timings[1].decode_tokens == 2 and gen.closed
     # a stop string ends the sequence and the loop stops reading the engine
     gen = ScriptedTokens([[[w]] for w in words] + [[[words[0]]]] * 50)
     events = list(stream_generated(gen, tok, [TablePrompt([1])], SamplingParams(max_new_tokens=100, stop=("blue",))))
     assert events[-1].finish_reason == "stop" and "".join(e.text for e in events).strip() == "red" and gen.closed
+
+
+def test_engine_batches_and_token_budget():
+    assert plan_batches([576, 576, 0, 576, 1152], max_batch=2, max_rows=1152) == [[0, 1], [2, 3], [4]]
+    assert plan_batches([10] * 5, max_batch=4, max_rows=100) == [[0, 1, 2, 3], [4]]
+    with pytest.raises(ConvLlavaError, match="1153 image rows and the engine's prompt table holds 1152"):
+        plan_batches([1153], 4, 1152)
+    assert new_token_budget([100, 2000], 1024, 2048, 3072) == 1024
+    assert new_token_budget([2040], 1024, 2048, 2560) == 520
+    with pytest.raises(ConvLlavaError, match="2049 tokens .* at most 2048"):
+        new_token_budget([2049], 16, 2048, 3072)
 
 
 def test_teacher_forced_rows_from_context_logits():
@@ -246,3 +262,22 @@ def test_gpu_formats_are_written_without_a_gpu(tiny_checkpoint, tmp_path, precis
         w = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
         assert str(w.dtype) == f"torch.{weight_dtype}" and w.numel() * packed == hidden * hidden
         assert "model.layers.0.self_attn.q_proj.input_scale" in f.keys()  # activations quantized too
+
+
+def test_a_tensorrt_llm_build_is_refused_clearly_where_it_cannot_run(tiny_build, tmp_path):
+    """A build whose manifest names the tensorrt-llm LLM: `serve` says why before loading
+    anything; loading it without TensorRT-LLM names the extra to install."""
+    import shutil
+
+    from convllava_export.runtime.pipeline import Pipeline
+
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_build, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["llm"] = {**manifest["llm"], "backend": "tensorrt-llm", "precision": "int4-awq"}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    res = CliRunner().invoke(cli, ["serve", str(copy), "--port", "0"])
+    assert res.exit_code == 2 and "tensorrt-llm engine, which runs its own generation loop" in res.output
+    if importlib.util.find_spec("tensorrt_llm") is None:
+        with pytest.raises(ConvLlavaError, match=r"convllava-export\[trtllm\]"):
+            Pipeline.from_build(copy, verify=False)

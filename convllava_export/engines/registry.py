@@ -12,7 +12,6 @@ the loaders, so only the backend a build uses is imported.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,12 +99,10 @@ def _ort_llm(ctx: LoadContext) -> tuple[Any, str]:
 
 @_register(LLM, LLM_RUNTIMES, "tensorrt-llm")
 def _trtllm(ctx: LoadContext) -> tuple[Any, str]:
-    from .tensorrt_llm import META, TrtLlmGenerator
+    from .tensorrt_llm import TrtLlmGenerator
 
     part = ctx.manifest["llm"]
-    folder = ctx.folder / part["folder"]
-    meta = json.loads((folder / META).read_text())
-    return TrtLlmGenerator(folder / "engine", meta), f"tensorrt-llm {part['precision']}"
+    return TrtLlmGenerator(ctx.folder / part["folder"]), f"tensorrt-llm {part['precision']}"
 
 
 @_register(LLM, LLM_RUNTIMES, "torch")

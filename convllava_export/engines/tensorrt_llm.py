@@ -32,9 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import BuildError, ExportError
+from ..errors import BuildError, ConvLlavaError, ExportError
 from ..extras import require
-from ..precisions import MODELOPT, TRTLLM_ENGINE, TRTLLM_HF, TRTLLM_MIN_CC
+from ..precisions import AWQ, MODELOPT, TRTLLM_ENGINE, TRTLLM_HF, TRTLLM_MIN_CC
+from ..targets import sm
 
 META = "convllava_trtllm.json"  # written beside a checkpoint / engine: precision, table base, calibration
 BUILD_META = "convllava_build.json"  # the TrtLlmBuildConfig an engine was built with
@@ -42,7 +43,7 @@ ENGINE_FLOW_FIRST = (0, 12)  # v0.12.0-jetson: the last TensorRT-LLM for Jetson 
 ENGINE_FLOW_LAST = (1, 2)  # trtllm-build and the TensorRT engine flow are gone from 1.3.0rc on
 ROUTE_HINT = (
     "for TensorRT-LLM 1.3 and newer use the PyTorch-backend route: `convllava-export export llm CHECKPOINT --backend tensorrt-llm "
-    "--format hf --precision fp8|nvfp4|int4-awq|w4a8-awq -o DIR`, then `trtllm-serve DIR` (docs/tensorrt-llm.md)"
+    f"--format hf --precision {'|'.join(TRTLLM_HF)} -o DIR`, then `trtllm-serve DIR` (docs/tensorrt-llm.md)"
 )
 Progress = Callable[[str], None]
 
@@ -64,7 +65,10 @@ def check_trtllm_version(version: str, target: str = "tensorrt") -> tuple[int, i
     v = parse_trtllm_version(version)
     supported = f"{'.'.join(map(str, ENGINE_FLOW_FIRST))} (v0.12.0-jetson) to {'.'.join(map(str, ENGINE_FLOW_LAST))}.x"
     if v[:2] > ENGINE_FLOW_LAST:
-        raise BuildError(f"TensorRT-LLM {version} has no engine flow (trtllm-build was removed after 1.2); this backend runs {supported}. {ROUTE_HINT[0].upper()}{ROUTE_HINT[1:]}")
+        raise BuildError(
+            f"TensorRT-LLM {version} is past the engine flow this backend runs ({supported}: 1.3 release candidates deprecate "
+            f"trtllm-build and it is removed after 1.3.0rc20). {ROUTE_HINT[0].upper()}{ROUTE_HINT[1:]}"
+        )
     if v[:2] < ENGINE_FLOW_FIRST:
         raise BuildError(f"TensorRT-LLM {version} is older than this backend supports ({supported}); upgrade TensorRT-LLM")
     if target == "orin" and v[:2] != ENGINE_FLOW_FIRST:
@@ -79,10 +83,6 @@ def check_trtllm_version(version: str, target: str = "tensorrt") -> tuple[int, i
             f"or {ROUTE_HINT}"
         )
     return v
-
-
-def sm(cc: tuple[int, int] | None) -> str:
-    return f"sm_{cc[0]}{cc[1]}" if cc else "no CUDA GPU"
 
 
 def check_precision(precision: str, fmt: str = "engine") -> None:
@@ -123,7 +123,7 @@ def modelopt_config(precision: str, awq_block_size: int) -> dict[str, Any]:
     """A copy of the format's ModelOpt config; AWQ formats use `awq_block_size` as group size."""
     mtq = require("modelopt.torch.quantization", "quant", "TensorRT-LLM quantization")
     cfg = copy.deepcopy(getattr(mtq, MODELOPT[precision].config))
-    if precision in ("int4-awq", "w4a8-awq"):
+    if precision in AWQ:
         entries = cfg["quant_cfg"]
         items = entries if isinstance(entries, list) else [{"quantizer_name": k, "cfg": v} for k, v in entries.items()]
         for item in items:
@@ -143,7 +143,7 @@ def quantize(llm: torch.nn.Module, calib_sequences: Sequence[np.ndarray], precis
     if MODELOPT[precision].config is None:
         return llm
     cfg = llm.config
-    if "awq" in precision and (cfg.hidden_size % awq_block_size or cfg.intermediate_size % awq_block_size):
+    if precision in AWQ and (cfg.hidden_size % awq_block_size or cfg.intermediate_size % awq_block_size):
         raise ExportError(f"{precision} block size {awq_block_size} must divide hidden {cfg.hidden_size} and intermediate {cfg.intermediate_size}")
     if not calib_sequences:
         raise ExportError(f"{precision} needs calibration prompts (images spliced into templated prompts)")
@@ -159,7 +159,7 @@ def quantize(llm: torch.nn.Module, calib_sequences: Sequence[np.ndarray], precis
                 meter.advance()
         meter.done()
 
-    return mtq.quantize(llm, modelopt_config(precision, awq_block_size), forward_loop)
+    return _modelopt_call("quantize", mtq.quantize, llm, modelopt_config(precision, awq_block_size), forward_loop)
 
 
 def _write_meta(dest: Path, llm: torch.nn.Module, precision: str, quant_algo: str | None, table_base: int, calib: Sequence[np.ndarray], fmt: str) -> dict[str, Any]:
@@ -351,23 +351,58 @@ def batch_table_inputs(prompts: Sequence[Any], table_base: int) -> tuple[list[li
     return ids, (np.concatenate(rows) if rows else None)
 
 
+def plan_batches(prompt_rows: Sequence[int], max_batch: int, max_rows: int) -> list[list[int]]:
+    """Prompt indices in engine batches: at most `max_batch` prompts whose image rows together fit
+    the engine's prompt table (`max_rows`); a prompt whose rows alone do not fit is refused."""
+    batches: list[list[int]] = []
+    rows = 0
+    for i, n in enumerate(prompt_rows):
+        if n > max_rows:
+            raise ConvLlavaError(f"this prompt has {n} image rows and the engine's prompt table holds {max_rows}: use fewer or smaller images, or rebuild with a larger table")
+        if not batches or len(batches[-1]) >= max_batch or rows + n > max_rows:
+            batches.append([])
+            rows = 0
+        batches[-1].append(i)
+        rows += n
+    return batches
+
+
+def new_token_budget(lengths: Sequence[int], max_new_tokens: int, max_input_len: int, max_seq_len: int) -> int:
+    """`max_new_tokens` within the engine's limits (fewer when a long prompt leaves less room);
+    a prompt longer than the engine's input is refused."""
+    longest = max(lengths)
+    if longest > max_input_len:
+        raise ConvLlavaError(f"the prompt is {longest} tokens (visual included) and the engine takes at most {max_input_len}: shorten it or use fewer images")
+    return max(1, min(max_new_tokens, max_seq_len - longest))
+
+
 class TrtLlmGenerator:
     """A TensorRT-LLM engine behind the runtime's `Generator` contract (runtime/generation.py):
     prompts go in as token ids with image rows as prompt-table ids, tokens come out per step."""
 
-    def __init__(self, engine_dir: Path, meta: dict[str, Any]) -> None:
+    def __init__(self, folder: Path) -> None:
+        """`folder`: a build's llm/ (engine/ and convllava_trtllm.json)."""
         trtllm = require("tensorrt_llm", "trtllm", "TensorRT-LLM engines")
         check_trtllm_version(trtllm.__version__)
         from tensorrt_llm.runtime import ModelRunner
 
-        self.engine_dir = Path(engine_dir)
-        self.build = json.loads((self.engine_dir / BUILD_META).read_text())
+        self.engine_dir = Path(folder) / "engine"
+        for path in (Path(folder) / META, self.engine_dir / BUILD_META):
+            if not path.is_file():
+                raise BuildError(f"{path} is missing: not a TensorRT-LLM build of convllava-export; rebuild it")
+        meta = json.loads((Path(folder) / META).read_text())
+        self.build = TrtLlmBuildConfig(**json.loads((self.engine_dir / BUILD_META).read_text()))
         self.dtype = getattr(torch, engine_dtype(self.engine_dir))  # 'float16' -> torch.float16
         self.vocab_size = int(meta["vocab_size"])
         self.table_base = int(meta["prompt_table_base"])
-        self.max_batch = int(self.build["max_batch_size"])
-        self.has_context_logits = bool(self.build.get("gather_context_logits"))
-        self.runner = ModelRunner.from_dir(str(self.engine_dir))
+        try:
+            self.runner = ModelRunner.from_dir(str(self.engine_dir))
+        except Exception as exc:  # noqa: BLE001 - TensorRT raises RuntimeError/AssertionError for a foreign engine
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise BuildError(
+                f"TensorRT-LLM {trtllm.__version__} cannot load the engine in {self.engine_dir} ({type(exc).__name__}: {first}); "
+                "an engine runs on the GPU model and TensorRT-LLM version that built it: rebuild it here"
+            ) from None
 
     def _inputs(self, prompts: Sequence[Any]) -> tuple[dict[str, Any], list[int]]:
         """ModelRunner inputs for a batch of TablePrompts, and each prompt's length."""
@@ -379,16 +414,17 @@ class TrtLlmGenerator:
         return kw, [len(i) for i in ids]
 
     def stream(self, prompts: Sequence[Any], params: Any, end_id: int) -> Iterator[list[list[int]]]:
-        """Per engine step, each prompt's new tokens (a list per prompt, maybe empty); batches of
-        at most the engine's max batch size, one after another."""
-        for start in range(0, len(prompts), self.max_batch):
-            chunk = prompts[start : start + self.max_batch]
+        """Per engine step, each prompt's new tokens (a list per prompt, maybe empty); batches
+        within the engine's batch size and prompt table, one after another."""
+        rows = [sum(len(e) for e in p.images) for p in prompts]
+        for batch in plan_batches(rows, self.build.max_batch_size, self.build.prompt_table_size):
+            chunk = [prompts[i] for i in batch]
             inputs, lengths = self._inputs(chunk)
-            seen = [0] * len(chunk)
-            pad = [[] for _ in range(start)]
+            budget = new_token_budget(lengths, params.max_new_tokens, self.build.max_input_len, self.build.max_seq_len)
+            seen, toks = [0] * len(chunk), [[] for _ in chunk]
             for out in self.runner.generate(
                 **inputs,
-                max_new_tokens=params.max_new_tokens,
+                max_new_tokens=budget,
                 end_id=-1 if params.ignore_eos else end_id,
                 pad_id=end_id if end_id >= 0 else 0,
                 temperature=max(params.temperature, 1e-5),
@@ -399,17 +435,25 @@ class TrtLlmGenerator:
                 output_sequence_lengths=True,
                 return_dict=True,
             ):
-                torch.cuda.synchronize()
                 toks = generated_tokens(out["output_ids"].cpu().numpy(), out["sequence_lengths"].cpu().numpy(), lengths)
-                step = [t[s:] for t, s in zip(toks, seen)]
+                step: list[list[int]] = [[] for _ in prompts]
+                for j, i in enumerate(batch):
+                    step[i] = toks[j][seen[j] :]
                 seen = [len(t) for t in toks]
-                yield pad + step + [[] for _ in range(len(prompts) - start - len(chunk))]
+                yield step
+            if not params.ignore_eos and end_id >= 0:  # stopped at the end id, which the output does not hold
+                step = [[] for _ in prompts]
+                for j, i in enumerate(batch):
+                    if seen[j] < budget and (not toks[j] or toks[j][-1] != end_id):
+                        step[i] = [end_id]
+                yield step
 
     def context_logits(self, prompt: Any) -> np.ndarray:
         """Logits [len(ids), V] at every prompt position (the engine gathers context logits)."""
-        if not self.has_context_logits:
+        if not self.build.gather_context_logits:
             raise BuildError(f"{self.engine_dir} was built without --gather_context_logits; rebuild it to measure agreement")
         inputs, (length,) = self._inputs([prompt])
+        new_token_budget([length], 1, self.build.max_input_len, self.build.max_seq_len)
         out = self.runner.generate(**inputs, max_new_tokens=1, end_id=-1, pad_id=0, top_k=1, output_sequence_lengths=True, return_dict=True)
         logits = out["context_logits"]
         logits = logits[0] if isinstance(logits, list) else logits

@@ -55,7 +55,7 @@ def export_llm_tensorrt(
     from ..model.reference import ReferenceModel
     from ..preprocess import PreprocessConfig
 
-    cuda = _cuda()  # fp8 / nvfp4 / w4a8 calibrate with CUDA kernels; the rest also on CPU, in fp32 there
+    cuda = _cuda()  # calibrate on the GPU when there is one (minutes at 7B); on CPU in fp32, which works for every format
     ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, dtype="fp16" if cuda else "fp32", device="cuda" if cuda else "cpu", progress=progress)
     seqs: Sequence[np.ndarray] = [] if precision == "fp16" else calibration_sequences(ref, calib_images, prompts, calib_limit, progress)
     if fmt == "hf":

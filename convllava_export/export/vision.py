@@ -18,6 +18,7 @@ import onnx
 import torch
 
 from ..errors import ExportError
+from ..precisions import CALIBRATED_VISION
 from ..precisions import VISION as PRECISIONS
 from ..model.vision import VisionEncoder, config_stride
 from .spec import PartSpec, vision_spec
@@ -282,7 +283,7 @@ def export_vision(
 
     if precision not in PRECISIONS:
         raise ExportError(f"unknown vision precision '{precision}' (use {', '.join(PRECISIONS)})")
-    if precision in ("int8", "fp8") and not calib_pixels:
+    if precision in CALIBRATED_VISION and not calib_pixels:
         raise ExportError(f"{precision} needs calibration images (--calib-images DIR)")
     folder.mkdir(parents=True, exist_ok=True)
     scratch = folder / "fp32" if precision != "fp32" else folder
@@ -355,7 +356,7 @@ def export_vision_from_checkpoint(
 
     check_vision(precision)
     check_destination(output, force)
-    if calib_images is None and precision in ("int8", "fp8"):
+    if calib_images is None and precision in CALIBRATED_VISION:
         raise ExportError(
             f"{precision} needs calibration images: pass --calib-images DIR (images like those you will serve), "
             "a set from `convllava-export calibrate`, or --calib-images builtin for the synthetic set"

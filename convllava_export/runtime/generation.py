@@ -56,6 +56,9 @@ def is_generator(backend: object) -> bool:
     return hasattr(backend, "stream") and not hasattr(backend, "extend")
 
 
+NO_TOKEN = -1  # a TokenEvent that only ends a sequence (and flushes its text)
+
+
 @dataclass
 class TokenEvent:
     """One new token of request `index`; `text` is the newly printable text (may be empty)."""
@@ -265,10 +268,9 @@ def stream_generated(
         close = getattr(steps, "close", None)
         if close is not None:
             close()
-    eos = tokenizer.eos_token_id
-    for i, finished in enumerate(done):  # the engine stopped at its end id, which it does not return
+    for i, finished in enumerate(done):  # the engine ran out of room (its max_seq_len) before max_new_tokens
         if not finished:
-            yield states[i].take(int(eos)) if eos is not None else TokenEvent(i, -1, states[i].detok.flush(), "stop")
+            yield TokenEvent(i, NO_TOKEN, states[i].detok.flush(), "length")
 
 
 def generate(
@@ -285,7 +287,8 @@ def generate(
     reasons = ["length"] * len(sequences)
     events = stream_generated(decoder, tokenizer, sequences, params, timings) if is_generator(decoder) else stream_tokens(decoder, tokenizer, sequences, params, timings)
     for ev in events:
-        ids[ev.index].append(ev.token_id)
+        if ev.token_id != NO_TOKEN:
+            ids[ev.index].append(ev.token_id)
         texts[ev.index] += ev.text
         if ev.finish_reason:
             reasons[ev.index] = ev.finish_reason
