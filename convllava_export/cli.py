@@ -470,12 +470,7 @@ def serve_cmd(
     from .runtime.netutil import bind_listen_socket, host_port
     from .runtime.server import ServerLimits, serve
 
-    llm = read_manifest(build_dir)["llm"]  # a clear error for a folder that is not a build, before anything loads
-    if llm.get("backend", "onnxruntime") != "onnxruntime":
-        raise ConvLlavaError(
-            f"{build_dir}'s LLM is a {llm['backend']} engine, which runs its own generation loop; the server schedules ONNX Runtime "
-            "decoders step by step. Serve an onnxruntime LLM build, or use `run` / `chat` with this one (docs/tensorrt-llm.md)"
-        )
+    read_manifest(build_dir)  # a clear error for a folder that is not a build, before anything loads
 
     settings = EngineSettings(
         max_running=max_running, max_waiting=max_queue, max_batched_tokens=max_batched_tokens, encoder_cache_mb=encoder_cache_mb, prefix_cache_mb=prefix_cache_mb

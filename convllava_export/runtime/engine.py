@@ -29,8 +29,8 @@ import numpy as np
 
 from ..errors import ConvLlavaError
 from ..preprocess import visual_tokens
-from ..prompt import IMAGE_TOKEN_INDEX, splice_embeddings
-from .generation import SequenceState, Timings, TokenEvent, is_generator
+from ..prompt import IMAGE_TOKEN_INDEX
+from .generation import NO_TOKEN, SequenceState, Timings, TokenEvent, is_generator, stream_generated
 from .kv import SeqKV
 from .pipeline import Pipeline, Request
 from .sampling import SamplingParams
@@ -218,11 +218,6 @@ class Engine:
         self.pipeline = pipeline
         self.settings = settings or EngineSettings()
         self.settings.validate()
-        if is_generator(pipeline.decoder):
-            raise ConvLlavaError(
-                f"the server schedules decoders step by step, and this build's LLM ({pipeline.info.get('llm')}) runs its own loop; "
-                "serve an onnxruntime LLM build, or use `run` / `chat` with this one (docs/tensorrt-llm.md)"
-            )
         self.decoder = pipeline.decoder
         self.waiting: queue.Queue[Job] = queue.Queue()
         self.ready: queue.Queue[Job] = queue.Queue(maxsize=self.settings.max_running)
@@ -354,7 +349,7 @@ class Engine:
                 embeds = list(job.image_embeds)
             else:
                 embeds = [known[h] for h in hashes]
-            job.seq = splice_embeddings(ids, embeds, self.decoder.embed)
+            job.seq = pipe.splice(ids, embeds)  # embeddings, or a TablePrompt for a Generator
             job.keys = position_keys(ids, hashes, [len(e) for e in embeds])
             ready.append(job)
         return ready
@@ -374,7 +369,56 @@ class Engine:
             self.stats.prompt_tokens += len(job.seq)
             prefilling.append(_Prefill(job, cached, kv, cached))
 
+    def _generator_loop(self) -> None:
+        """For an LLM that runs its own loop (TensorRT-LLM): static batches. The ready requests
+        with the same sampling settings go to the engine together and run to their end (each
+        stops on its own eos, stop string or max_tokens here); the next batch starts then."""
+        tokenizer = self.pipeline.tokenizer
+        while not self.stopping.is_set():
+            jobs: list[Job] = []
+            while len(jobs) < self.settings.max_running:
+                try:
+                    jobs.append(self.ready.get(timeout=0.05) if not jobs else self.ready.get_nowait())
+                except queue.Empty:
+                    break
+            for job in jobs:
+                self._leave_queue()
+            groups: dict[tuple[Any, ...], list[Job]] = {}
+            for job in jobs:
+                if not job.cancelled.is_set():
+                    p = job.params
+                    groups.setdefault((p.temperature, p.top_p, p.seed, p.ignore_eos), []).append(job)
+            for group in groups.values():
+                self._generate_group(group, tokenizer)
+
+    def _generate_group(self, group: list[Job], tokenizer: Any) -> None:
+        counts = [0] * len(group)
+        live = set(range(len(group)))
+        events = stream_generated(self.decoder, tokenizer, [j.seq for j in group], [j.params for j in group], [j.timings for j in group])
+        self.stats.running = len(group)
+        self.stats.prompt_tokens += sum(j.seq.length for j in group)
+        try:
+            for ev in events:
+                job = group[ev.index]
+                counts[ev.index] += ev.token_id != NO_TOKEN
+                job.emit(ev)
+                if ev.finish_reason is not None:
+                    job.emit(Finished(job.timings, counts[ev.index], job.seq.length))
+                    live.discard(ev.index)
+                if all(group[i].cancelled.is_set() for i in live):  # every client still waiting has gone
+                    break
+        except Exception as exc:  # noqa: BLE001 - the engine failed this batch; the server goes on
+            for i in live:
+                group[i].emit(exc)
+        finally:
+            events.close()
+            self.stats.running = 0
+        self.stats.decode_steps += 1
+        self.stats.batch_sizes[len(group)] = self.stats.batch_sizes.get(len(group), 0) + 1
+
     def _scheduler_loop(self) -> None:
+        if is_generator(self.decoder):
+            return self._generator_loop()
         dec = self.decoder
         batch = dec.new_batch()
         running: list[_Running] = []

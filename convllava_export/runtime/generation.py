@@ -11,6 +11,7 @@ out step by step, and `stream_generated` turns them into the same TokenEvents.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,11 @@ class TablePrompt:
 
     ids: Sequence[int]
     images: Sequence[np.ndarray] = ()
+
+    @property
+    def length(self) -> int:
+        """Positions once each image marker becomes its rows."""
+        return len(self.ids) - len(self.images) + sum(len(e) for e in self.images)
 
 
 class Generator(Protocol):
@@ -235,17 +241,23 @@ def stream_generated(
     generator: Generator,
     tokenizer,
     prompts: Sequence[TablePrompt],
-    params: SamplingParams,
+    params: SamplingParams | Sequence[SamplingParams],
     timings: Sequence[Timings] | None = None,
 ) -> Iterator[TokenEvent]:
     """`stream_tokens` for a Generator: the engine samples; text, stop strings and finish
-    reasons are handled here exactly as for a Decoder. Stops reading once every sequence ended."""
-    params.validate()
+    reasons are handled here exactly as for a Decoder. Stops reading once every sequence ended.
+
+    `params` may differ per sequence in what is handled here (max_new_tokens, stop strings);
+    the engine gets the first's sampling settings and the largest max_new_tokens."""
+    each = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    for p in each:
+        p.validate()
+    engine_params = dataclasses.replace(each[0], max_new_tokens=max(p.max_new_tokens for p in each)) if each else params
     timings = list(timings) if timings is not None else [Timings() for _ in prompts]
-    states = [SequenceState(i, params, tokenizer, t) for i, t in enumerate(timings)]
+    states = [SequenceState(i, p, tokenizer, t) for i, (p, t) in enumerate(zip(each, timings))]
     done = [False] * len(prompts)
     t0 = last = time.perf_counter()
-    steps = generator.stream(prompts, params, -1 if tokenizer.eos_token_id is None else int(tokenizer.eos_token_id))
+    steps = generator.stream(prompts, engine_params, -1 if tokenizer.eos_token_id is None else int(tokenizer.eos_token_id))
     try:
         for new in steps:
             now = time.perf_counter()
