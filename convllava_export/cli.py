@@ -13,7 +13,10 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import ConvLlavaError
-from .precisions import CALIB_METHODS, DEVICES, LLM_BACKENDS, LLM_GRAPHS, ORT_LLM, REFERENCE_DTYPES, TRTLLM_ENGINE, TRTLLM_FORMATS, TRTLLM_HF, VISION
+from .precisions import (
+    CALIB_METHODS, DEVICES, LLM_BACKENDS, LLM_GRAPHS, LLM_RUNTIMES, ORT_LLM, REFERENCE_DTYPES, TRTLLM_ENGINE, TRTLLM_FORMATS, TRTLLM_HF, VISION,
+    VISION_RUNTIMES,
+)
 from .preprocess import MODES
 from .targets import TARGET_NAMES
 
@@ -333,10 +336,18 @@ def build_cmd(checkpoint: Path, output: Path, **kw) -> None:
     out.print(str(output))
 
 
-def _load_build(build_dir: Path, threads: int | None):
+def _load_build(build_dir: Path, threads: int | None, vision_backend: str | None = None, llm_backend: str | None = None):
     from .runtime.pipeline import Pipeline
 
-    return Pipeline.from_build(build_dir, threads=threads)
+    return Pipeline.from_build(build_dir, threads=threads, vision_backend=vision_backend, llm_backend=llm_backend)
+
+
+def backend_options(f):
+    """Run one part of a build on another backend: `torch` puts the source checkpoint's reference
+    beside the other part, to find which part a difference comes from."""
+    f = click.option("--llm-backend", type=click.Choice(list(LLM_RUNTIMES)), default=None, help="override the manifest's LLM backend (torch: the source checkpoint)")(f)
+    f = click.option("--vision-backend", type=click.Choice(list(VISION_RUNTIMES)), default=None, help="override the manifest's vision backend (torch: the source checkpoint)")(f)
+    return f
 
 
 @cli.command("run")
@@ -344,13 +355,15 @@ def _load_build(build_dir: Path, threads: int | None):
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="image file (repeatable)")
 @click.option("--prompt", required=True)
 @click.option("--threads", type=click.IntRange(1), default=None)
+@backend_options
 @sampling_options
-def run_cmd(build_dir: Path, images, prompt: str, threads, **sampling) -> None:
+def run_cmd(build_dir: Path, images, prompt: str, threads, vision_backend, llm_backend, **sampling) -> None:
     """Answer a prompt with a build's engines, streaming tokens."""
     from .runtime.pipeline import Request
     from .runtime.sampling import SamplingParams
 
-    pipe = _load_build(build_dir, threads)
+    pipe = _load_build(build_dir, threads, vision_backend, llm_backend)
+    say(f"vision: {pipe.info.get('vision')}; LLM: {pipe.info.get('llm')}")
     _stream_to_stdout(pipe, Request(prompt, [str(i) for i in images]), SamplingParams(**_sampling(sampling)))
 
 

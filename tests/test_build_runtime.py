@@ -136,6 +136,10 @@ def test_run_chat_inspect_cli(tiny_build, tmp_path):
     res = runner.invoke(cli, ["run", str(tiny_build), "--image", str(img0), "--prompt", s[0].question, "--max-new-tokens", "24"])
     assert res.exit_code == 0, res.output
     assert s[0].answer in res.output and "TTFT" in res.output
+    # each part on the torch reference instead (the registry's torch backends): the same answer
+    res = runner.invoke(cli, ["run", str(tiny_build), "--image", str(img0), "--prompt", s[0].question, "--max-new-tokens", "24", "--vision-backend", "torch", "--llm-backend", "torch"])
+    assert res.exit_code == 0, res.output
+    assert s[0].answer in res.output and "vision: torch fp32 (the source checkpoint); LLM: torch" in res.output
     script = f"/image {img1}\n{s[1].question}\nThanks. {s[1].question}\n/image /nonexistent.png\n/quit\n"
     res = runner.invoke(cli, ["chat", str(tiny_build), "--max-new-tokens", "24"], input=script)
     assert res.exit_code == 0, res.output

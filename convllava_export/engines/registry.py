@@ -4,7 +4,7 @@
 `manifest["llm"]["backend"]` the LLM loader (onnxruntime, whose decoder.json says dynamo or gqa
 layout; tensorrt-llm; torch). `torch` loads the build's source checkpoint: the reference, to
 put beside a build's other part when looking for where a difference comes from (`run
---vision-backend torch`). A loader takes a `LoadContext` and returns (backend, description);
+--vision-backend torch`, `run --llm-backend torch`). A loader takes a `LoadContext` and returns (backend, description);
 backends follow runtime/pipeline.py's VisionBackend and runtime/generation.py's Decoder or
 Generator contracts. Imports of torch, ONNX Runtime, TensorRT and TensorRT-LLM happen inside
 the loaders, so only the backend a build uses is imported.
