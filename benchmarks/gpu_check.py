@@ -66,14 +66,14 @@ def conformance(results: dict) -> None:
 
 
 def fp8_trtllm(results: dict, workdir: Path) -> None:
-    from convllava_export.engines.tensorrt_llm import export_trtllm_checkpoint
+    from convllava_export.engines.tensorrt_llm import export_checkpoint
     from convllava_export.model.reference import ReferenceModel
 
     ref = ReferenceModel.load(FIX / "convllava-tiny-a", vision_tower=FIX / "convnext-tiny-a", device="cuda")
     manifest = json.loads((FIX / "manifest.json").read_text())
     seqs = [np.load(FIX / "golden" / e["npz"])["inputs_embeds"][0] for e in manifest["images"].values()]
     t = time.perf_counter()
-    meta = export_trtllm_checkpoint(ref.llm, seqs, "fp8", workdir / "fp8", progress=lambda m: None)
+    meta = export_checkpoint(ref.llm, seqs, "fp8", workdir / "fp8", "engine", progress=lambda m: None)
     from safetensors import safe_open
 
     dtypes = {}

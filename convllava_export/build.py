@@ -286,7 +286,7 @@ def _build_trtllm(checkpoint, tmp: Path, opts: BuildOptions, max_visual: int, ma
     """The engine flow into tmp/llm: ModelOpt quantization calibrated on multimodal prompts (the
     calibration images spliced into templated questions), the TensorRT-LLM checkpoint in a
     scratch folder, then `trtllm-build` with a prompt table for max batch x visual tokens."""
-    from .engines.tensorrt_llm import META, TrtLlmBuildConfig, build_trtllm_engine, export_trtllm_checkpoint
+    from .engines.tensorrt_llm import META, TrtLlmBuildConfig, build_trtllm_engine, export_checkpoint
     from .export.trtllm import calibration_sequences
     from .model.reference import ReferenceModel
 
@@ -294,7 +294,7 @@ def _build_trtllm(checkpoint, tmp: Path, opts: BuildOptions, max_visual: int, ma
     seqs = [] if opts.llm_precision == "fp16" else calibration_sequences(ref, opts.calib_images, opts.calib_prompts, opts.calib_limit, progress)
     scratch = tmp.parent / f"{tmp.name}-trtllm-checkpoint"
     try:
-        meta = export_trtllm_checkpoint(ref.llm, seqs, opts.llm_precision, scratch, opts.awq_block_size, progress=progress)
+        meta = export_checkpoint(ref.llm, seqs, opts.llm_precision, scratch, "engine", opts.awq_block_size, progress=progress)
         del ref, seqs
         from .progress import release_memory
 

@@ -3,14 +3,14 @@
 Engine flow (TensorRT-LLM 0.12.0-jetson up to 1.2.x; removed after 1.2):
 1. ModelOpt quantizes the LLaMA decoder, calibrated on *multimodal* prompts (image features
    spliced into templated prompts: what the model will see), and writes a TensorRT-LLM
-   checkpoint (`export_trtllm_checkpoint`).
+   checkpoint (`export_checkpoint(fmt="engine")`).
 2. `trtllm-build` with a prompt-embedding table sized for max batch x visual tokens, and context
    logits gathered so a build can be measured teacher-forced (`build_trtllm_engine`).
 3. At run time image rows become ids `table_base + i` into that table (`prompt.prompt_table_ids`)
    and `TrtLlmGenerator` runs the engine behind the runtime's `Generator` contract.
 
 PyTorch backend (TensorRT-LLM 1.x, the only flow from 1.3): ModelOpt's unified Hugging Face
-checkpoint (`export_hf_checkpoint`) for `tensorrt_llm.LLM` / `trtllm-serve`; docs/tensorrt-llm.md.
+checkpoint (`export_checkpoint(fmt="hf")`) for `tensorrt_llm.LLM` / `trtllm-serve`; docs/tensorrt-llm.md.
 
 Nothing here has run on a GPU in this project's CI: what needs no GPU (version gates, configs,
 the build command, ModelOpt checkpoints of small models on CPU, output slicing) is tested.
@@ -176,61 +176,47 @@ def _write_meta(dest: Path, llm: torch.nn.Module, precision: str, quant_algo: st
     return meta
 
 
-def export_trtllm_checkpoint(
+def export_checkpoint(
     llm: torch.nn.Module,
     calib_sequences: Sequence[np.ndarray],
     precision: str,
     dest: Path,
+    fmt: str = "engine",
     awq_block_size: int = 128,
     dtype: torch.dtype = torch.float16,
     progress: Progress = print,
 ) -> dict[str, Any]:
-    """Engine flow: ModelOpt-quantize `llm` on multimodal prompts, write a TensorRT-LLM checkpoint."""
-    check_precision(precision, "engine")
+    """ModelOpt-quantize `llm` on multimodal prompts and write the checkpoint of `fmt`:
+    `engine`, a TensorRT-LLM checkpoint for trtllm-build; `hf`, ModelOpt's unified Hugging Face
+    checkpoint (config.json with the quantization config, safetensors, hf_quant_config.json) that
+    `tensorrt_llm.LLM` loads. The quant_algo ModelOpt wrote is checked against the precision's."""
+    check_precision(precision, fmt)
     me = require("modelopt.torch.export", "quant", "TensorRT-LLM checkpoints")
     dest.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = quantize(llm, calib_sequences, precision, awq_block_size, progress)
-        progress(f"writing the TensorRT-LLM checkpoint to {dest}")
-        _modelopt_call("export_tensorrt_llm_checkpoint", me.export_tensorrt_llm_checkpoint, model, "llama", dtype, str(dest), inference_tensor_parallel=1)
-    config = json.loads((dest / "config.json").read_text())
-    got, want = (config.get("quantization") or {}).get("quant_algo"), MODELOPT[precision].quant_algo
-    if got != want:
-        raise ExportError(f"ModelOpt wrote quant_algo {got!r} for {precision}, expected {want!r}")
-    # ModelOpt pads the vocabulary for some kernels (int4-awq: 1000 -> 1024); TensorRT-LLM's
-    # prompt-table ids start at the *engine's* vocab size, so that is the table base.
-    return _write_meta(dest, llm, precision, got, int(config["vocab_size"]), calib_sequences, "engine")
-
-
-def export_hf_checkpoint(
-    llm: torch.nn.Module,
-    calib_sequences: Sequence[np.ndarray],
-    precision: str,
-    dest: Path,
-    awq_block_size: int = 128,
-    dtype: torch.dtype = torch.float16,
-    progress: Progress = print,
-) -> dict[str, Any]:
-    """PyTorch-backend route: ModelOpt's unified Hugging Face checkpoint (config.json with the
-    quantization config, safetensors, hf_quant_config.json) that `tensorrt_llm.LLM` loads."""
-    check_precision(precision, "hf")
-    me = require("modelopt.torch.export", "quant", "ModelOpt unified checkpoints")
-    dest.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = quantize(llm, calib_sequences, precision, awq_block_size, progress)
-        progress(f"writing the unified Hugging Face checkpoint to {dest}")
-        if not getattr(model.config, "architectures", None):  # our LlamaConfig is built from the LLaVA config, which names LLaVA
-            model.config.architectures = ["LlamaForCausalLM"]
-        model.to(dtype)  # calibrated in fp32 on CPU: ModelOpt converts only the quantized layers to `dtype`
-        model.config.torch_dtype = dtype
-        _modelopt_call("export_hf_checkpoint", me.export_hf_checkpoint, model, dtype=dtype, export_dir=str(dest))
-    got = hf_quant_algo(dest)
+        progress(f"writing the {'TensorRT-LLM' if fmt == 'engine' else 'unified Hugging Face'} checkpoint to {dest}")
+        if fmt == "engine":
+            _modelopt_call("export_tensorrt_llm_checkpoint", me.export_tensorrt_llm_checkpoint, model, "llama", dtype, str(dest), inference_tensor_parallel=1)
+        else:
+            if not getattr(model.config, "architectures", None):  # our LlamaConfig is built from the LLaVA config, which names LLaVA
+                model.config.architectures = ["LlamaForCausalLM"]
+            model.to(dtype)  # calibrated in fp32 on CPU: ModelOpt converts only the quantized layers to `dtype`
+            model.config.torch_dtype = dtype
+            _modelopt_call("export_hf_checkpoint", me.export_hf_checkpoint, model, dtype=dtype, export_dir=str(dest))
+    if fmt == "engine":
+        config = json.loads((dest / "config.json").read_text())
+        got = (config.get("quantization") or {}).get("quant_algo")
+        # ModelOpt pads the vocabulary for some kernels (int4-awq: 1000 -> 1024); TensorRT-LLM's
+        # prompt-table ids start at the *engine's* vocab size, so that is the table base.
+        base = int(config["vocab_size"])
+    else:
+        got, base = hf_quant_algo(dest), llm.config.vocab_size
     want = MODELOPT[precision].quant_algo
     if got != want:
         raise ExportError(f"ModelOpt wrote quant_algo {got!r} for {precision}, expected {want!r}")
-    return _write_meta(dest, llm, precision, got, llm.config.vocab_size, calib_sequences, "hf")
+    return _write_meta(dest, llm, precision, got, base, calib_sequences, fmt)
 
 
 def _modelopt_call(name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:

@@ -51,20 +51,19 @@ def export_llm_tensorrt(
 ) -> dict[str, Any]:
     """Quantize and write the checkpoint of `fmt` into `folder`; returns its metadata (for the
     engine flow with `next`: the trtllm-build command to run on the GPU)."""
-    from ..engines.tensorrt_llm import TrtLlmBuildConfig, export_hf_checkpoint, export_trtllm_checkpoint, trtllm_build_command
+    from ..engines.tensorrt_llm import TrtLlmBuildConfig, export_checkpoint, trtllm_build_command
     from ..model.reference import ReferenceModel
     from ..preprocess import PreprocessConfig
 
     cuda = _cuda()  # calibrate on the GPU when there is one (minutes at 7B); on CPU in fp32, which works for every format
     ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, dtype="fp16" if cuda else "fp32", device="cuda" if cuda else "cpu", progress=progress)
     seqs: Sequence[np.ndarray] = [] if precision == "fp16" else calibration_sequences(ref, calib_images, prompts, calib_limit, progress)
+    meta = export_checkpoint(ref.llm, seqs, precision, folder, fmt, awq_block_size, progress=progress)
     if fmt == "hf":
         from ..tokenizer import copy_tokenizer
 
-        meta = export_hf_checkpoint(ref.llm, seqs, precision, folder, awq_block_size, progress=progress)
         copy_tokenizer(ref.info.path, folder)  # tensorrt_llm.LLM / trtllm-serve read the tokenizer from the folder
         return meta
-    meta = export_trtllm_checkpoint(ref.llm, seqs, precision, folder, awq_block_size, progress=progress)
     tokens = (PreprocessConfig.from_preprocessor_config(ref.info.preprocessor_config).resolution // 64) ** 2
     meta["next"] = " ".join(trtllm_build_command(folder, folder / "engine", TrtLlmBuildConfig(max_visual_tokens=tokens)))
     return meta
