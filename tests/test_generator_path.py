@@ -17,10 +17,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from convllava_export.engines.tensorrt_llm import batch_table_inputs
+from convllava_export.engines.tensorrt_llm import batch_table_inputs, new_token_budget
 from convllava_export.runtime.engine import Engine, EngineSettings
 from convllava_export.runtime.generation import TablePrompt, Timings
-from convllava_export.runtime.pipeline import Pipeline, Request
+from convllava_export.runtime.pipeline import Pipeline
 from convllava_export.runtime.sampling import SamplingParams
 from convllava_export.validation.metrics import teacher_forced_logits
 
@@ -28,9 +28,12 @@ from test_engine import Collector, pipeline_for, requests
 
 
 class DecoderAsGenerator:
-    def __init__(self, decoder, table_base: int) -> None:
-        self.decoder, self.vocab_size, self.table_base = decoder, decoder.vocab_size, table_base
+    def __init__(self, decoder, table_base: int, max_input: int = 4096) -> None:
+        self.decoder, self.vocab_size, self.table_base, self.max_input = decoder, decoder.vocab_size, table_base, max_input
         self.batches: list[int] = []
+
+    def check(self, prompt):
+        new_token_budget([prompt.length], 1, self.max_input, self.max_input + 64)  # TrtLlmGenerator's rule for its input
 
     def _embeds(self, ids: list[int], table: np.ndarray | None) -> np.ndarray:
         ids_a = np.asarray(ids)
@@ -123,3 +126,26 @@ def test_serving_engine_batches_generator_requests(reference, conformance, reque
     assert [d.completion_tokens for d in done] == [p.max_new_tokens for p in params]
     assert [d.prompt_tokens for d in done] == [len(pipe.prepare(r, Timings())) for r in reqs]
     assert max(twin.decoder.batches) >= 2  # requests really shared an engine batch
+
+
+def test_a_request_beyond_the_engine_fails_alone(reference, conformance, request):
+    from convllava_export.errors import ConvLlavaError
+
+    pipe = pipeline_for("dynamo", reference, request)
+    reqs = requests(conformance)
+    lengths = [len(pipe.prepare(r, Timings())) for r in reqs]
+    twin = generator_twin(pipe)
+    twin.decoder.max_input = sorted(lengths)[-2]  # the longest prompt no longer fits the "engine"
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    engine = Engine(twin, EngineSettings(max_running=8))
+    collectors = [Collector() for _ in reqs]
+    for r, c in zip(reqs, collectors):
+        engine.submit(r, params, c)
+    longest = int(np.argmax(lengths))
+    for i, c in enumerate(collectors):
+        if i == longest:
+            with pytest.raises(ConvLlavaError, match="the engine takes at most"):
+                c.wait()
+        else:
+            assert c.wait().completion_tokens == 5
+    engine.close()

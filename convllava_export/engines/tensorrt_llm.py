@@ -390,6 +390,12 @@ class TrtLlmGenerator:
                 "an engine runs on the GPU model and TensorRT-LLM version that built it: rebuild it here"
             ) from None
 
+    def check(self, prompt: Any) -> None:
+        """A prompt that fits no batch of this engine is refused alone (the server's other
+        requests go on): its image rows against the prompt table, its length against the input."""
+        plan_batches([sum(len(e) for e in prompt.images)], 1, self.build.prompt_table_size)
+        new_token_budget([prompt.length], 1, self.build.max_input_len, self.build.max_seq_len)
+
     def _inputs(self, prompts: Sequence[Any]) -> tuple[dict[str, Any], list[int]]:
         """ModelRunner inputs for a batch of TablePrompts, and each prompt's length."""
         ids, table = batch_table_inputs(prompts, self.table_base)

@@ -351,6 +351,12 @@ class Engine:
                 embeds = [known[h] for h in hashes]
             job.seq = pipe.splice(ids, embeds)  # embeddings, or a TablePrompt for a Generator
             job.keys = position_keys(ids, hashes, [len(e) for e in embeds])
+            if is_generator(self.decoder):
+                try:
+                    self.decoder.check(job.seq)  # beyond the engine's shapes: this request fails, not its batch
+                except Exception as exc:  # noqa: BLE001
+                    self._fail(job, exc)
+                    continue
             ready.append(job)
         return ready
 

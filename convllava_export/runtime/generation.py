@@ -52,6 +52,9 @@ class TablePrompt:
 class Generator(Protocol):
     vocab_size: int
 
+    def check(self, prompt: TablePrompt) -> None:
+        """Refuse (ConvLlavaError) a prompt beyond the engine's shapes, before it joins a batch."""
+
     def stream(self, prompts: Sequence[TablePrompt], params: SamplingParams, end_id: int) -> Iterator[list[list[int]]]: ...
 
     def context_logits(self, prompt: TablePrompt) -> np.ndarray: ...
