@@ -18,7 +18,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -176,10 +176,12 @@ def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress
         progress(f"LLM graph: {opts.llm_graph} ({opts.extra.get('llm_graph_why', '--llm-graph')})")
     max_visual = min(profile.max_visual_tokens, DEFAULT_MAX_TOKENS) if opts.mode == "native" and not opts.max_tokens else opts.max_tokens or (res // 64) ** 2
     max_context = int(info.config.get("tokenizer_model_max_length", 2048))
+    trtllm_cfg = None
     if opts.llm_backend == "tensorrt-llm":  # the engine's shapes, checked before minutes of work
         from .engines.tensorrt_llm import TrtLlmBuildConfig
 
-        TrtLlmBuildConfig(max_batch_size=opts.max_batch, max_visual_tokens=max_visual, max_input_len=max_context, max_seq_len=max_context + TRTLLM_MAX_NEW).validate()
+        trtllm_cfg = TrtLlmBuildConfig(max_batch_size=opts.max_batch, max_visual_tokens=max_visual, max_input_len=max_context, max_seq_len=max_context + TRTLLM_MAX_NEW)
+        trtllm_cfg.validate()
     started = time.perf_counter()
     log = StageLog(progress, 4 if opts.smoke_test else 2)
     with atomic_output_dir(dest, opts.force, BuildError) as tmp:
@@ -194,7 +196,7 @@ def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress
         trt_plan, jetson = _build_trt(tmp / "vision", opts, profile, progress) if target.backend == "tensorrt" else (None, None)
         if opts.llm_backend == "tensorrt-llm":
             log.stage(f"TensorRT-LLM engine ({opts.llm_precision})")
-            llm_part = _build_trtllm(checkpoint, tmp, opts, max_visual, max_context, progress)
+            llm_part = _build_trtllm(checkpoint, tmp, opts, trtllm_cfg, progress)
         else:
             log.stage(f"LLM export ({opts.llm_precision}, {opts.llm_graph} graph)")
             export_llm_from_checkpoint(info, tmp / "llm", opts.llm_precision, opts.int4_block_size, progress, opts.llm_graph, budget)
@@ -282,11 +284,11 @@ def _build_trt(folder: Path, opts: BuildOptions, profile, progress: Progress):
 TRTLLM_MAX_NEW = 1024  # tokens a TensorRT-LLM engine generates past the longest prompt (serve's --max-tokens default)
 
 
-def _build_trtllm(checkpoint, tmp: Path, opts: BuildOptions, max_visual: int, max_context: int, progress: Progress) -> dict[str, Any]:
+def _build_trtllm(checkpoint, tmp: Path, opts: BuildOptions, cfg, progress: Progress) -> dict[str, Any]:
     """The engine flow into tmp/llm: ModelOpt quantization calibrated on multimodal prompts (the
     calibration images spliced into templated questions), the TensorRT-LLM checkpoint in a
     scratch folder, then `trtllm-build` with a prompt table for max batch x visual tokens."""
-    from .engines.tensorrt_llm import META, TrtLlmBuildConfig, build_trtllm_engine, export_checkpoint
+    from .engines.tensorrt_llm import META, build_trtllm_engine, export_checkpoint
     from .export.trtllm import calibration_sequences
     from .model.reference import ReferenceModel
 
@@ -299,13 +301,12 @@ def _build_trtllm(checkpoint, tmp: Path, opts: BuildOptions, max_visual: int, ma
         from .progress import release_memory
 
         release_memory()  # the fp16 model off the GPU before trtllm-build needs it
-        cfg = TrtLlmBuildConfig(max_batch_size=opts.max_batch, max_visual_tokens=max_visual, max_input_len=max_context, max_seq_len=max_context + TRTLLM_MAX_NEW)
         (tmp / "llm").mkdir()
         build_trtllm_engine(scratch, tmp / "llm" / "engine", cfg, progress)
         shutil.copyfile(scratch / META, tmp / "llm" / META)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return {"backend": "tensorrt-llm", "engine": "llm/engine", "quant_algo": meta["quant_algo"], "calibration": meta["calibration"], "engine_config": cfg.__dict__}
+    return {"backend": "tensorrt-llm", "engine": "llm/engine", "quant_algo": meta["quant_algo"], "calibration": meta["calibration"], "engine_config": asdict(cfg)}
 
 
 def _smoke_sample(pcfg) -> dict[str, Any]:

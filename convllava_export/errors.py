@@ -1,6 +1,12 @@
 """User-facing errors. The CLI prints their message and exits with code 2, no traceback."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none): what a
+    one-line error quotes from a third-party library."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class ConvLlavaError(Exception):
     """Base class: a problem with the user's input or environment, explained in the message."""
 

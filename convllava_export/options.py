@@ -1,14 +1,14 @@
 """The one validator of model-part options, shared by `build` and `export` (and their CLI).
 
-Each check raises BuildError (exit 2) with what is wrong and what to use instead, before any
-model is loaded. What needs the machine (TensorRT-LLM installed and of a supported version,
+Each check raises a ConvLlavaError (exit 2) with what is wrong and what to use instead, before
+any model is loaded. What needs the machine (TensorRT-LLM installed and of a supported version,
 the GPU's compute capability for a format) is checked here too, so a build that cannot finish
 fails in the first second, not after the vision export.
 """
 
 from __future__ import annotations
 
-from .errors import BuildError, ConvLlavaError
+from .errors import BuildError
 from .precisions import GQA_LLM, LLM_BACKENDS, LLM_GRAPHS, ORT_LLM, TRTLLM_ENGINE, TRTLLM_FORMATS, TRTLLM_HF, VISION
 
 
@@ -39,10 +39,7 @@ def check_llm(backend: str, precision: str, graph: str = "dynamo", fmt: str = "e
         raise BuildError(f"unknown TensorRT-LLM format '{fmt}' (use {', '.join(TRTLLM_FORMATS)})")
     from .engines.tensorrt_llm import check_precision
 
-    try:
-        check_precision(precision, fmt)  # the name only; the GPU is checked by check_trtllm_here
-    except ConvLlavaError as exc:
-        raise BuildError(str(exc)) from None
+    check_precision(precision, fmt)  # the name only; the GPU is checked by check_trtllm_here
 
 
 def check_trtllm_here(precision: str, target: str) -> tuple[int, int]:
@@ -63,8 +60,5 @@ def check_trtllm_here(precision: str, target: str) -> tuple[int, int]:
     check_trtllm_version(trtllm.__version__, board.name if board else target)
     if shutil.which("trtllm-build") is None:
         raise BuildError("trtllm-build is not on PATH: install TensorRT-LLM 0.12-1.2.x on the GPU machine (pip install 'convllava-export[trtllm]')")
-    try:
-        check_runs_here(precision, cc)
-    except ConvLlavaError as exc:
-        raise BuildError(str(exc)) from None
+    check_runs_here(precision, cc)
     return cc

@@ -79,3 +79,31 @@ def read_calibration_set(folder: str | os.PathLike, cfg: PreprocessConfig | None
     with np.load(folder / "llm.npz") as s:
         seqs = [s[k] for k in sorted(s.files)]
     return pixels, seqs, meta
+
+
+def multimodal_calibration(
+    model: Any,
+    cfg: PreprocessConfig,
+    calib: str | os.PathLike | None = "builtin",
+    limit: int = 32,
+    prompts: str | os.PathLike | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray], str]:
+    """(images, spliced prompts, source): what LLM quantization calibrates on (TensorRT-LLM
+    exports, simulated builds). Images from 'builtin', a folder or a `calibrate` set (at most
+    `limit`), and one multimodal prompt per image: its fp32 features spliced into a templated
+    question from `prompts` (JSONL; default: built in). A `calibrate` set brings its own spliced
+    prompts (at most `limit`)."""
+    from .images import calibration_source
+    from .prompts import load_questions, multimodal_sequences
+
+    calib = calib or "builtin"
+    pixels, source = calibration_source(calib, cfg, limit, progress=progress)
+    if calib != "builtin" and (Path(calib) / "calib.json").is_file():
+        _, seqs, _ = read_calibration_set(calib, cfg)
+        seqs = seqs[:limit]
+    else:
+        seqs = multimodal_sequences(model, pixels, load_questions(prompts))
+    if not pixels or not seqs:
+        raise ConvLlavaError(f"no calibration data from {source}")
+    return pixels, list(seqs), source

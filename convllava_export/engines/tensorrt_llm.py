@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import BuildError, ConvLlavaError, ExportError
+from ..errors import BuildError, ConvLlavaError, ExportError, first_line
 from ..extras import require
 from ..precisions import AWQ, MODELOPT, TRTLLM_ENGINE, TRTLLM_HF, TRTLLM_MIN_CC
 from ..targets import sm
@@ -220,14 +220,13 @@ def export_checkpoint(
 
 
 def _modelopt_call(name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-    """A ModelOpt export, its failure as one line naming the function and ModelOpt's version."""
+    """A ModelOpt call (quantize, an export), its failure as one line naming it and ModelOpt's version."""
     try:
         return fn(*args, **kw)
     except Exception as exc:  # noqa: BLE001 - a third-party exporter raises anything; say which step failed
         import modelopt
 
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ExportError(f"ModelOpt {getattr(modelopt, '__version__', '?')} {name} failed: {type(exc).__name__}: {first}") from exc
+        raise ExportError(f"ModelOpt {getattr(modelopt, '__version__', '?')} {name} failed: {type(exc).__name__}: {first_line(exc)}") from exc
 
 
 def hf_quant_algo(folder: Path) -> str | None:
@@ -384,16 +383,15 @@ class TrtLlmGenerator:
         try:
             self.runner = ModelRunner.from_dir(str(self.engine_dir))
         except Exception as exc:  # noqa: BLE001 - TensorRT raises RuntimeError/AssertionError for a foreign engine
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise BuildError(
-                f"TensorRT-LLM {trtllm.__version__} cannot load the engine in {self.engine_dir} ({type(exc).__name__}: {first}); "
+                f"TensorRT-LLM {trtllm.__version__} cannot load the engine in {self.engine_dir} ({type(exc).__name__}: {first_line(exc)}); "
                 "an engine runs on the GPU model and TensorRT-LLM version that built it: rebuild it here"
             ) from None
 
     def check(self, prompt: Any) -> None:
         """A prompt that fits no batch of this engine is refused alone (the server's other
         requests go on): its image rows against the prompt table, its length against the input."""
-        plan_batches([sum(len(e) for e in prompt.images)], 1, self.build.prompt_table_size)
+        plan_batches([prompt.rows], 1, self.build.prompt_table_size)
         new_token_budget([prompt.length], 1, self.build.max_input_len, self.build.max_seq_len)
 
     def _inputs(self, prompts: Sequence[Any]) -> tuple[dict[str, Any], list[int]]:
@@ -408,8 +406,7 @@ class TrtLlmGenerator:
     def stream(self, prompts: Sequence[Any], params: Any, end_id: int) -> Iterator[list[list[int]]]:
         """Per engine step, each prompt's new tokens (a list per prompt, maybe empty); batches
         within the engine's batch size and prompt table, one after another."""
-        rows = [sum(len(e) for e in p.images) for p in prompts]
-        for batch in plan_batches(rows, self.build.max_batch_size, self.build.prompt_table_size):
+        for batch in plan_batches([p.rows for p in prompts], self.build.max_batch_size, self.build.prompt_table_size):
             chunk = [prompts[i] for i in batch]
             inputs, lengths = self._inputs(chunk)
             budget = new_token_budget(lengths, params.max_new_tokens, self.build.max_input_len, self.build.max_seq_len)

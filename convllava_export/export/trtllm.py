@@ -18,23 +18,15 @@ Progress = Callable[[str], None]
 
 
 def calibration_sequences(ref: Any, calib_images: str | None, prompts: str | Path | None, limit: int, progress: Progress) -> list[np.ndarray]:
-    """Spliced embedding sequences: a `calibrate` set's own prompts, or images (a folder, or
-    'builtin') spliced into the questions of `prompts` (JSONL; default: built-in questions)."""
-    from ..calibration.images import calibration_source
-    from ..calibration.prompts import load_questions, multimodal_sequences
+    """The spliced prompts ModelOpt calibrates on (calibration.dataset.multimodal_calibration),
+    at the checkpoint's own preprocessing."""
+    from ..calibration.dataset import multimodal_calibration
     from ..preprocess import PreprocessConfig
 
     cfg = PreprocessConfig.from_preprocessor_config(ref.info.preprocessor_config)
-    if calib_images and (Path(calib_images) / "calib.json").is_file():
-        from ..calibration.dataset import read_calibration_set
-
-        _, seqs, _ = read_calibration_set(calib_images, cfg)  # prompts spliced at `calibrate` time
-        source = calib_images
-    else:
-        pixels, source = calibration_source(calib_images or "builtin", cfg, limit, progress)
-        seqs = multimodal_sequences(ref, pixels, load_questions(prompts))
+    _, seqs, source = multimodal_calibration(ref, cfg, calib_images, limit, prompts, progress)
     progress(f"{len(seqs)} multimodal calibration prompts from {source}")
-    return list(seqs)
+    return seqs
 
 
 def export_llm_tensorrt(

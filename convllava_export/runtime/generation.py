@@ -44,9 +44,14 @@ class TablePrompt:
     images: Sequence[np.ndarray] = ()
 
     @property
+    def rows(self) -> int:
+        """Image rows: what the prompt takes of the engine's prompt table."""
+        return sum(len(e) for e in self.images)
+
+    @property
     def length(self) -> int:
         """Positions once each image marker becomes its rows."""
-        return len(self.ids) - len(self.images) + sum(len(e) for e in self.images)
+        return len(self.ids) - len(self.images) + self.rows
 
 
 class Generator(Protocol):
@@ -288,6 +293,19 @@ def stream_generated(
             yield TokenEvent(i, NO_TOKEN, states[i].detok.flush(), "length")
 
 
+def stream_events(
+    backend: Decoder | Generator,
+    tokenizer,
+    sequences: Sequence[np.ndarray] | Sequence[TablePrompt],
+    params: SamplingParams,
+    timings: Sequence[Timings] | None = None,
+) -> Iterator[TokenEvent]:
+    """`stream_tokens` for a Decoder, `stream_generated` for a Generator."""
+    if is_generator(backend):
+        return stream_generated(backend, tokenizer, sequences, params, timings)
+    return stream_tokens(backend, tokenizer, sequences, params, timings)
+
+
 def generate(
     decoder: Decoder | Generator,
     tokenizer,
@@ -300,8 +318,7 @@ def generate(
     ids: list[list[int]] = [[] for _ in sequences]
     texts = [""] * len(sequences)
     reasons = ["length"] * len(sequences)
-    events = stream_generated(decoder, tokenizer, sequences, params, timings) if is_generator(decoder) else stream_tokens(decoder, tokenizer, sequences, params, timings)
-    for ev in events:
+    for ev in stream_events(decoder, tokenizer, sequences, params, timings):
         if ev.token_id != NO_TOKEN:
             ids[ev.index].append(ev.token_id)
         texts[ev.index] += ev.text

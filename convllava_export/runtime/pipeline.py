@@ -19,7 +19,7 @@ from PIL import Image
 from ..errors import ConvLlavaError
 from ..preprocess import PreprocessConfig, load_image, preprocess, visual_tokens
 from ..prompt import IMAGE_TOKEN, Conversation, build_prompt, check_image_count, splice_embeddings, tokenize_with_images
-from .generation import Decoder, GenerationResult, Generator, TablePrompt, Timings, TokenEvent, generate, is_generator, stream_generated, stream_tokens
+from .generation import Decoder, GenerationResult, Generator, TablePrompt, Timings, TokenEvent, generate, is_generator, stream_events
 from .sampling import SamplingParams
 
 ImageInput = str | bytes | Image.Image | np.ndarray  # ndarray: preprocessed pixel values [3, H, W]
@@ -172,10 +172,7 @@ class Pipeline:
         timings = list(timings) if timings is not None else [Timings() for _ in reqs]
         embeds = image_embeds if image_embeds is not None else [None] * len(reqs)
         seqs = [self.prepare(r, t, e) for r, t, e in zip(reqs, timings, embeds)]
-        if is_generator(self.decoder):
-            yield from stream_generated(self.decoder, self.tokenizer, seqs, params, timings)
-        else:
-            yield from stream_tokens(self.decoder, self.tokenizer, seqs, params, timings)
+        yield from stream_events(self.decoder, self.tokenizer, seqs, params, timings)
 
     def generate(
         self, images: Sequence[ImageInput] | ImageInput = (), prompt: str | Conversation = "", params: SamplingParams | None = None, **sampling: Any

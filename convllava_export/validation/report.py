@@ -12,8 +12,16 @@ from typing import Any
 import numpy as np
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
-SIMULATED_NOTE = "simulated on CPU with ModelOpt fake quantization; a real engine's kernels may differ"
-SIMULATED_LATENCY = "torch on CPU with fake quantization: not an engine's latency"
+def simulated_note(device: str = "cpu") -> str:
+    """What a simulated build is, said wherever one is reported (validate --device: where it ran)."""
+    return f"simulated on {device.upper()} with ModelOpt fake quantization; a real engine's kernels may differ"
+
+
+def simulated_latency(device: str = "cpu") -> str:
+    return f"torch on {device.upper()} with fake quantization: not an engine's latency"
+
+
+SIMULATED_NOTE = simulated_note()
 
 
 def is_simulated(build: dict[str, Any]) -> bool:
@@ -93,16 +101,18 @@ def render_html(report: dict[str, Any], images: dict[str, Any], worst: int = 4) 
     e = html.escape
     rows = []
     simulated = [b for b in report["builds"] if is_simulated(b)]
+    device = report.get("reference", {}).get("device", "cpu")
+    note, latency_note = simulated_note(device), simulated_latency(device)
     for b in report["builds"]:
         m = b["metrics"]
         failed = {f["metric"] for f in report["failures"] if f["build"] == b["name"]}
         cls = lambda k: ' class="fail"' if k in failed else ""  # noqa: E731
         acc = "–" if m["task_accuracy"] is None else f"{m['task_accuracy']:.3f}"
         sim = is_simulated(b)
-        name = e(b["name"]) + (f' <span class="sim-badge" title="{e(SIMULATED_NOTE)}">simulated*</span>' if sim else "")
+        name = e(b["name"]) + (f' <span class="sim-badge" title="{e(note)}">simulated*</span>' if sim else "")
         lat = [f"{m['latency']['vision_s'] * 1e3:.1f}", f"{m['latency']['ttft_s'] * 1e3:.1f}", f"{m['latency']['decode_tokens_per_s']:.1f}"]
         if sim:
-            lat = [f'<span class="sim-latency" title="{e(SIMULATED_LATENCY)}">{v}†</span>' for v in lat]
+            lat = [f'<span class="sim-latency" title="{e(latency_note)}">{v}†</span>' for v in lat]
         row_cls = ' class="simulated"' if sim else ""
         rows.append(
             f"<tr{row_cls}><td>{name}</td><td>{e(str(b['info'].get('vision', '')))}</td><td>{e(str(b['info'].get('llm', '')))}</td>"
@@ -142,8 +152,8 @@ def render_html(report: dict[str, Any], images: dict[str, Any], worst: int = 4) 
             for b in simulated
         )
         sim_note = (
-            f'<p class="sim-note" id="simulated-note">* {e(SIMULATED_NOTE)}. The reference model with its weights (and activations, where the format '
-            f"quantizes them) rounded to the format and back, fp32 arithmetic otherwise; same inputs and metrics as the real builds.{cal_text} {detail}.<br/>† {e(SIMULATED_LATENCY)}; "
+            f'<p class="sim-note" id="simulated-note">* {e(note)}. The reference model with its weights (and activations, where the format '
+            f"quantizes them) rounded to the format and back, fp32 arithmetic otherwise; same inputs and metrics as the real builds.{cal_text} {detail}.<br/>† {e(latency_note)}; "
             f"simulated builds are not in the latency plot.</p>"
         )
     verdict = "PASSED" if report["passed"] else "FAILED"

@@ -219,11 +219,12 @@ def validate(
         results.append(evaluate_build(Path(b).name, pipe, items, images, ref, progress))
     simulation: dict[str, Any] | None = None
     if formats:
-        from .simulate import NOTE, calibration_data, simulate_build
+        from .report import simulated_note
+        from .simulate import calibration_data, simulate_build
 
         cfg = PreprocessConfig.from_preprocessor_config(model.info.preprocessor_config)
         calibration = calibration_data(model, cfg, calib, calib_limit, prompts, progress)
-        simulation = {"note": NOTE.replace("on CPU", f"on {device.upper()}"), "formats": formats, "calibration": calibration.info}
+        simulation = {"note": simulated_note(device), "formats": formats, "calibration": calibration.info}
         for f in formats:
             sim = simulate_build(model, f, calibration, awq_block_size, progress)
             progress(f"validating {sim.name}")

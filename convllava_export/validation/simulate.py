@@ -31,20 +31,19 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import ConvLlavaError
+from ..errors import ConvLlavaError, first_line
 from ..precisions import MODELOPT, SIMULATED, SIMULATED_VISION
 from ..preprocess import PreprocessConfig
+from .report import simulated_note
 from ..runtime.pipeline import Pipeline, TorchVision
 
 Progress = Callable[[str], None]
 
-NOTE = "simulated on CPU with ModelOpt fake quantization; a real engine's kernels may differ"
 PREFIX = "simulated:"
 
 
@@ -110,10 +109,9 @@ def check_cpu_support(fmt: str) -> None:
             with torch.no_grad():
                 q(x)
     except Exception as exc:  # ModelOpt raises AssertionError/RuntimeError/ImportError for missing kernels
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConvLlavaError(
             f"cannot simulate {fmt} on CPU: ModelOpt {_modelopt_version()} fake-quantizes {FORMATS[fmt].config} only with a CUDA kernel "
-            f"({type(exc).__name__}: {why}); validate a real {fmt} engine on a GPU instead"
+            f"({type(exc).__name__}: {first_line(exc)}); validate a real {fmt} engine on a GPU instead"
         ) from None
 
 
@@ -146,23 +144,10 @@ def calibration_data(
     prompts: str | os.PathLike | None = None,
     progress: Progress = print,
 ) -> Calibration:
-    """What `export llm --backend tensorrt-llm` calibrates on: images from 'builtin', a folder or a
-    `calibrate` set, and one multimodal prompt per image (fp32 image features spliced into a
-    templated question; a `calibrate` set brings its own spliced prompts)."""
-    from ..calibration.images import calibration_source
-    from ..calibration.prompts import load_questions, multimodal_sequences
+    """What `export llm --backend tensorrt-llm` calibrates on (calibration.dataset.multimodal_calibration)."""
+    from ..calibration.dataset import multimodal_calibration
 
-    calib = calib or "builtin"
-    pixels, source = calibration_source(calib, cfg, limit, progress=progress)
-    if calib != "builtin" and (Path(calib) / "calib.json").is_file():
-        from ..calibration.dataset import read_calibration_set
-
-        _, seqs, _ = read_calibration_set(calib, cfg)
-        seqs = seqs[:limit]
-    else:
-        seqs = multimodal_sequences(model, pixels, load_questions(prompts))
-    if not pixels or not seqs:
-        raise ConvLlavaError(f"no calibration data from {source}")
+    pixels, seqs, source = multimodal_calibration(model, cfg, calib, limit, prompts, progress)
     info = {"source": source, "images": len(pixels), "prompts": len(seqs), "prompt_tokens": int(sum(len(s) for s in seqs))}
     progress(f"simulation calibration: {len(pixels)} images, {len(seqs)} multimodal prompts ({info['prompt_tokens']} tokens) from {source}")
     return Calibration(pixels, seqs, source, info)
@@ -256,7 +241,7 @@ def simulate_build(model, fmt: str, calibration: Calibration, awq_block_size: in
     info = {
         "backend": f"torch {device.type.upper()} + ModelOpt fake quantization",
         "simulated": True,
-        "note": NOTE if device.type == "cpu" else NOTE.replace("on CPU", f"on {device.type.upper()}"),
+        "note": simulated_note(device.type),
         "format": fmt,
         "vision": f"{fmt} (simulated)" if spec.vision else "fp32 (torch reference)",
         "llm": f"{fmt} (simulated)",
