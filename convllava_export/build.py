@@ -291,15 +291,17 @@ def _build_trtllm(checkpoint, tmp: Path, opts: BuildOptions, cfg, progress: Prog
     from .engines.tensorrt_llm import META, build_trtllm_engine, export_checkpoint
     from .export.trtllm import calibration_sequences
     from .model.reference import ReferenceModel
+    from .progress import release_memory
 
     ref = ReferenceModel.load(checkpoint, vision_tower=opts.vision_tower, dtype="fp16", device="cuda", progress=progress)  # _validate: a GPU is here
     seqs = [] if opts.llm_precision == "fp16" else calibration_sequences(ref, opts.calib_images, opts.calib_prompts, opts.calib_limit, progress)
+    llm = ref.llm
+    del ref  # the tower goes before ModelOpt builds its quantized copy of the LLM
+    release_memory()
     scratch = tmp.parent / f"{tmp.name}-trtllm-checkpoint"
     try:
-        meta = export_checkpoint(ref.llm, seqs, opts.llm_precision, scratch, "engine", opts.awq_block_size, progress=progress)
-        del ref, seqs
-        from .progress import release_memory
-
+        meta = export_checkpoint(llm, seqs, opts.llm_precision, scratch, "engine", opts.awq_block_size, progress=progress)
+        del llm, seqs
         release_memory()  # the fp16 model off the GPU before trtllm-build needs it
         (tmp / "llm").mkdir()
         build_trtllm_engine(scratch, tmp / "llm" / "engine", cfg, progress)

@@ -685,7 +685,7 @@ def bench_e2e_cmd(builds, clients, requests_per_client, max_new_tokens, threads,
 @click.option("--with-llama-cpp/--without-llama-cpp", default=True, show_default=True, help="llama.cpp Q4_0 on the same weights (needs llama-cpp-python and gguf)")
 @click.option("--reuse-build", is_flag=True, help="reuse WORKDIR/build-768-bBLOCK when present")
 @click.option("--int4-block-size", type=click.IntRange(16), default=128, show_default=True)
-@click.option("--steps", default=",".join(("build", "run", "torch", "llama_cpp", "validate", "serve")), show_default=True, help="which steps to run")
+@click.option("--steps", default=None, help="which steps to run, comma-separated (default: all but trtllm_hf)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 def bench_real_size_cmd(workdir, shape, resolutions, tokens, torch_tokens, with_llama_cpp, reuse_build, int4_block_size, steps, json_path) -> None:
     """The 7B sequence on this machine: build, run at 768/1024/1536, torch bf16 and llama.cpp side by side, validate, serve."""
@@ -697,9 +697,9 @@ def bench_real_size_cmd(workdir, shape, resolutions, tokens, torch_tokens, with_
 
         require("llama_cpp", purpose=WHY)
         require("gguf", purpose=WHY)
-    from .benchmarks.real_size import STEP_NAMES
+    from .benchmarks.real_size import DEFAULT_STEPS, STEP_NAMES
 
-    chosen = tuple(s.strip() for s in steps.split(",") if s.strip())
+    chosen = DEFAULT_STEPS if steps is None else tuple(s.strip() for s in steps.split(",") if s.strip())
     if set(chosen) - set(STEP_NAMES):
         raise ConvLlavaError(f"unknown step(s) {', '.join(sorted(set(chosen) - set(STEP_NAMES)))} (use {', '.join(STEP_NAMES)})")
     result = real_size(workdir, shape, tuple(int(r) for r in resolutions.split(",")), tokens, torch_tokens, with_llama_cpp, reuse_build, progress=say,

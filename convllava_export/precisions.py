@@ -59,7 +59,7 @@ TRTLLM_HF = ("fp16", "fp8", "nvfp4", "int4-awq", "w4a8-awq")
 TRTLLM_FORMATS = ("engine", "hf")
 AWQ = tuple(p for p in MODELOPT if p.endswith("-awq"))  # formats with an AWQ group size
 # the ONNX Runtime precision whose weight bytes a TensorRT-LLM precision matches (memory/disk estimates)
-TRTLLM_BYTES_LIKE = {"fp16": "fp16", "int8": "int8", "int8-sq": "int8", "fp8": "int8", "int4-awq": "int4"}
+TRTLLM_BYTES_LIKE = {"fp16": "fp16", "int8": "int8", "int8-sq": "int8", "fp8": "int8", "int4-awq": "int4", "nvfp4": "int4", "w4a8-awq": "int4"}
 
 # formats `validate --simulate` fake-quantizes on CPU (ModelOpt); the vision tower too for fp8
 SIMULATED = ("fp8", "int4-awq", "nvfp4", "int8-sq")

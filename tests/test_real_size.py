@@ -253,3 +253,11 @@ def test_auto_graph_choice(monkeypatch):
     monkeypatch.setattr(llm_gqa, "genai_available", lambda: False)
     graph, why = choose_graph("auto", "int8")
     assert graph == "dynamo" and "onnxruntime-genai not installed" in why
+
+
+def test_real_size_trtllm_hf_step_is_opt_in_and_summarized():
+    from convllava_export.benchmarks.real_size import DEFAULT_STEPS, STEP_NAMES, STEPS, summarize
+
+    assert set(STEPS) == {"machine", *STEP_NAMES} and "trtllm_hf" not in DEFAULT_STEPS
+    s = summarize({"checkpoint_gb": 14.87, "trtllm_hf": {"seconds": 900.0, "peak_rss_gb": 15.0, "tree_peak_rss_gb": 15.2}})
+    assert s["trtllm_hf_peak_rss_gb"] == 15.2 and s["trtllm_hf_peak_vs_checkpoint"] == round(15.2 / 14.87, 3)

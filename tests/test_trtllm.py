@@ -279,3 +279,12 @@ def test_a_tensorrt_llm_build_without_tensorrt_llm_names_the_extra(tiny_build, t
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ConvLlavaError, match=r"convllava-export\[trtllm\]"):
         Pipeline.from_build(copy, verify=False)
+
+
+def test_a_cpu_export_that_would_not_fit_is_refused_before_loading(tiny_checkpoint, tmp_path, monkeypatch):
+    """sizing.trtllm_export_memory against the memory available (rehearsed smaller here)."""
+    monkeypatch.setenv("CONVLLAVA_EXPORT_MEMORY_GB", "0.05")
+    dest = tmp_path / "hf"
+    res = CliRunner().invoke(cli, ["export", "llm", str(tiny_checkpoint), "-o", str(dest), "--backend", "tensorrt-llm", "--format", "hf",
+                                   "--precision", "int4-awq", "--calib-images", "builtin"])
+    assert res.exit_code == 2 and "this export needs about" in res.output and "0.1 GB is available" in res.output and not dest.exists()

@@ -8,6 +8,8 @@ One run, on one machine, each step in a fresh process so each peak RSS is its ow
   llama.cpp Q4_0 of the same LLM weights (GGUF written here), same prompt length
   validate  the build against the reference (dtype chosen by memory), a few items
   serve     the OpenAI server on the build: one request, then 4 concurrent; server RSS
+  trtllm_hf (not by default: ~20 min of CPU) `export llm --backend tensorrt-llm --format hf
+            --precision fp8` on the CPU: ModelOpt calibration + unified checkpoint, peak RSS
 Results: JSON (benchmarks/results/real_size_*.json) and BENCHMARKS.md / docs/real-size.md.
 """
 
@@ -182,6 +184,21 @@ def step_llama_cpp(checkpoint: str, work: str, prompt_len: str, tokens: str) -> 
     return {**made, "prompt_tokens": n, "prefill_s": prefill_s, **res, "gguf_gb": round(q4.stat().st_size / GB, 2), "peak_rss_gb": _peak_rss_gb()}
 
 
+def step_trtllm_hf(checkpoint: str, dest: str, precision: str = "fp8", limit: str = "8") -> dict[str, Any]:
+    import shutil
+
+    from ..export.trtllm import export_llm_tensorrt
+    from ..fsutil import atomic_output_dir
+
+    shutil.rmtree(dest, ignore_errors=True)
+    t = time.perf_counter()
+    with atomic_output_dir(Path(dest)) as tmp:
+        meta = export_llm_tensorrt(checkpoint, tmp, precision, "hf", calib_images="builtin", calib_limit=int(limit), progress=lambda m: print(m, file=sys.stderr, flush=True))
+    disk = sum(p.stat().st_size for p in Path(dest).rglob("*") if p.is_file())
+    return {"precision": precision, "quant_algo": meta["quant_algo"], "calibration": meta["calibration"], "seconds": round(time.perf_counter() - t, 1),
+            "disk_gb": round(disk / GB, 2), "peak_rss_gb": _peak_rss_gb()}
+
+
 def step_validate(build_dir: str, checkpoint: str, out: str) -> dict[str, Any]:
     from ..validation.data import load_items
     from ..validation.report import write_reports
@@ -244,15 +261,17 @@ def step_serve(build_dir: str, tokens: str) -> dict[str, Any]:
             proc.kill()
 
 
-STEPS = {"machine": step_machine, "build": step_build, "run": step_run, "torch": step_torch, "llama_cpp": step_llama_cpp, "validate": step_validate, "serve": step_serve}
+STEPS = {"machine": step_machine, "build": step_build, "run": step_run, "torch": step_torch, "llama_cpp": step_llama_cpp, "validate": step_validate, "serve": step_serve,
+         "trtllm_hf": step_trtllm_hf}
 
 
 # -- the orchestrator ---------------------------------------------------------------------------
-STEP_NAMES = ("build", "run", "torch", "llama_cpp", "validate", "serve")
+STEP_NAMES = ("build", "run", "torch", "llama_cpp", "validate", "serve", "trtllm_hf")
+DEFAULT_STEPS = STEP_NAMES[:-1]
 
 
 def real_size(workdir: Path, shape: str = "vicuna-7b", resolutions: tuple[int, ...] = (768, 1024, 1536), tokens: int = 128, torch_tokens: int = 16,
-              with_llama_cpp: bool = True, skip_build: bool = False, progress=print, block: int = 128, steps: tuple[str, ...] = STEP_NAMES) -> dict[str, Any]:
+              with_llama_cpp: bool = True, skip_build: bool = False, progress=print, block: int = 128, steps: tuple[str, ...] = DEFAULT_STEPS) -> dict[str, Any]:
     from ..tiny import ModelShape, write_random_checkpoint
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -286,6 +305,9 @@ def real_size(workdir: Path, shape: str = "vicuna-7b", resolutions: tuple[int, .
     if "serve" in steps:
         progress("serve")
         out["serve"] = _child("serve", str(build_dir), "32")
+    if "trtllm_hf" in steps:
+        progress("TensorRT-LLM unified checkpoint (fp8) on the CPU")
+        out["trtllm_hf"] = _child("trtllm_hf", str(ck), str(workdir / "trtllm-hf-fp8"), "fp8", "8")
     out["summary"] = summarize(out)
     return out
 
@@ -305,6 +327,10 @@ def summarize(out: dict[str, Any]) -> dict[str, Any]:
     if "ttft_s" in r and "ttft_s" in t:
         s["ttft_vs_torch"] = round(r["ttft_s"] / t["ttft_s"], 3)
         s["decode_vs_torch"] = round(r["decode_tokens_per_s"] / t["decode_tokens_per_s"], 2)
+    h = out.get("trtllm_hf", {})
+    if "seconds" in h and ck:
+        s["trtllm_hf_peak_rss_gb"] = max(h.get("peak_rss_gb") or 0, h.get("tree_peak_rss_gb") or 0)
+        s["trtllm_hf_peak_vs_checkpoint"] = round(s["trtllm_hf_peak_rss_gb"] / ck, 3)
     if "ttft_s" in r and "decode_tokens_per_s" in c:
         s["decode_vs_llama_cpp"] = round(r["decode_tokens_per_s"] / c["decode_tokens_per_s"], 3)
         s["prefill_vs_llama_cpp"] = round((r["prompt_tokens"] / r["prefill_s"]) / c["prefill_tokens_per_s"], 3)

@@ -46,19 +46,45 @@ def export_llm_tensorrt(
     from ..engines.tensorrt_llm import TrtLlmBuildConfig, export_checkpoint, trtllm_build_command
     from ..model.reference import ReferenceModel
     from ..preprocess import PreprocessConfig
+    from ..progress import release_memory
 
-    cuda = _cuda()  # calibrate on the GPU when there is one (minutes at 7B); on CPU in fp32, which works for every format
-    ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, dtype="fp16" if cuda else "fp32", device="cuda" if cuda else "cpu", progress=progress)
+    cuda = _cuda()  # calibrate on the GPU when there is one (the model is held in GPU memory there)
+    dtype = "fp16" if cuda else _cpu_dtype(checkpoint, vision_tower, precision, progress)
+    ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, dtype=dtype, device="cuda" if cuda else "cpu", progress=progress)
     seqs: Sequence[np.ndarray] = [] if precision == "fp16" else calibration_sequences(ref, calib_images, prompts, calib_limit, progress)
-    meta = export_checkpoint(ref.llm, seqs, precision, folder, fmt, awq_block_size, progress=progress)
+    llm, info = ref.llm, ref.info
+    del ref  # the tower goes before ModelOpt builds its quantized copy of the LLM
+    release_memory()
+    meta = export_checkpoint(llm, seqs, precision, folder, fmt, awq_block_size, progress=progress)
     if fmt == "hf":
         from ..tokenizer import copy_tokenizer
 
-        copy_tokenizer(ref.info.path, folder)  # tensorrt_llm.LLM / trtllm-serve read the tokenizer from the folder
+        copy_tokenizer(info.path, folder)  # tensorrt_llm.LLM / trtllm-serve read the tokenizer from the folder
         return meta
-    tokens = (PreprocessConfig.from_preprocessor_config(ref.info.preprocessor_config).resolution // 64) ** 2
+    tokens = (PreprocessConfig.from_preprocessor_config(info.preprocessor_config).resolution // 64) ** 2
     meta["next"] = " ".join(trtllm_build_command(folder, folder / "engine", TrtLlmBuildConfig(max_visual_tokens=tokens)))
     return meta
+
+
+def _cpu_dtype(checkpoint: str | Path, vision_tower: str | Path | None, precision: str, progress: Progress) -> str:
+    """The LLM's dtype for a CPU export: fp32 where it fits, else the checkpoint's; refused (exit 2)
+    before anything loads when its phases would not fit in the memory available."""
+    from ..checkpoint import read_checkpoint
+    from ..errors import ExportError
+    from ..sizing import GB, available_memory, model_size, reference_dtype, trtllm_export_memory
+
+    size, budget = model_size(read_checkpoint(checkpoint, vision_tower)), available_memory()
+    dtype, why = reference_dtype(size, "auto", with_vision=True, budget=budget)
+    phases = trtllm_export_memory(size, precision, dtype)
+    worst = max(phases, key=phases.__getitem__)
+    progress(f"estimated peak memory {phases[worst] / GB:.1f} GB ({worst}), {budget / GB:.1f} GB available; the LLM in {dtype}: {why}")
+    if phases[worst] > budget:
+        raise ExportError(
+            f"this export needs about {phases[worst] / GB:.1f} GB of memory at its peak ({worst}: the {dtype} LLM "
+            f"{'and the vision tower' if worst == 'calibration' else 'and its quantized copy'}), {budget / GB:.1f} GB is available: "
+            "run it on a machine with more memory, or on the GPU (the model is then held in GPU memory)"
+        )
+    return dtype
 
 
 def _cuda() -> bool:
