@@ -39,7 +39,7 @@ FIX = ROOT / "tests" / "fixtures" / "conformance"
 def conformance(results: dict) -> None:
     from convllava_export.model.reference import ReferenceModel, TorchDecoder
     from convllava_export.preprocess import PreprocessConfig, load_image, preprocess
-    from convllava_export.runtime.generation import generate
+    from convllava_export.runtime.scheduler import generate
     from convllava_export.runtime.sampling import SamplingParams
 
     manifest = json.loads((FIX / "manifest.json").read_text())

@@ -326,7 +326,8 @@ def _reference_answer(checkpoint, vision_tower, dtype: str, pcfg, sample: dict, 
     """The torch reference's greedy answer to the smoke sample, from the LLM alone (the image
     embeddings come from the fp32 vision phase), stored in `sample`."""
     from .model.reference import ReferenceModel, TorchDecoder
-    from .runtime.generation import Timings, generate
+    from .runtime.generation import Timings
+    from .runtime.scheduler import generate
     from .runtime.pipeline import Pipeline, Request
     from .runtime.sampling import SamplingParams
 

@@ -458,6 +458,8 @@ def demo_cmd(workdir: Path, threads) -> None:
 @click.option("--max-batched-tokens", type=click.IntRange(1), default=256, show_default=True, help="prefill chunk: the most a decode step waits for a new prompt")
 @click.option("--encoder-cache-mb", type=click.FloatRange(0), default=512.0, show_default=True, help="image embeddings kept by content hash (LRU)")
 @click.option("--prefix-cache-mb", type=click.FloatRange(0), default=1024.0, show_default=True, help="KV caches kept for prompt-prefix reuse (LRU)")
+@click.option("--kv-cache-mb", type=click.FloatRange(1), default=None, help="KV cache budget of the running requests; a request waits until its prompt + max_tokens fits, 400 when it never can (default: half the memory available after loading, at most what max_running full-context rows take)")
+@click.option("--drain-s", type=click.FloatRange(0), default=30.0, show_default=True, help="on SIGTERM/Ctrl-C: how long running streams may finish before they are ended")
 @click.option("--threads", type=click.IntRange(1), default=None, help="intra-op threads (per replica with --engine ray)")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="one process, or a Ray Serve application")
 @click.option("--replicas", type=click.IntRange(1), default=1, show_default=True, help="[ray] LLM replicas")
@@ -474,7 +476,7 @@ def demo_cmd(workdir: Path, threads) -> None:
 @click.option("--write-config", type=click.Path(path_type=Path), default=None, help="[ray] write a Serve config YAML for `serve deploy` / KubeRay and exit")
 def serve_cmd(
     build_dir: Path, host, port, model_name, allow_local_files, max_tokens_limit, max_queue, max_body_mb, max_image_pixels, max_images,
-    max_running, max_batched_tokens, encoder_cache_mb, prefix_cache_mb, threads, engine, replicas, min_replicas, max_replicas, target_ongoing_requests, vision_replicas, gpus_per_replica, vision_gpus, cpus_per_replica,
+    max_running, max_batched_tokens, encoder_cache_mb, prefix_cache_mb, kv_cache_mb, drain_s, threads, engine, replicas, min_replicas, max_replicas, target_ongoing_requests, vision_replicas, gpus_per_replica, vision_gpus, cpus_per_replica,
     max_batch_size, batch_wait_ms, address, write_config,
 ) -> None:
     """OpenAI-compatible server: POST /v1/chat/completions, GET /v1/models, /health, /metrics."""
@@ -486,7 +488,8 @@ def serve_cmd(
     read_manifest(build_dir)  # a clear error for a folder that is not a build, before anything loads
 
     settings = EngineSettings(
-        max_running=max_running, max_waiting=max_queue, max_batched_tokens=max_batched_tokens, encoder_cache_mb=encoder_cache_mb, prefix_cache_mb=prefix_cache_mb
+        max_running=max_running, max_waiting=max_queue, max_batched_tokens=max_batched_tokens, encoder_cache_mb=encoder_cache_mb, prefix_cache_mb=prefix_cache_mb,
+        kv_cache_mb=kv_cache_mb,
     )
 
     limits = ServerLimits(
@@ -501,7 +504,7 @@ def serve_cmd(
             pipe = _load_build(build_dir, threads)
             where = host_port(host, sock.getsockname()[1])
             say(f"serving {build_dir} as '{model_name}' on http://{where}/v1 ({pipe.info.get('vision')}, {pipe.info.get('llm')})")
-            serve(pipe, host, port, model_name, limits, sock=sock, engine=settings)
+            serve(pipe, host, port, model_name, limits, sock=sock, engine=settings, drain_s=drain_s)
         return
     from dataclasses import asdict
 

@@ -9,7 +9,7 @@ import torch
 from convllava_export.model.reference import TorchDecoder
 from convllava_export.preprocess import PreprocessConfig, load_image, preprocess
 from convllava_export.prompt import build_prompt, splice_embeddings, tokenize_with_images
-from convllava_export.runtime.generation import generate
+from convllava_export.runtime.scheduler import generate
 from convllava_export.runtime.sampling import SamplingParams
 
 IMAGES = ["small_100x60.png", "square_256x256.png", "tall_160x448.png", "wide_512x192.png"]

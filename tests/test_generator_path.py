@@ -28,6 +28,8 @@ from test_engine import Collector, pipeline_for, requests
 
 
 class DecoderAsGenerator:
+    runs_own_loop = True
+
     def __init__(self, decoder, table_base: int, max_input: int = 4096) -> None:
         self.decoder, self.vocab_size, self.table_base, self.max_input = decoder, decoder.vocab_size, table_base, max_input
         self.batches: list[int] = []

@@ -17,7 +17,7 @@ from convllava_export.errors import ExportError
 from convllava_export.export.llm import export_llm_onnxruntime
 from convllava_export.export.spec import PartSpec
 from convllava_export.model.reference import TorchDecoder
-from convllava_export.runtime.generation import generate
+from convllava_export.runtime.scheduler import generate
 from convllava_export.runtime.sampling import SamplingParams
 from convllava_export.validation.metrics import first_divergence, logits_agreement, teacher_forced_logits
 

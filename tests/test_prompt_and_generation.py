@@ -15,7 +15,7 @@ from convllava_export.prompt import (
     splice_embeddings,
     tokenize_with_images,
 )
-from convllava_export.runtime.generation import generate, stream_tokens
+from convllava_export.runtime.scheduler import generate, stream_tokens
 from convllava_export.runtime.pipeline import Pipeline, Request
 from convllava_export.runtime.sampling import SamplingParams
 from convllava_export.synthetic import colour_samples

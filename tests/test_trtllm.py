@@ -34,7 +34,8 @@ from convllava_export.errors import BuildError, ConvLlavaError, ExportError
 from convllava_export.gates import SMOKE_GATES
 from convllava_export.precisions import LLM_RUNTIMES, ORT_LLM, TRTLLM_ENGINE, VISION, VISION_RUNTIMES
 from convllava_export.prompt import IMAGE_TOKEN_INDEX
-from convllava_export.runtime.generation import TablePrompt, Timings, generate, stream_generated
+from convllava_export.runtime.generation import TablePrompt, Timings, stream_generated
+from convllava_export.runtime.scheduler import generate
 from convllava_export.runtime.sampling import SamplingParams
 from convllava_export.validation.metrics import teacher_forced_logits
 
@@ -121,6 +122,7 @@ class ScriptedTokens:
     how our loop turns per-step tokens into events, stop strings and finish reasons)."""
 
     vocab_size = 32000
+    runs_own_loop = True
 
     def __init__(self, steps, logits=None):
         self.steps, self.logits, self.closed = steps, logits, False

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BuildError
-from ..runtime.kv import DenseDecoder, RowDecoder, SeqKV
+from ..runtime.kv import CacheShape, DenseDecoder, SeqKV, SlotCache
 from .profiles import VisionProfile
 
 TARGET_PROVIDERS = {
@@ -119,9 +119,13 @@ class OrtDecoder(DenseDecoder):
         attrs = self.spec.attributes
         self.vocab_size = int(attrs["vocab"])
         self.kv_heads, self.head_dim = int(attrs["kv_heads"]), int(attrs["head_dim"])
-        self.past_names = [t.name for t in self.spec.inputs if t.name.startswith("past_key_values.")]
+        pasts = [t for t in self.spec.inputs if t.name.startswith("past_key_values.")]
+        self.past_names = [t.name for t in pasts]
+        self.present_names = [n.replace("past_key_values.", "present.", 1) for n in self.past_names]
         self.output_names = [t.name for t in self.spec.outputs]  # logits, then present.*
-        self.dtype = np.float16 if self.spec.inputs[0].dtype == "float16" else np.float32
+        self.embeds_dtype = np.float16 if self.spec.inputs[0].dtype == "float16" else np.float32
+        self.dtype = np.float16 if pasts and pasts[0].dtype == "float16" else np.float32  # the cache's
+        self.cache_shape = CacheShape(len(self.past_names), self.kv_heads, self.head_dim, np.dtype(self.dtype))
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return np.asarray(self.table[np.asarray(ids)], dtype=np.float32)
@@ -136,24 +140,55 @@ class OrtDecoder(DenseDecoder):
 
     def step(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: tuple[np.ndarray, ...] | None) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         inputs = {
-            "inputs_embeds": np.ascontiguousarray(embeds, dtype=self.dtype),
+            "inputs_embeds": np.ascontiguousarray(embeds, dtype=self.embeds_dtype),
             "attention_mask": np.ascontiguousarray(mask, dtype=np.int64),
             "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
         }
         return self._run(inputs, past, embeds.shape[0])
 
 
-class OrtGqaDecoder(RowDecoder, OrtDecoder):
-    """The fused GroupQueryAttention graph (export/llm_gqa.py) over the same explicit cache.
+class OrtGqaDecoder(OrtDecoder):
+    """The fused GroupQueryAttention graph (export/llm_gqa.py) over a SlotCache.
 
-    GroupQueryAttention takes positions from the mask and expects each sequence's tokens to start
-    at position 0, so it takes no left padding: a batch decodes row by row (RowDecoder), each row
-    with its own cache.
+    GroupQueryAttention reads each row's length from its mask's count of ones (right padding),
+    places the new positions there, and writes them into `present` in place when `present` is
+    the same memory as `past`. So past and present are bound to one buffer with IOBinding: a
+    prefill chunk runs on its row's slice, a decode step on rows 0..n-1 in one run, and no cache
+    is copied. Logits come back for the last position of each row.
     """
 
+    def new_cache(self, budget_bytes: float, max_rows: int, max_width: int) -> SlotCache:  # type: ignore[override]
+        return SlotCache(self.cache_shape, budget_bytes, max_rows, max_width)
+
+    def _run_slots(self, cache: SlotCache, rows: slice, embeds: np.ndarray) -> np.ndarray:
+        io = self.session.io_binding()
+        io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=self.embeds_dtype))
+        io.bind_cpu_input("attention_mask", cache.mask(rows, embeds.shape[1]))
+        io.bind_output("logits")
+        for past, present, buf in zip(self.past_names, self.present_names, cache.arrays):
+            view = buf[rows]  # rows are the outermost axis: a contiguous block of the buffer
+            io.bind_input(past, "cpu", 0, self.dtype, list(view.shape), view.ctypes.data)
+            io.bind_output(present, "cpu", 0, self.dtype, list(view.shape), view.ctypes.data)
+        self.session.run_with_iobinding(io)
+        cache.advance(rows, embeds.shape[1])
+        return io.copy_outputs_to_cpu()[0][:, -1].astype(np.float32)
+
+    def prefill(self, cache: SlotCache, embeds: np.ndarray) -> np.ndarray:  # type: ignore[override]
+        row = cache.rows  # the pending row
+        if cache.lengths[row] + len(embeds) > cache.capacity[1]:
+            raise RuntimeError("prefill beyond the row's reserved positions")
+        return self._run_slots(cache, slice(row, row + 1), embeds[None])[0]
+
+    def decode(self, cache: SlotCache, embeds: np.ndarray) -> np.ndarray:  # type: ignore[override]
+        n = cache.rows
+        if max(cache.lengths[:n]) + 1 > cache.capacity[1]:
+            raise RuntimeError("decode beyond the rows' reserved positions")
+        return self._run_slots(cache, slice(0, n), embeds[:, None])
+
     def extend(self, embeds: np.ndarray, past: SeqKV | None = None) -> tuple[np.ndarray, SeqKV]:
+        """One sequence outside any batch (teacher forcing in validate): past and present apart."""
         total = (past.length if past else 0) + len(embeds)
-        inputs = {"inputs_embeds": np.ascontiguousarray(embeds[None], dtype=np.float32), "attention_mask": np.ones((1, total), dtype=np.int64)}
+        inputs = {"inputs_embeds": np.ascontiguousarray(embeds[None], dtype=self.embeds_dtype), "attention_mask": np.ones((1, total), dtype=np.int64)}
         logits, present = self._run(inputs, past.arrays if past else None, 1)
         return logits[0], SeqKV(present, total)
 

@@ -365,6 +365,8 @@ class TrtLlmGenerator:
     """A TensorRT-LLM engine behind the runtime's `Generator` contract (runtime/generation.py):
     prompts go in as token ids with image rows as prompt-table ids, tokens come out per step."""
 
+    runs_own_loop = True
+
     def __init__(self, folder: Path) -> None:
         """`folder`: a build's llm/ (engine/ and convllava_trtllm.json)."""
         trtllm = require("tensorrt_llm", "trtllm", "TensorRT-LLM engines")

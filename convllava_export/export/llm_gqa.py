@@ -11,6 +11,7 @@ last position only (prefill would otherwise run lm_head over every prompt token)
 
 Inputs: inputs_embeds [B,S,H], attention_mask [B,P+S], past_key_values.N.{key,value}
 [B,kvh,P,hd] (positions come from the mask). Outputs: logits [B,1,V], present.N.{key,value}.
+The cache is fp16 for int4/int8 graphs (half_kv_cache) and fp32 for the fp32 graph.
 """
 
 from __future__ import annotations
@@ -69,6 +70,41 @@ def last_position_logits(graph: Path) -> None:
             out.type.tensor_type.shape.dim[1].ClearField("dim_param")
             out.type.tensor_type.shape.dim[1].dim_value = 1
     onnx.save(model, str(graph))
+
+
+def half_kv_cache(graph: Path) -> int:
+    """Run every GroupQueryAttention in fp16, in place: Cast its query/key/value (and the shared
+    rotary tables) to fp16 and its output back to fp32, so past and present are fp16 — half the
+    cache's memory, which at 7B is what bounds how many requests decode together. ORT's CPU
+    kernel computes attention in fp32 from the fp16 cache. Returns the nodes rewritten."""
+    model = onnx.load(str(graph), load_external_data=False)
+    nodes, casts, done = [], set(), 0
+    f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    for node in model.graph.node:
+        if node.op_type != "GroupQueryAttention":
+            nodes.append(node)
+            continue
+        ins = list(node.input)
+        for k in (0, 1, 2, 7, 8):  # query, key, value, cos_cache, sin_cache
+            if k < len(ins) and ins[k]:
+                half = ins[k] + "_fp16"
+                if half not in casts:
+                    nodes.append(onnx.helper.make_node("Cast", [ins[k]], [half], to=f16, name=half + "/cast"))
+                    casts.add(half)
+                ins[k] = half
+        out = node.output[0]
+        node.output[0] = out + "_fp16"
+        del node.input[:]
+        node.input.extend(ins)
+        nodes.extend([node, onnx.helper.make_node("Cast", [out + "_fp16"], [out], to=f32, name=node.name + "/cast_out")])
+        done += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    for v in [*model.graph.input, *model.graph.output]:
+        if v.name.startswith(("past_key_values.", "present.")):
+            v.type.tensor_type.elem_type = f16
+    onnx.save(model, str(graph))
+    return done
 
 
 def write_llm_folder(info: CheckpointInfo, dest: Path) -> None:
@@ -154,6 +190,9 @@ def export_decoder_gqa(
             rewrite_weights(out / GRAPH, folder / GRAPH, precision, block_size, progress=progress)
         (folder / "genai_config.json").write_text(json.dumps(genai_cfg, indent=2))
     last_position_logits(folder / GRAPH)
+    kv_dtype = "float32" if precision == "fp32" else "float16"  # fp32 stays exact against the reference
+    if kv_dtype == "float16" and half_kv_cache(folder / GRAPH) == 0:
+        raise ExportError(f"no GroupQueryAttention in {folder / GRAPH}: the builder's graph layout changed; rebuild without --graph gqa")
     if checkpoint is not None:  # an fp16 table stays fp16 (exact, half the bytes); bf16 goes to fp32
         t = read_tensor(checkpoint, EMBED_KEY)
         table = t.numpy() if t.dtype == torch.float16 else t.float().numpy()
@@ -172,13 +211,13 @@ def export_decoder_gqa(
         inputs=[
             TensorSpec("inputs_embeds", "float32", ["batch", "sequence", hidden]),
             TensorSpec("attention_mask", "int64", ["batch", "total_sequence"]),
-            *[TensorSpec(f"past_key_values.{i}.{k}", "float32", ["batch", kv_heads, "past_sequence", head_dim]) for i in range(layers) for k in ("key", "value")],
+            *[TensorSpec(f"past_key_values.{i}.{k}", kv_dtype, ["batch", kv_heads, "past_sequence", head_dim]) for i in range(layers) for k in ("key", "value")],
         ],
         outputs=[
             TensorSpec("logits", "float32", ["batch", 1, vocab]),
-            *[TensorSpec(f"present.{i}.{k}", "float32", ["batch", kv_heads, "total_sequence", head_dim]) for i in range(layers) for k in ("key", "value")],
+            *[TensorSpec(f"present.{i}.{k}", kv_dtype, ["batch", kv_heads, "total_sequence", head_dim]) for i in range(layers) for k in ("key", "value")],
         ],
-        attributes={"layout": "gqa", "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "hidden": hidden, "vocab": vocab, "builder": "onnxruntime-genai", **({"block_size": block_size} if precision != "fp32" else {})},
+        attributes={"layout": "gqa", "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "hidden": hidden, "vocab": vocab, "builder": "onnxruntime-genai", "kv_dtype": kv_dtype, **({"block_size": block_size} if precision != "fp32" else {})},
     )
     spec.save(folder)
     return spec

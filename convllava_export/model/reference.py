@@ -25,7 +25,7 @@ from ..checkpoint import (
     load_shard,
     read_checkpoint,
 )
-from ..runtime.kv import DenseDecoder
+from ..runtime.kv import CacheShape, DenseDecoder
 from ..tokenizer import load_tokenizer
 from .vision import ConvNextFeatures, VisionEncoder, build_projector
 
@@ -217,6 +217,9 @@ class TorchDecoder(DenseDecoder):
         self.model = model
         self.llm = model.llm
         self.vocab_size = model.llm.config.vocab_size
+        c = model.llm.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.cache_shape = CacheShape(2 * c.num_hidden_layers, c.num_key_value_heads, head_dim, np.dtype(np.float32))  # arrays handed back in fp32
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.model.embed_tokens(ids)

@@ -1,16 +1,14 @@
-"""The serving engine: in-flight batching over explicit KV caches, an image-embedding cache and
-prefix reuse, for one Pipeline.
+"""The serving engine: an encoder thread and a scheduler thread around one Scheduler
+(scheduler.py: admission by KV bytes, chunked prefill, one batched decode step).
 
     submit() ─► waiting ─► encoder thread ─► ready ─► scheduler thread ─► events (emit callback)
-                (bounded)   decode + preprocess  (≤ max_running   admit, prefill in chunks,
-                            images, encoder cache, prepared)      one batched decode step,
-                            vision engine, splice                 retire each sequence alone
+                (bounded)   decode + preprocess  (≤ max_running   Scheduler.step(): admit by KV
+                            images, encoder cache, prepared)      bytes, prefill a chunk, decode
+                            vision engine, splice                 every running row, retire
 
-The scheduler owns every cache (kv.py); decoders are pure functions over them. Between two decode
-steps it admits ready requests (their prefill reuses the longest cached prefix and runs in
-chunks of at most `max_batched_tokens`, so running streams keep flowing), decodes every running
-sequence in one forward, and retires each sequence on its own (eos, stop string, length, or its
-client gone). A request's events end with `Finished` (usage and timings) or an exception.
+A request's events end with `Finished` (usage and timings) or an exception: a client's mistake
+is a ConvLlavaError (4xx), the server's own failure an EngineFault (5xx). A dead engine thread
+fails every waiting request at once and every later one (`failure`, /health turns 503).
 """
 
 from __future__ import annotations
@@ -20,22 +18,34 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConvLlavaError
 from ..preprocess import visual_tokens
-from ..prompt import IMAGE_TOKEN_INDEX
-from .generation import NO_TOKEN, SequenceState, Timings, TokenEvent, is_generator, stream_generated
-from .kv import SeqKV
+from .generation import NO_TOKEN, Timings, stream_generated
 from .pipeline import Pipeline, Request
 from .sampling import SamplingParams
+from .scheduler import (
+    EngineFault,
+    EngineStats,
+    Finished,
+    Job,
+    LruBytes,
+    PrefixCache,
+    Scheduler,
+    SchedulerSettings,
+    kv_budget_bytes,
+    position_keys,
+)
+
+__all__ = ["Engine", "EngineFault", "EngineSettings", "EngineStats", "Finished", "Handle", "QueueFull"]
 
 log = logging.getLogger("convllava_export.engine")
+DEFAULT_CONTEXT = 2048  # when the build records none
 
 
 @dataclass(frozen=True)
@@ -45,42 +55,19 @@ class EngineSettings:
     max_batched_tokens: int = 256  # prefill chunk: the most a decode step waits for a prefill
     encoder_cache_mb: float = 512.0  # image embeddings kept, LRU (a 576-token 4096-wide image is 9 MB)
     prefix_cache_mb: float = 1024.0  # KV caches of finished sequences kept for prefix reuse, LRU
+    kv_cache_mb: float | None = None  # KV budget of the running rows; None: from the memory available at start
 
     def validate(self) -> None:
         if self.max_running < 1 or self.max_waiting < 0 or self.max_batched_tokens < 1:
             raise ConvLlavaError("engine settings: max_running and max_batched_tokens must be >= 1, max_waiting >= 0")
         if self.encoder_cache_mb < 0 or self.prefix_cache_mb < 0:
             raise ConvLlavaError("engine settings: cache sizes must be >= 0 MB")
-
-
-@dataclass
-class Finished:
-    """The last event of a request: usage and timings."""
-
-    timings: Timings
-    completion_tokens: int
-    prompt_tokens: int
-    cached_prompt_tokens: int = 0
+        if self.kv_cache_mb is not None and self.kv_cache_mb <= 0:
+            raise ConvLlavaError("engine settings: --kv-cache-mb must be > 0")
 
 
 class QueueFull(ConvLlavaError):
     """More requests are waiting than the engine admits."""
-
-
-@dataclass
-class Job:
-    """One request inside the engine."""
-
-    request: Request
-    params: SamplingParams
-    emit: Callable[[Any], None]  # TokenEvent, Finished, or an exception; called from engine threads
-    pixels: Callable[[], Sequence[np.ndarray]] | None = None  # decoded off the caller's thread
-    image_embeds: Sequence[np.ndarray] | None = None  # encoded elsewhere (a Ray vision replica)
-    timings: Timings = field(default_factory=Timings)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted: float = field(default_factory=time.perf_counter)
-    seq: np.ndarray | None = None  # spliced embeddings [S, H]
-    keys: np.ndarray | None = None  # one key per position: token id, or an image row's key (< 0)
 
 
 class Handle:
@@ -92,125 +79,11 @@ class Handle:
         self._job.cancelled.set()
 
 
-class LruBytes:
-    """An LRU map bounded by the bytes of its values."""
-
-    def __init__(self, budget_bytes: float) -> None:
-        self.budget = budget_bytes
-        self.items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
-        self.bytes = 0
-        self.lock = threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        with self.lock:
-            hit = self.items.get(key)
-            if hit is None:
-                return None
-            self.items.move_to_end(key)
-            return hit[0]
-
-    def put(self, key: Any, value: Any, nbytes: int) -> None:
-        if nbytes > self.budget:
-            return
-        with self.lock:
-            if key in self.items:
-                self.bytes -= self.items.pop(key)[1]
-            self.items[key] = (value, nbytes)
-            self.bytes += nbytes
-            while self.bytes > self.budget:
-                self.bytes -= self.items.popitem(last=False)[1][1]
-
-    def values(self) -> list[tuple[Any, Any]]:
-        with self.lock:
-            return [(k, v) for k, (v, _) in self.items.items()]
-
-    def touch(self, key: Any) -> None:
-        with self.lock:
-            if key in self.items:
-                self.items.move_to_end(key)
-
-
 def image_key(pixels: np.ndarray) -> bytes:
     """Content hash of preprocessed pixels (shape included): the encoder cache's key."""
     h = hashlib.sha256(str(pixels.shape).encode())
     h.update(np.ascontiguousarray(pixels).data)
     return h.digest()
-
-
-def position_keys(ids: Sequence[int], image_hashes: Sequence[bytes], image_rows: Sequence[int]) -> np.ndarray:
-    """One int64 per embedding position: the token id, or for image rows a negative key derived
-    from the image's hash and the row, so two prompts share a prefix exactly when their
-    positions hold the same tokens and the same image rows."""
-    out: list[np.ndarray] = []
-    k = 0
-    for t in ids:
-        if t == IMAGE_TOKEN_INDEX:
-            base = int.from_bytes(image_hashes[k][:6], "little") << 12
-            out.append(-1 - (base + np.arange(image_rows[k], dtype=np.int64)))
-            k += 1
-        else:
-            out.append(np.array([t], dtype=np.int64))
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
-
-
-class PrefixCache:
-    """KV caches of finished sequences, keyed by their positions' keys; a new request reuses the
-    longest shared prefix (system prompt + image rows + earlier turns)."""
-
-    def __init__(self, budget_bytes: float) -> None:
-        self.lru = LruBytes(budget_bytes)
-        self.counter = 0
-
-    def lookup(self, keys: np.ndarray) -> tuple[int, SeqKV | None]:
-        best, best_id, best_kv = 0, None, None
-        for entry_id, (entry_keys, kv) in self.lru.values():
-            n = min(len(entry_keys), len(keys) - 1, kv.length)  # leave one position to compute logits from
-            if n <= best:
-                continue
-            diff = np.flatnonzero(entry_keys[:n] != keys[:n])
-            m = int(diff[0]) if len(diff) else n
-            if m > best:
-                best, best_id, best_kv = m, entry_id, kv
-        if best_kv is None:
-            return 0, None
-        self.lru.touch(best_id)
-        return best, best_kv.prefix(best)
-
-    def store(self, keys: np.ndarray, kv: SeqKV) -> None:
-        self.counter += 1
-        self.lru.put(self.counter, (keys[: kv.length].copy(), kv), kv.nbytes + keys.nbytes)
-
-
-@dataclass
-class EngineStats:
-    """Counters read by /metrics (plain ints: the scheduler thread writes, readers tolerate a stale value)."""
-
-    running: int = 0
-    waiting: int = 0
-    decode_steps: int = 0
-    decoded_rows: int = 0
-    batch_sizes: dict[int, int] = field(default_factory=dict)  # decode steps by rows decoded together
-    encoder_hits: int = 0
-    encoder_misses: int = 0
-    prefix_hit_tokens: int = 0
-    prompt_tokens: int = 0
-
-
-@dataclass
-class _Prefill:
-    job: Job
-    done: int  # positions in the cache so far (a reused prefix counts)
-    kv: SeqKV | None
-    cached: int  # positions reused from the prefix cache
-
-
-@dataclass
-class _Running:
-    job: Job
-    state: SequenceState
-    prompt_tokens: int
-    cached_tokens: int
-    fed: list[int] = field(default_factory=list)  # generated tokens already in the cache
 
 
 class Engine:
@@ -219,13 +92,22 @@ class Engine:
         self.settings = settings or EngineSettings()
         self.settings.validate()
         self.decoder = pipeline.decoder
-        self.waiting: queue.Queue[Job] = queue.Queue()
+        self.waiting: queue.Queue[Job | None] = queue.Queue()
         self.ready: queue.Queue[Job] = queue.Queue(maxsize=self.settings.max_running)
         self.encoder_cache = LruBytes(self.settings.encoder_cache_mb * (1 << 20))
         self.prefix_cache = PrefixCache(self.settings.prefix_cache_mb * (1 << 20))
         self.stats = EngineStats()
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.failure: BaseException | None = None  # set when an engine thread died: every request fails at once
+        self.scheduler: Scheduler | None = None
+        if not self.decoder.runs_own_loop:
+            ctx = pipeline.max_context or DEFAULT_CONTEXT
+            s = self.settings
+            budget = kv_budget_bytes(s.kv_cache_mb, self.decoder.cache_shape.position_bytes, s.max_running, ctx)
+            self.scheduler = Scheduler(
+                self.decoder, pipeline.tokenizer, SchedulerSettings(s.max_running, s.max_batched_tokens, budget, ctx), self.prefix_cache, self.stats
+            )
         self.threads = [
             threading.Thread(target=self._guard, args=(self._encoder_loop,), name="convllava-encoder", daemon=True),
             threading.Thread(target=self._guard, args=(self._scheduler_loop,), name="convllava-scheduler", daemon=True),
@@ -247,6 +129,8 @@ class Engine:
         (called on the encoder thread, so decoding happens off the caller's thread and only
         for admitted requests); without it `request.images` are used."""
         params.validate()
+        if self.failure is not None or self.stopping.is_set():
+            raise EngineFault("the engine has stopped" + (" after a failure; restart the server" if self.failure else ""))
         with self.lock:
             if self.stats.waiting >= self.settings.max_waiting + self.settings.max_running:
                 raise QueueFull(f"{self.stats.waiting} requests are waiting (limit {self.settings.max_waiting}); retry later")
@@ -255,17 +139,41 @@ class Engine:
         self.waiting.put(job)
         return Handle(job)
 
-    def close(self) -> None:
-        self.stopping.set()
-        self.waiting.put(None)  # type: ignore[arg-type]
+    @property
+    def healthy(self) -> bool:
+        return self.failure is None and all(t.is_alive() for t in self.threads)
 
-    # -- encoder stage ----------------------------------------------------------------------
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop both threads (bounded wait) and end every request still inside with an EngineFault."""
+        self.stopping.set()
+        self.waiting.put(None)
+        for t in self.threads:
+            if t is not threading.current_thread():
+                t.join(timeout)
+        self._fail_everything(EngineFault("the server is shutting down"))
+
+    # -- failure ----------------------------------------------------------------------------
     def _guard(self, loop: Callable[[], None]) -> None:
         try:
             loop()
-        except Exception:  # noqa: BLE001 - a dead engine thread must be loud
+        except BaseException as exc:  # noqa: BLE001 - a dead engine thread must be loud and fail its requests
             log.exception("engine thread %s died", threading.current_thread().name)
-            raise
+            self.failure = exc
+            self.stopping.set()
+            self.waiting.put(None)
+            self._fail_everything(EngineFault("the engine stopped after an internal failure; restart the server"))
+
+    def _fail_everything(self, fault: EngineFault) -> None:
+        for q in (self.waiting, self.ready):
+            while True:
+                try:
+                    job = q.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    self._fail(job, fault)
+        if self.scheduler is not None and (threading.current_thread().name == "convllava-scheduler" or not self.threads[1].is_alive()):
+            self.scheduler.fail_all(fault)
 
     def _leave_queue(self) -> None:
         with self.lock:
@@ -275,6 +183,7 @@ class Engine:
         self._leave_queue()
         job.emit(exc)
 
+    # -- encoder stage ----------------------------------------------------------------------
     def _encoder_loop(self) -> None:
         while not self.stopping.is_set():
             first = self.waiting.get()
@@ -294,11 +203,37 @@ class Engine:
                 if job.cancelled.is_set():  # its client left while it waited
                     self._fail(job, ConvLlavaError("cancelled"))
             for job in self._encode([j for j in jobs if not j.cancelled.is_set()]):
-                self.ready.put(job)  # blocks while max_running requests are prepared: bounded memory
+                while not self.stopping.is_set():  # blocks while max_running requests are prepared: bounded memory
+                    try:
+                        self.ready.put(job, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                else:
+                    self._fail(job, EngineFault("the server is shutting down"))
+
+    def _encode_misses(self, misses: dict[bytes, np.ndarray]) -> tuple[dict[bytes, np.ndarray], dict[bytes, BaseException]]:
+        """Embeddings of the images no cache holds, images of one shape in one vision run. When
+        a run fails, its images are encoded one by one, so a bad image fails only its own requests."""
+        pipe = self.pipeline
+        done: dict[bytes, np.ndarray] = {}
+        failed: dict[bytes, BaseException] = {}
+        try:
+            for h, e in zip(misses, pipe.encode_pixels(list(misses.values()), Timings())):
+                done[h] = e
+        except Exception:  # noqa: BLE001 - find which image it was
+            for h, p in misses.items():
+                try:
+                    done[h] = pipe.encode_pixels([p], Timings())[0]
+                except Exception as exc:  # noqa: BLE001
+                    failed[h] = exc if isinstance(exc, ConvLlavaError) else EngineFault(f"the vision engine failed: {type(exc).__name__}")
+        for h, e in done.items():
+            self.encoder_cache.put(h, e, e.nbytes)
+        return done, failed
 
     def _encode(self, jobs: list[Job]) -> list[Job]:
         """Plan every job (context checked before encoding), encode the images no cache holds,
-        images of one shape in one vision run, then splice. Returns the jobs that are ready."""
+        then splice and check each against the KV budget. Returns the jobs that are ready."""
         pipe = self.pipeline
         planned: list[tuple[Job, list[int], list[np.ndarray], list[bytes]]] = []
         for job in jobs:
@@ -329,51 +264,50 @@ class Engine:
                         continue
                     known[h] = cached
                 self.stats.encoder_hits += 1
+        failed: dict[bytes, BaseException] = {}
+        encoded_s = 0.0
         if misses:
             t0 = time.perf_counter()
-            try:
-                embeds = pipe.encode_pixels(list(misses.values()), Timings())
-            except Exception as exc:  # noqa: BLE001
-                for job, *_ in planned:
-                    self._fail(job, exc)
-                return []
-            for h, e in zip(misses, embeds):
-                known[h] = e
-                self.encoder_cache.put(h, e, e.nbytes)
+            done, failed = self._encode_misses(misses)
+            known.update(done)
             encoded_s = time.perf_counter() - t0
         ready = []
         for job, ids, pixels, hashes in planned:
-            if misses:
-                job.timings.vision_s += encoded_s
-            if job.image_embeds is not None:
-                embeds = list(job.image_embeds)
-            else:
-                embeds = [known[h] for h in hashes]
-            job.seq = pipe.splice(ids, embeds)  # embeddings, or a TablePrompt for a Generator
-            job.keys = position_keys(ids, hashes, [len(e) for e in embeds])
-            if is_generator(self.decoder):
-                try:
+            bad = next((failed[h] for h in hashes if h in failed), None)
+            if bad is not None:
+                self._fail(job, bad)
+                continue
+            job.timings.vision_s += encoded_s if any(h in misses for h in hashes) else 0.0
+            embeds = list(job.image_embeds) if job.image_embeds is not None else [known[h] for h in hashes]
+            try:
+                job.seq = pipe.splice(ids, embeds)  # embeddings, or a TablePrompt for a Generator
+                job.keys = position_keys(ids, hashes, [len(e) for e in embeds])
+                if self.scheduler is not None:
+                    self.scheduler.check(job)  # a cache that could never fit the budget: 400 now, not a wait forever
+                else:
                     self.decoder.check(job.seq)  # beyond the engine's shapes: this request fails, not its batch
-                except Exception as exc:  # noqa: BLE001
-                    self._fail(job, exc)
-                    continue
+            except Exception as exc:  # noqa: BLE001
+                self._fail(job, exc)
+                continue
             ready.append(job)
         return ready
 
     # -- scheduler --------------------------------------------------------------------------
-    def _admit(self, running: list[_Running], prefilling: list[_Prefill], block: bool) -> None:
-        while len(running) + len(prefilling) < self.settings.max_running:
-            try:
-                job = self.ready.get(timeout=0.05) if block and not running and not prefilling else self.ready.get_nowait()
-            except queue.Empty:
-                return
-            self._leave_queue()
-            if job.cancelled.is_set():
-                continue
-            cached, kv = self.prefix_cache.lookup(job.keys)
-            self.stats.prefix_hit_tokens += cached
-            self.stats.prompt_tokens += len(job.seq)
-            prefilling.append(_Prefill(job, cached, kv, cached))
+    def _scheduler_loop(self) -> None:
+        if self.scheduler is None:
+            return self._generator_loop()
+        sched = self.scheduler
+        while not self.stopping.is_set():
+            while sched.room > 0:
+                try:
+                    job = self.ready.get(timeout=0.05) if sched.idle else self.ready.get_nowait()
+                except queue.Empty:
+                    break
+                self._leave_queue()
+                if not job.cancelled.is_set():
+                    sched.add(job)
+            if not sched.idle:
+                sched.step()
 
     def _generator_loop(self) -> None:
         """For an LLM that runs its own loop (TensorRT-LLM): static batches. The ready requests
@@ -414,88 +348,11 @@ class Engine:
                 if all(group[i].cancelled.is_set() for i in live):  # every client still waiting has gone
                     break
         except Exception as exc:  # noqa: BLE001 - the engine failed this batch; the server goes on
+            fault = exc if isinstance(exc, ConvLlavaError) else EngineFault(f"generation failed: {type(exc).__name__}")
             for i in live:
-                group[i].emit(exc)
+                group[i].emit(fault)
         finally:
             events.close()
             self.stats.running = 0
         self.stats.decode_steps += 1
         self.stats.batch_sizes[len(group)] = self.stats.batch_sizes.get(len(group), 0) + 1
-
-    def _scheduler_loop(self) -> None:
-        if is_generator(self.decoder):
-            return self._generator_loop()
-        dec = self.decoder
-        batch = dec.new_batch()
-        running: list[_Running] = []
-        prefilling: list[_Prefill] = []
-        while not self.stopping.is_set():
-            self._admit(running, prefilling, block=True)
-            if prefilling:  # one prefill chunk, oldest admitted first
-                p = prefilling[0]
-                if p.job.cancelled.is_set():
-                    prefilling.pop(0)
-                    continue
-                end = min(len(p.job.seq), p.done + self.settings.max_batched_tokens)
-                try:
-                    logits, p.kv = dec.extend(p.job.seq[p.done : end], p.kv)
-                except Exception as exc:  # noqa: BLE001
-                    prefilling.pop(0)
-                    p.job.emit(exc)
-                    continue
-                p.done = end
-                if end == len(p.job.seq):
-                    prefilling.pop(0)
-                    t = p.job.timings  # prefill: from the end of encoding to the first token, wall clock
-                    t.prefill_s = time.perf_counter() - p.job.submitted - t.queued_s - t.preprocess_s - t.vision_s
-                    run = _Running(p.job, SequenceState(0, p.job.params, self.pipeline.tokenizer, p.job.timings), len(p.job.seq), p.cached)
-                    if self._emit(run, run.state.accept(logits), p.kv):
-                        batch = batch.join(p.kv)
-                        running.append(run)
-            if not running:
-                continue
-            # drop sequences whose client went away, then one decode step for all
-            keep = [i for i, r in enumerate(running) if not r.job.cancelled.is_set()]
-            if len(keep) < len(running):
-                batch, running = batch.drop(keep), [running[i] for i in keep]
-                if not running:
-                    batch = dec.new_batch()
-                    continue
-            t0 = time.perf_counter()
-            tokens = np.array([r.state.last_token for r in running])
-            try:
-                logits, batch = dec.decode(dec.embed(tokens), batch)
-            except Exception as exc:  # noqa: BLE001
-                for r in running:
-                    r.job.emit(exc)
-                batch, running = dec.new_batch(), []
-                continue
-            elapsed = time.perf_counter() - t0
-            self.stats.decode_steps += 1
-            self.stats.decoded_rows += len(running)
-            self.stats.batch_sizes[len(running)] = self.stats.batch_sizes.get(len(running), 0) + 1
-            keep = []
-            for row, r in enumerate(running):
-                r.fed.append(int(tokens[row]))
-                r.job.timings.decode_s += elapsed
-                r.job.timings.decode_tokens += 1
-                if self._emit(r, r.state.accept(logits[row]), None, batch, row):
-                    keep.append(row)
-            if len(keep) < len(running):
-                batch, running = batch.drop(keep), [running[i] for i in keep]
-                if not running:
-                    batch = dec.new_batch()
-            self.stats.running = len(running)
-
-    def _emit(self, run: _Running, event: TokenEvent, kv: SeqKV | None, batch: Any = None, row: int = -1) -> bool:
-        """Send one token; on the sequence's last, store its cache for prefix reuse and send
-        Finished. Returns whether the sequence goes on."""
-        job = run.job
-        job.emit(event)
-        if event.finish_reason is None:
-            return True
-        if self.settings.prefix_cache_mb > 0:  # the row's cache is copied out only when it can be kept
-            final = kv if kv is not None else batch.row(row)
-            self.prefix_cache.store(np.concatenate([job.keys, np.asarray(run.fed, dtype=np.int64)]), final)
-        job.emit(Finished(job.timings, run.state.generated, run.prompt_tokens, run.cached_tokens))
-        return False

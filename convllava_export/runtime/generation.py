@@ -1,12 +1,11 @@
-"""Generation over explicit KV caches: prefill each sequence, then decode all of them together.
+"""The LLM backend contracts and what a sequence carries between steps (sampling, text, stop strings).
 
-Two kinds of LLM backend. A `Decoder` (torch, ONNX Runtime) provides `embed(ids)`, and pure functions over cache objects (kv.py):
-`extend(embeds, past) -> (logits, SeqKV)` for one sequence, `new_batch()` and
-`decode(embeds, batch) -> (logits, batch)` for one token of every running sequence. Who calls
-them owns the caches: `stream_tokens` below (a fixed batch), the serving engine (engine.py:
-requests joining and leaving between steps). A `Generator` (TensorRT-LLM) runs its own decoding
-loop: prompts go in as token ids plus the images' rows (its prompt-embedding table), tokens come
-out step by step, and `stream_generated` turns them into the same TokenEvents.
+A `Decoder` (torch, ONNX Runtime) is pure functions over a KV cache it makes but never keeps
+(kv.py): `new_cache`, `prefill(cache, embeds)` into the cache's pending row, `decode(cache,
+embeds)` for one token of every running row. The scheduler (scheduler.py) owns the caches. A
+`Generator` (TensorRT-LLM, `runs_own_loop = True`) runs its own decoding loop: prompts go in as
+token ids plus the images' rows (its prompt-embedding table), tokens come out step by step, and
+`stream_generated` turns them into the same TokenEvents.
 """
 
 from __future__ import annotations
@@ -19,20 +18,25 @@ from typing import Protocol
 
 import numpy as np
 
-from .kv import Batch, SeqKV
+from .kv import CacheShape, KVCache, SeqKV
 from .sampling import SamplingParams, select_tokens
 
 
 class Decoder(Protocol):
     vocab_size: int
+    cache_shape: CacheShape
+    runs_own_loop: bool  # False: the scheduler drives it step by step
 
     def embed(self, ids: np.ndarray) -> np.ndarray: ...
 
-    def extend(self, embeds: np.ndarray, past: SeqKV | None = None) -> tuple[np.ndarray, SeqKV]: ...
+    def new_cache(self, budget_bytes: float, max_rows: int, max_width: int) -> KVCache: ...
 
-    def new_batch(self) -> Batch: ...
+    def prefill(self, cache: KVCache, embeds: np.ndarray) -> np.ndarray: ...
 
-    def decode(self, embeds: np.ndarray, batch: Batch) -> tuple[np.ndarray, Batch]: ...
+    def decode(self, cache: KVCache, embeds: np.ndarray) -> np.ndarray: ...
+
+    def extend(self, embeds: np.ndarray, past: SeqKV | None = None) -> tuple[np.ndarray, SeqKV]:
+        """One sequence outside any batch (teacher forcing)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class TablePrompt:
 
 class Generator(Protocol):
     vocab_size: int
+    runs_own_loop: bool  # True
 
     def check(self, prompt: TablePrompt) -> None:
         """Refuse (ConvLlavaError) a prompt beyond the engine's shapes, before it joins a batch."""
@@ -63,11 +68,6 @@ class Generator(Protocol):
     def stream(self, prompts: Sequence[TablePrompt], params: SamplingParams, end_id: int) -> Iterator[list[list[int]]]: ...
 
     def context_logits(self, prompt: TablePrompt) -> np.ndarray: ...
-
-
-def is_generator(backend: object) -> bool:
-    """True for a backend that runs its own decoding loop (a Generator), False for a Decoder."""
-    return hasattr(backend, "stream") and not hasattr(backend, "extend")
 
 
 NO_TOKEN = -1  # a TokenEvent that only ends a sequence (and flushes its text)
@@ -81,6 +81,7 @@ class TokenEvent:
     token_id: int
     text: str
     finish_reason: str | None = None  # "stop" (eos or stop string) or "length"
+    prompt_tokens: int = 0  # the request's prompt positions, where the loop knows them (per-chunk usage)
 
 
 @dataclass
@@ -205,46 +206,6 @@ class SequenceState:
         return TokenEvent(self.index, tok, text, reason)
 
 
-def stream_tokens(
-    decoder: Decoder,
-    tokenizer,
-    sequences: Sequence[np.ndarray],
-    params: SamplingParams,
-    timings: Sequence[Timings] | None = None,
-) -> Iterator[TokenEvent]:
-    """Generate for a fixed batch of spliced embedding sequences [S_i, H], yielding tokens as they come.
-
-    Each sequence is prefilled alone (no padding), then all decode together; a finished one leaves
-    the batch. With greedy decoding a sequence's tokens do not depend on its batch.
-    """
-    params.validate()
-    timings = list(timings) if timings is not None else [Timings() for _ in sequences]
-    states = [SequenceState(i, params, tokenizer, t) for i, t in enumerate(timings)]
-    batch, live = decoder.new_batch(), []
-    t0 = time.perf_counter()
-    for i, seq in enumerate(sequences):
-        logits, kv = decoder.extend(np.asarray(seq, dtype=np.float32))
-        timings[i].prefill_s = time.perf_counter() - t0
-        event = states[i].accept(logits)
-        yield event
-        if event.finish_reason is None:
-            batch, live = batch.join(kv), [*live, i]
-    while live:
-        t = time.perf_counter()
-        logits, batch = decoder.decode(decoder.embed(np.array([states[i].last_token for i in live])), batch)
-        elapsed = time.perf_counter() - t
-        keep = []
-        for row, i in enumerate(live):
-            timings[i].decode_s += elapsed
-            timings[i].decode_tokens += 1
-            event = states[i].accept(logits[row])
-            yield event
-            if event.finish_reason is None:
-                keep.append(row)
-        if len(keep) < len(live):
-            batch, live = batch.drop(keep), [live[r] for r in keep]
-
-
 def stream_generated(
     generator: Generator,
     tokenizer,
@@ -291,37 +252,3 @@ def stream_generated(
     for i, finished in enumerate(done):  # the engine ran out of room (its max_seq_len) before max_new_tokens
         if not finished:
             yield TokenEvent(i, NO_TOKEN, states[i].detok.flush(), "length")
-
-
-def stream_events(
-    backend: Decoder | Generator,
-    tokenizer,
-    sequences: Sequence[np.ndarray] | Sequence[TablePrompt],
-    params: SamplingParams,
-    timings: Sequence[Timings] | None = None,
-) -> Iterator[TokenEvent]:
-    """`stream_tokens` for a Decoder, `stream_generated` for a Generator."""
-    if is_generator(backend):
-        return stream_generated(backend, tokenizer, sequences, params, timings)
-    return stream_tokens(backend, tokenizer, sequences, params, timings)
-
-
-def generate(
-    decoder: Decoder | Generator,
-    tokenizer,
-    sequences: Sequence[np.ndarray] | Sequence[TablePrompt],
-    params: SamplingParams,
-    timings: Sequence[Timings] | None = None,
-) -> list[GenerationResult]:
-    """Non-streaming `stream_tokens` (or `stream_generated`): one result per sequence."""
-    timings = list(timings) if timings is not None else [Timings() for _ in sequences]
-    ids: list[list[int]] = [[] for _ in sequences]
-    texts = [""] * len(sequences)
-    reasons = ["length"] * len(sequences)
-    for ev in stream_events(decoder, tokenizer, sequences, params, timings):
-        if ev.token_id != NO_TOKEN:
-            ids[ev.index].append(ev.token_id)
-        texts[ev.index] += ev.text
-        if ev.finish_reason:
-            reasons[ev.index] = ev.finish_reason
-    return [GenerationResult(ids[i], texts[i], reasons[i], timings[i]) for i in range(len(sequences))]

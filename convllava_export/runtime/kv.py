@@ -1,19 +1,24 @@
-"""Explicit KV-cache state, owned by whoever schedules generation, never by a decoder.
+"""KV caches, owned by whoever schedules generation (runtime/scheduler.py), never by a decoder.
 
-A decoder is a set of pure functions over these objects (generation.Decoder): it reads a cache
-and returns a new one. Two layouts, one per decoder family:
+A decoder is a set of pure functions over these objects (generation.Decoder). The scheduler
+opens a row for a new sequence (`open`), the decoder prefills it chunk by chunk (`prefill`), the
+row joins the running rows (`commit`), every running row decodes one token in one forward
+(`decode`), and finished rows leave (`drop`). Two layouts, one per graph family:
 
-- `SeqKV`: one sequence, per-layer arrays [1, kv_heads, length, head_dim], no padding. What a
-  prefill produces, what the prefix cache stores, what a request keeps between chunks.
-- `PaddedBatch`: the running sequences of a dense decoder (torch reference, ONNX Runtime dynamo
-  graph), left-padded to one length so one forward decodes all of them. Row b's tokens are its
-  last `lengths[b]` columns; the padding columns are masked out, so a row computes what it would
-  alone.
-- `RowBatch`: for decoders that run one row at a time (the fused GroupQueryAttention graph):
-  just the rows' own caches.
+- `SlotCache` (the fused GroupQueryAttention graph): per-layer buffers [rows, kv_heads, width,
+  head_dim] bound as both past and present, so GroupQueryAttention writes each new position in
+  place and a decode step copies nothing. Rows are right-padded (each row's length is its mask's
+  count of ones); running rows are 0..n-1 and the row being prefilled is row n, so one ORT run
+  covers every running row. A leaving row's place is taken by the last row (one row copied).
+  The buffer grows in steps (rows by powers of two, width in `WIDTH_STEP` positions) and shrinks
+  when its rows leave, within a byte budget.
+- `DenseCache` (torch reference, ONNX Runtime dynamo graph): those graphs concatenate past and
+  new keys inside the graph and return new arrays each step, so they cannot write in place; the
+  running rows are a left-padded `PaddedBatch` (a row computes exactly what it would alone), and
+  joining or leaving copies the batch.
 
-Arrays are numpy (float32 or float16, the graph's dtype). Joining and dropping rows copies the
-cache (on admission and retirement only); a decode step passes each layer's array through once.
+Both account their bytes the same way (rows × width × bytes per position), which is what
+admission counts. `SeqKV` is one sequence's compact cache: what the prefix cache keeps.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+WIDTH_STEP = 256  # a slot buffer's width grows in these steps (re-laid out at most once per step)
+
 
 @dataclass(frozen=True)
 class SeqKV:
@@ -30,14 +37,217 @@ class SeqKV:
     length: int
 
     def prefix(self, n: int) -> SeqKV:
-        """The cache of the first n positions (a shared prompt prefix)."""
-        if n == self.length:
+        """The cache of the first n positions (a shared prompt prefix), as its own compact copy."""
+        if n == self.length and all(a.shape[2] == n for a in self.arrays):
             return self
         return SeqKV(tuple(np.ascontiguousarray(a[:, :, :n]) for a in self.arrays), n)
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays)
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """What a decoder's cache holds per position: `tensors` arrays (a key and a value per layer)
+    of [kv_heads, head_dim] in `dtype`."""
+
+    tensors: int
+    kv_heads: int
+    head_dim: int
+    dtype: np.dtype
+
+    @property
+    def position_bytes(self) -> int:
+        return self.tensors * self.kv_heads * self.head_dim * np.dtype(self.dtype).itemsize
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+class SlotCache:
+    """Shared past/present buffers for batched in-place decoding (see the module docstring)."""
+
+    def __init__(self, shape: CacheShape, budget_bytes: float, max_rows: int, max_width: int) -> None:
+        self.shape, self.budget, self.max_rows, self.max_width = shape, budget_bytes, max_rows, max_width
+        self.arrays: list[np.ndarray] = []
+        self.lengths: list[int] = []  # running rows, then the pending row when one is open
+        self.limits: list[int] = []  # positions each row may reach (prompt + max tokens, within the context)
+        self.pending = False
+
+    # -- accounting -------------------------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        """Running rows (the pending one not counted)."""
+        return len(self.lengths) - self.pending
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        return (self.arrays[0].shape[0], self.arrays[0].shape[2]) if self.arrays else (0, 0)
+
+    @property
+    def nbytes(self) -> int:
+        rows, width = self.capacity
+        return rows * width * self.shape.position_bytes
+
+    def _plan(self, rows: int, width: int) -> tuple[int, int] | None:
+        """Buffer capacity for `rows` rows of `width` positions: rounded up when the budget
+        allows (fewer re-layouts), exact when only that fits, None when nothing does."""
+        pb = self.shape.position_bytes
+        have_r, have_w = self.capacity
+        r = max(have_r, min(_next_pow2(rows), self.max_rows))
+        w = max(have_w, min(-(-width // WIDTH_STEP) * WIDTH_STEP, self.max_width))
+        for cand_r, cand_w in ((r, w), (max(have_r, rows), w), (max(have_r, rows), max(have_w, width)), (rows, width)):
+            if cand_r >= rows and cand_w >= width and cand_r * cand_w * pb <= self.budget:
+                return cand_r, cand_w
+        return None
+
+    def fits(self, limit: int) -> bool:
+        """Whether a new row that may reach `limit` positions fits the budget beside the others."""
+        return not self.pending and self._plan(len(self.lengths) + 1, max([limit, *self.limits])) is not None
+
+    def ever_fits(self, limit: int) -> bool:
+        """Whether such a row fits the budget alone."""
+        return limit * self.shape.position_bytes <= self.budget
+
+    def _relayout(self, rows: int, width: int) -> None:
+        """New buffers of [rows, heads, width, dim], one tensor at a time (the old one freed
+        before the next is made, so the peak is one tensor above the larger of the two)."""
+        used = max(self.lengths, default=0)
+        n = len(self.lengths)
+        s = self.shape
+        old = self.arrays
+        self.arrays = []
+        for i in range(s.tensors):
+            new = np.zeros((rows, s.kv_heads, width, s.head_dim), dtype=s.dtype)
+            if old and n:
+                new[:n, :, :used] = old[i][:n, :, :used]
+                old[i] = None  # freed before the next tensor is made
+            self.arrays.append(new)
+
+    # -- rows -------------------------------------------------------------------------------
+    def open(self, limit: int, prefix: SeqKV | None = None) -> None:
+        """Start the pending row (row `rows`), its first positions copied from `prefix`."""
+        plan = self._plan(len(self.lengths) + 1, max([limit, *self.limits]))
+        if self.pending or plan is None:
+            raise RuntimeError("SlotCache.open without room: admission must check fits() first")
+        if plan != self.capacity:
+            self._relayout(*plan)
+        row, n = len(self.lengths), prefix.length if prefix is not None else 0
+        if prefix is not None:
+            for a, p in zip(self.arrays, prefix.arrays):
+                a[row, :, :n] = p[0, :, :n]
+        self.lengths.append(n)
+        self.limits.append(limit)
+        self.pending = True
+
+    def commit(self) -> None:
+        """The pending row joins the running rows."""
+        self.pending = False
+
+    def abandon(self) -> None:
+        """Drop the pending row (its request failed or was cancelled during prefill)."""
+        if self.pending:
+            self.lengths.pop()
+            self.limits.pop()
+            self.pending = False
+            self._maybe_shrink()
+
+    def drop(self, keep: Sequence[int]) -> None:
+        """Keep only running rows `keep` (in that order; a pending row stays pending, after them)."""
+        n = self.rows
+        order = list(keep) + ([n] if self.pending else [])
+        if order == list(range(len(order))):
+            del self.lengths[len(order) :], self.limits[len(order) :]
+        else:
+            for dst, src in enumerate(order):
+                if dst != src:
+                    m = self.lengths[src]
+                    for a in self.arrays:
+                        a[dst, :, :m] = a[src, :, :m]
+            self.lengths = [self.lengths[i] for i in order]
+            self.limits = [self.limits[i] for i in order]
+        self._maybe_shrink()
+
+    def _maybe_shrink(self) -> None:
+        """Give memory back: all of it when no row is left, else when the rows need under half."""
+        if not self.lengths:
+            self.arrays = []
+            return
+        rows, width = self.capacity
+        need_r, need_w = len(self.lengths), max(self.limits)
+        if rows * width >= 2 * _next_pow2(need_r) * max(need_w, WIDTH_STEP):
+            plan = (min(rows, _next_pow2(need_r)), min(width, -(-need_w // WIDTH_STEP) * WIDTH_STEP))
+            self._relayout(*plan)
+
+    def row(self, b: int) -> SeqKV:
+        """Row b's cache as a compact copy (for the prefix cache)."""
+        n = self.lengths[b]
+        return SeqKV(tuple(np.ascontiguousarray(a[b : b + 1, :, :n]) for a in self.arrays), n)
+
+    def mask(self, rows: slice, new: int) -> np.ndarray:
+        """[rows, longest + new] int64, right-padded: each row's positions and its `new` ones."""
+        lengths = np.asarray(self.lengths[rows])
+        cols = np.arange(int(lengths.max()) + new)
+        return (cols[None, :] < (lengths[:, None] + new)).astype(np.int64)
+
+    def advance(self, rows: slice, new: int) -> None:
+        for i in range(*rows.indices(len(self.lengths))):
+            self.lengths[i] += new
+
+
+class DenseCache:
+    """Running rows as a left-padded PaddedBatch plus the pending row's SeqKV (see module docstring)."""
+
+    def __init__(self, shape: CacheShape, budget_bytes: float, max_rows: int, max_width: int) -> None:
+        self.shape, self.budget, self.max_rows, self.max_width = shape, budget_bytes, max_rows, max_width
+        self.batch = PaddedBatch((), ())
+        self.pending_kv: SeqKV | None = None
+        self.pending = False
+        self.limits: list[int] = []
+
+    @property
+    def rows(self) -> int:
+        return len(self.batch.lengths)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [*self.batch.lengths, *([self.pending_kv.length if self.pending_kv else 0] if self.pending else [])]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.batch.arrays) + (self.pending_kv.nbytes if self.pending_kv else 0)
+
+    def fits(self, limit: int) -> bool:
+        return not self.pending and (len(self.limits) + 1) * max([limit, *self.limits]) * self.shape.position_bytes <= self.budget
+
+    def ever_fits(self, limit: int) -> bool:
+        return limit * self.shape.position_bytes <= self.budget
+
+    def open(self, limit: int, prefix: SeqKV | None = None) -> None:
+        self.pending_kv, self.pending = prefix, True
+        self.limits.append(limit)
+
+    def commit(self) -> None:
+        assert self.pending_kv is not None
+        self.batch = self.batch.join(self.pending_kv)
+        self.pending_kv, self.pending = None, False
+
+    def abandon(self) -> None:
+        if self.pending:
+            self.pending_kv, self.pending = None, False
+            self.limits.pop()
+
+    def drop(self, keep: Sequence[int]) -> None:
+        self.limits = [self.limits[i] for i in keep] + self.limits[self.rows :]
+        self.batch = self.batch.drop(keep)
+
+    def row(self, b: int) -> SeqKV:
+        return self.batch.row(b)
+
+
+KVCache = SlotCache | DenseCache
 
 
 @dataclass(frozen=True)
@@ -84,28 +294,14 @@ class PaddedBatch:
         return PaddedBatch(tuple(arrays), tuple(n + 1 for n in self.lengths))
 
 
-@dataclass(frozen=True)
-class RowBatch:
-    rows: tuple[SeqKV, ...]
-
-    def join(self, seq: SeqKV) -> RowBatch:
-        return RowBatch((*self.rows, seq))
-
-    def drop(self, keep: Sequence[int]) -> RowBatch:
-        return RowBatch(tuple(self.rows[i] for i in keep))
-
-    def row(self, b: int) -> SeqKV:
-        return self.rows[b]
-
-
-Batch = PaddedBatch | RowBatch
-
-
 class DenseDecoder:
-    """`extend`/`decode` for decoders whose graph takes a left-padded batch with an attention
-    mask and position ids (the torch reference, the ONNX Runtime dynamo graph). Subclasses give
-    `step(embeds [B,S,H], mask [B,P+S], positions [B,S], past arrays | None) -> (last-position
-    logits [B,V], present arrays)`."""
+    """The Decoder contract for graphs that take a left-padded batch with an attention mask and
+    position ids (the torch reference, the ONNX Runtime dynamo graph). Subclasses give
+    `cache_shape` and `step(embeds [B,S,H], mask [B,P+S], positions [B,S], past arrays | None)
+    -> (last-position logits [B,V], present arrays)`."""
+
+    cache_shape: CacheShape
+    runs_own_loop = False
 
     def step(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: tuple[np.ndarray, ...] | None) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         raise NotImplementedError
@@ -118,28 +314,20 @@ class DenseDecoder:
         logits, present = self.step(embeds[None], mask, positions, past.arrays if past else None)
         return logits[0], SeqKV(tuple(present), n + s)
 
-    def new_batch(self) -> PaddedBatch:
-        return PaddedBatch((), ())
+    def new_cache(self, budget_bytes: float, max_rows: int, max_width: int) -> DenseCache:
+        return DenseCache(self.cache_shape, budget_bytes, max_rows, max_width)
 
-    def decode(self, embeds: np.ndarray, batch: PaddedBatch) -> tuple[np.ndarray, PaddedBatch]:
-        """One token per running row [B, H], all rows in one forward."""
-        logits, present = self.step(embeds[:, None], batch.mask(), batch.positions(), batch.arrays)
-        return logits, batch.advanced(present)
+    def prefill(self, cache: DenseCache, embeds: np.ndarray) -> np.ndarray:
+        """S more positions [S, H] of the pending row; its last position's logits [V]."""
+        logits, cache.pending_kv = self.extend(embeds, cache.pending_kv)
+        return logits
 
-
-class RowDecoder:
-    """`decode` row by row over `extend`, for graphs that take no padding (GroupQueryAttention
-    reads each row's length from its mask and expects positions to start at 0)."""
-
-    def extend(self, embeds: np.ndarray, past: SeqKV | None = None) -> tuple[np.ndarray, SeqKV]:
-        raise NotImplementedError
-
-    def new_batch(self) -> RowBatch:
-        return RowBatch(())
-
-    def decode(self, embeds: np.ndarray, batch: RowBatch) -> tuple[np.ndarray, RowBatch]:
-        out = [self.extend(embeds[b : b + 1], row) for b, row in enumerate(batch.rows)]
-        return np.stack([logits for logits, _ in out]), RowBatch(tuple(kv for _, kv in out))
+    def decode(self, cache: DenseCache, embeds: np.ndarray) -> np.ndarray:
+        """One token per running row [B, H], all rows in one forward; logits [B, V]."""
+        b = cache.batch
+        logits, present = self.step(embeds[:, None], b.mask(), b.positions(), b.arrays)
+        cache.batch = b.advanced(present)
+        return logits
 
 
 def _left_pad(a: np.ndarray, width: int) -> np.ndarray:

@@ -19,7 +19,8 @@ from PIL import Image
 from ..errors import ConvLlavaError
 from ..preprocess import PreprocessConfig, load_image, preprocess, visual_tokens
 from ..prompt import IMAGE_TOKEN, Conversation, build_prompt, check_image_count, splice_embeddings, tokenize_with_images
-from .generation import Decoder, GenerationResult, Generator, TablePrompt, Timings, TokenEvent, generate, is_generator, stream_events
+from .generation import Decoder, GenerationResult, Generator, TablePrompt, Timings, TokenEvent
+from .scheduler import generate, stream_events
 from .sampling import SamplingParams
 
 ImageInput = str | bytes | Image.Image | np.ndarray  # ndarray: preprocessed pixel values [3, H, W]
@@ -104,7 +105,7 @@ class Pipeline:
                 idx = same[k : k + step]
                 embeds = self.vision.encode(np.stack([pixels[i] for i in idx]))
                 for j, i in enumerate(idx):
-                    out[i] = embeds[j]
+                    out[i] = embeds[j] if len(idx) == 1 else embeds[j].copy()  # own memory: caches keep one image, not the batch
         timings.vision_s += time.perf_counter() - t0
         return [o for o in out if o is not None]
 
@@ -154,7 +155,7 @@ class Pipeline:
 
     def splice(self, ids: list[int], embeds: list[np.ndarray]) -> np.ndarray | TablePrompt:
         """Image embeddings into the prompt: here for a Decoder, in its engine for a Generator."""
-        if is_generator(self.decoder):
+        if self.decoder.runs_own_loop:
             return TablePrompt(ids, embeds)
         return splice_embeddings(ids, embeds, self.decoder.embed)
 
@@ -172,7 +173,7 @@ class Pipeline:
         timings = list(timings) if timings is not None else [Timings() for _ in reqs]
         embeds = image_embeds if image_embeds is not None else [None] * len(reqs)
         seqs = [self.prepare(r, t, e) for r, t, e in zip(reqs, timings, embeds)]
-        yield from stream_events(self.decoder, self.tokenizer, seqs, params, timings)
+        yield from stream_events(self.decoder, self.tokenizer, seqs, params, timings, self.max_context)
 
     def generate(
         self, images: Sequence[ImageInput] | ImageInput = (), prompt: str | Conversation = "", params: SamplingParams | None = None, **sampling: Any
@@ -185,4 +186,4 @@ class Pipeline:
         params = params or SamplingParams(**sampling)
         timings = [Timings() for _ in requests]
         seqs = [self.prepare(r, t) for r, t in zip(requests, timings)]
-        return generate(self.decoder, self.tokenizer, seqs, params, timings)
+        return generate(self.decoder, self.tokenizer, seqs, params, timings, self.max_context)

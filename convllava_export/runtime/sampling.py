@@ -32,8 +32,8 @@ def select_tokens(logits: np.ndarray, params: SamplingParams, rng: np.random.Gen
     """logits [B,V] → token ids [B]."""
     if params.temperature == 0:
         return logits.argmax(axis=-1)
-    z = logits.astype(np.float64) / params.temperature
-    z -= z.max(axis=-1, keepdims=True)
+    z = logits.astype(np.float64)
+    z = (z - z.max(axis=-1, keepdims=True)) / params.temperature  # <= 0 before scaling: no overflow at any temperature
     probs = np.exp(z)
     probs /= probs.sum(axis=-1, keepdims=True)
     out = np.empty(len(probs), dtype=np.int64)

@@ -17,6 +17,7 @@ import math
 import socket
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from collections.abc import AsyncIterator
@@ -35,8 +36,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse  # noqa:
 
 from ..preprocess import PreprocessConfig, preprocess
 from ..prompt import IMAGE_TOKEN, SYSTEM_V1, Conversation
-from .engine import Engine, EngineSettings, Finished, QueueFull
-from .generation import TokenEvent
+from .engine import Engine, EngineFault, EngineSettings, Finished, QueueFull
+from .generation import NO_TOKEN, TokenEvent
 from .pipeline import Pipeline, Request
 from .sampling import SamplingParams
 
@@ -70,11 +71,12 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-def internal_error(exc: BaseException, where: str) -> ApiError:
-    """A 500 whose body says nothing about the server's internals; the log gets the traceback."""
+def internal_error(exc: BaseException, where: str, what: str = "internal error") -> ApiError:
+    """A 500 whose body says nothing about the server's internals; the log gets the traceback
+    (`what`: a message of our own, e.g. an EngineFault's, never a third party's)."""
     ref = uuid.uuid4().hex[:12]
     log.error("%s failed (ref %s)", where, ref, exc_info=exc)
-    return ApiError(500, f"internal error (ref {ref}); the server log has the details", kind="server_error")
+    return ApiError(500, f"{what} (ref {ref}); the server log has the details", kind="server_error")
 
 
 class Metrics:
@@ -293,6 +295,14 @@ class ChatBackend(Protocol):
         """
         ...
 
+    def healthy(self) -> bool:
+        """False once it cannot serve any more (a dead engine thread): /health answers 503."""
+        ...
+
+    def close(self) -> None:
+        """Stop, ending whatever still runs (called on shutdown, after the drain)."""
+        ...
+
 
 class LocalBackend:
     """Generation in this process through one Engine: in-flight batching of up to
@@ -305,6 +315,14 @@ class LocalBackend:
         self.limits = limits
         self.concurrency = settings.max_running
         self.info = {**pipeline.info, "max_running": settings.max_running}
+        if self.engine.scheduler is not None:
+            self.info["kv_cache_mb"] = round(self.engine.scheduler.settings.kv_budget_bytes / (1 << 20))
+
+    def healthy(self) -> bool:
+        return self.engine.healthy
+
+    def close(self) -> None:
+        self.engine.close()
 
     async def stream(self, conv: Conversation, images: list[ImageSource], params: SamplingParams) -> AsyncIterator[TokenEvent | Finished]:
         loop = asyncio.get_running_loop()
@@ -316,6 +334,8 @@ class LocalBackend:
             )
         except QueueFull as exc:
             raise ApiError(429, str(exc), kind="rate_limit_error", code="queue_full") from None
+        except EngineFault as exc:
+            raise ApiError(503, str(exc), kind="server_error", code="engine_stopped") from None
         try:
             while True:
                 item = await events.get()
@@ -332,6 +352,8 @@ def as_api_error(exc: BaseException) -> ApiError:
     """What a client sees of a failure: its own mistake as a 400, anything else as an opaque 500."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, EngineFault):  # the server's own failure: our words, the cause in the log
+        return internal_error(exc.__cause__ or exc, "generation", str(exc))
     if isinstance(exc, ConvLlavaError):
         return ApiError(400, str(exc), "messages")
     return internal_error(exc, "generation")
@@ -378,7 +400,14 @@ def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", l
         limits = replace(limits, max_images=int(getattr(backend, "info", {}).get("max_images") or DEFAULT_MAX_IMAGES))
     if isinstance(backend, Pipeline):
         backend = LocalBackend(backend, limits, engine)
-    app = FastAPI(title="convllava-export", version="1")
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        close = getattr(backend, "close", None)  # after uvicorn's drain: end whatever still runs
+        if close is not None:
+            await asyncio.to_thread(close)
+
+    app = FastAPI(title="convllava-export", version="1", lifespan=lifespan)
     state = {"active": 0}
     metrics = Metrics(backend, state)
     created = int(time.time())
@@ -399,6 +428,9 @@ def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", l
 
     @app.get("/health")
     async def health():
+        healthy = getattr(backend, "healthy", None)
+        if healthy is not None and not healthy():
+            return JSONResponse({"status": "error", "model": model_name, "error": "the engine has stopped; restart the server"}, status_code=503)
         return {"status": "ok", "model": model_name, **backend.info, "queue_depth": state["active"]}
 
     @app.get("/v1/models")
@@ -419,7 +451,9 @@ def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", l
             if model is not None and model != model_name:
                 raise ApiError(404, f"model {str(model)[:100]!r} does not exist; this server serves {model_name!r}", "model", code="model_not_found")
             stream = _field(body, ("stream",), (bool,), "a boolean", False)
-            include_usage = _field(_field(body, ("stream_options",), (dict,), "an object", {}), ("include_usage",), (bool,), "a boolean", False)
+            stream_options = _field(body, ("stream_options",), (dict,), "an object", {})
+            include_usage = _field(stream_options, ("include_usage",), (bool,), "a boolean", False)
+            per_chunk_usage = _field(stream_options, ("continuous_usage_stats",), (bool,), "a boolean", False)  # vLLM's: usage on every chunk
             conv, images = parse_chat(body, limits)
             params = parse_sampling(body, limits)
         except ApiError as err:
@@ -461,8 +495,16 @@ def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", l
                 try:
                     head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name}
                     yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': {'role': 'assistant', 'content': ''}, 'finish_reason': None}]})}\n\n"
+                    prompt_tokens, completion = 0, 0
                     try:
                         async for item in all_events():
+                            if per_chunk_usage and isinstance(item, TokenEvent):  # one chunk per token, text or not (random weights)
+                                completion += item.token_id != NO_TOKEN
+                                prompt_tokens = item.prompt_tokens or prompt_tokens
+                                running = {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+                                delta = {"content": item.text} if item.text else {}
+                                yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': delta, 'finish_reason': item.finish_reason}], 'usage': running})}\n\n"
+                                continue
                             if isinstance(item, Finished):
                                 metrics.finished(item, time.perf_counter() - started)
                                 metrics.requests.labels("200").inc()
@@ -517,9 +559,12 @@ def serve(
     limits: ServerLimits | None = None,
     sock: socket.socket | None = None,
     engine: EngineSettings | None = None,
+    drain_s: float = 30.0,
 ) -> None:
-    """Run the app with uvicorn; `sock` is a socket bound beforehand (bind errors before the model loads)."""
+    """Run the app with uvicorn; `sock` is a socket bound beforehand (bind errors before the model
+    loads). On SIGTERM, running streams get `drain_s` seconds, then the engine ends what is left."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(create_app(pipeline, model_name, limits, engine), host=host, port=port, log_level="warning"))
+    config = uvicorn.Config(create_app(pipeline, model_name, limits, engine), host=host, port=port, log_level="warning", timeout_graceful_shutdown=drain_s)
+    server = uvicorn.Server(config)
     server.run(sockets=[sock] if sock is not None else None)

@@ -9,13 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.generation import Decoder, Generator, TablePrompt, is_generator
+from ..runtime.generation import Decoder, Generator, TablePrompt
 
 
 def teacher_forced_logits(decoder: Decoder | Generator, prompt: np.ndarray | TablePrompt, answer_ids: Sequence[int]) -> np.ndarray:
     """Logits [len(answer), V] predicting each answer token given the true prefix (a Generator:
     one run over prompt + answer, reading the engine's context logits)."""
-    if is_generator(decoder):
+    if decoder.runs_own_loop:
         full = TablePrompt([*prompt.ids, *answer_ids[:-1]], prompt.images)
         rows = np.asarray(decoder.context_logits(full), dtype=np.float64)  # one per (expanded) position
         return rows[-max(len(answer_ids), 1) :]  # position i predicts token i+1: the last prompt row predicts answer[0]

@@ -16,7 +16,8 @@ from ..model.reference import ReferenceModel, TorchDecoder
 from ..progress import release_memory
 from ..preprocess import PreprocessConfig, load_image, preprocess
 from ..prompt import build_prompt, splice_embeddings, tokenize_with_images
-from ..runtime.generation import Timings, generate
+from ..runtime.generation import Timings
+from ..runtime.scheduler import generate
 from ..runtime.pipeline import Pipeline
 from ..runtime.sampling import SamplingParams
 from .data import Item
