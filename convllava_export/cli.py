@@ -717,17 +717,34 @@ def bench_real_size_cmd(workdir, shape, resolutions, tokens, torch_tokens, with_
 @click.option("--concurrency", default="1,4,16,32", show_default=True, help="client counts to sweep")
 @click.option("--max-tokens", type=click.IntRange(1), default=128, show_default=True, help="output tokens per request (ignore_eos)")
 @click.option("--prompts-per-level", type=click.IntRange(1), default=None, help="requests per level (default: 2 x clients, at least 8)")
-@click.option("--max-running", "max_running", type=click.IntRange(1), multiple=True, help="configs to compare (default: the largest concurrency, and 1 = batching off)")
+@click.option("--max-running", "max_running", type=click.IntRange(1), multiple=True, help="our configs (default: the largest concurrency; without --against also 1 = batching off)")
+@click.option("--workload", "workloads", type=click.Choice(["text", "image"]), multiple=True,
+              help="text: distinct random-word prompts; image: the image dataset (default: both with --against, image without)")
+@click.option("--prompt-words", type=click.IntRange(1), default=300, show_default=True, help="words per text-workload prompt")
+@click.option("--serve-arg", "serve_args", multiple=True, help="passed verbatim to our `serve` subprocess, e.g. --serve-arg=--kv-cache-mb=3000 (repeatable)")
+@click.option("--against", default=None, metavar="URL", help="a peer OpenAI-compatible server (vLLM, llama-server, trtllm-serve), e.g. http://127.0.0.1:8011")
+@click.option("--against-model", default=None, help="the model name the peer serves (default: the first id of URL/v1/models)")
+@click.option("--against-cmd", default=None, metavar="CMD", help="shell command that starts the peer, run only after our server has stopped; its process group is ended afterwards")
+@click.option("--against-start-timeout", type=click.FloatRange(1), default=900.0, show_default=True, help="seconds to wait for URL/v1/models after --against-cmd")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
-def bench_serve_cmd(build, concurrency, max_tokens, prompts_per_level, max_running, json_path) -> None:
-    """Concurrency sweep against `serve` (vllm bench serve's metrics), batching on vs off in one run."""
+def bench_serve_cmd(build, concurrency, max_tokens, prompts_per_level, max_running, workloads, prompt_words, serve_args, against, against_model, against_cmd,
+                    against_start_timeout, json_path) -> None:
+    """Concurrency sweep against `serve` (vllm bench serve's metrics): batching on vs off, or beside a peer server (--against) on the same workload."""
     from .benchmarks.serving import bench_serving, markdown
     from .manifest import read_manifest
 
     read_manifest(build)
-    levels = [int(c) for c in concurrency.split(",")]
+    if (against_model or against_cmd) and not against:
+        raise click.UsageError("--against-model and --against-cmd need --against URL")
+    try:
+        levels = [int(c) for c in concurrency.split(",") if c.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{concurrency!r} is not a comma-separated list of integers", param_hint="--concurrency") from None
+    if not levels or min(levels) < 1:
+        raise click.BadParameter("client counts must be at least 1", param_hint="--concurrency")
     configs = {f"max-running {n}": n for n in max_running} if max_running else None
-    result = bench_serving(build, levels, max_tokens, prompts_per_level, configs, progress=say)
+    result = bench_serving(build, levels, max_tokens, prompts_per_level, configs, progress=say, workloads=workloads or None, prompt_words=prompt_words,
+                           serve_args=serve_args, against=against, against_model=against_model, against_cmd=against_cmd, against_start_timeout_s=against_start_timeout)
     if json_path:
         json_path.write_text(json.dumps(result, indent=2))
     out.print(markdown(result))

@@ -92,3 +92,13 @@ def conformance_gqa(reference, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("llm") / "gqa-fp32"
     export_llm_onnxruntime(reference.llm, folder, "fp32", progress=lambda m: None, graph="gqa")
     return folder
+
+
+@pytest.fixture(scope="session")
+def conformance_gqa_int4(reference, tmp_path_factory) -> Path:
+    """The conformance LLM as an int4 GroupQueryAttention graph: its KV cache is fp16."""
+    from convllava_export.export.llm import export_llm_onnxruntime
+
+    folder = tmp_path_factory.mktemp("llm") / "gqa-int4"
+    export_llm_onnxruntime(reference.llm, folder, "int4", progress=lambda m: None, graph="gqa")
+    return folder

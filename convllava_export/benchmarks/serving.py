@@ -1,12 +1,24 @@
 """`convllava-export bench serve`: a concurrency sweep against the real server, in the shape of
-`vllm bench serve`, side by side with batching on and off in one run.
+`vllm bench serve`, side by side with batching on and off in one run, or beside a peer
+OpenAI-compatible server (vLLM, llama.cpp's llama-server, trtllm-serve) on the same workload.
 
 Each configuration is a fresh `convllava-export serve` subprocess on 127.0.0.1 (its own memory,
-all cores). The dataset is synthetic: images of mixed aspect ratios with a quarter of the requests
-repeating an earlier image (what the encoder and prefix caches are for), a fixed output length
-(`ignore_eos`) so every configuration does the same work. Per level: request and output-token
-throughput, mean / median / p99 of TTFT, TPOT (time per output token after the first) and ITL
-(gap between streamed chunks), all measured by the client.
+all cores). Two synthetic workloads: `image`, images of mixed aspect ratios with a quarter of the
+requests repeating an earlier image (what the encoder and prefix caches are for), and `text`,
+distinct random word sequences of a target length (no prefix cache helps). A fixed output length
+(`ignore_eos`, temperature 0) so every server does the same work. Every request streams with
+vLLM's `continuous_usage_stats`, so tokens are counted and timed from the usage in the chunks
+(with random weights many tokens decode to no visible text); a server that sends no per-chunk
+usage is timed by its content chunks instead, and the rows say which. Per level: requests ok and
+failed, request and output-token throughput, mean / median / p99 of TTFT, TPOT (time per output
+token after the first) and ITL (gap between chunks that carried tokens), all measured by the client.
+
+With `against`, the peer runs the same requests after ours. A text-only peer cannot take images:
+for it the image workload is a text stand-in with as many prompt tokens as our server reported for
+the same request (the peer's tokens per word fitted by two probe requests first), and a request
+that repeats an earlier image repeats that request's stand-in prefix. With `against_cmd` the peer
+is started only after our server has stopped, and its whole process group is ended afterwards:
+never two models in memory at once.
 """
 
 from __future__ import annotations
@@ -14,10 +26,15 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import platform
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +44,24 @@ import numpy as np
 
 ASPECTS = ((512, 512), (768, 432), (432, 768), (640, 480), (480, 640), (1024, 256))
 QUESTIONS = ("What is shown in this image?", "Describe the colours.", "What shape is in the picture?", "Is the image wide or tall?")
+WORKLOADS = ("text", "image")
+STAND_IN = "peer: text stand-in of equal prompt length"
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni")
+# Everyday English words: one token each or close to it in Llama-style vocabularies.
+WORDS = tuple(
+    """time year people way day man thing woman life child world school state family student group country problem hand part
+    place case week company system program question work government number night point home water room mother area money
+    story fact month lot right study book eye job word business issue side kind head house service friend father power hour
+    game line end member law car city community name president team minute idea kid body information back parent face others
+    level office door health person art war history party result change morning reason research girl guy moment air teacher
+    force education foot boy age policy music market sense nation plan college interest death experience effect class control
+    care field development role effort rate heart drug show leader light voice wife police mind price report decision son view
+    relationship town road arm difference value building action model season society tax director position player record paper
+    space ground form event official matter center couple site project activity star table need court oil situation cost
+    industry figure street image phone data picture practice piece land product doctor wall patient worker news test movie north
+    love support technology step baby computer type attention film tree source organization hair window evidence population
+    red green blue small large quick slow bright dark warm cold early late open close simple clear strong soft""".split()
+)
 
 
 def dataset(n: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -53,37 +88,88 @@ def dataset(n: int, seed: int = 0) -> list[dict[str, Any]]:
     return out
 
 
+def random_words(rng: np.random.Generator, n: int) -> list[str]:
+    return [WORDS[int(i)] for i in rng.integers(len(WORDS), size=max(1, n))]
+
+
+def text_dataset(n: int, words: int, seed: int = 0) -> list[dict[str, Any]]:
+    """n text-only chat requests of `words` random words each: distinct from the first word on, so no
+    prefix cache (ours or the peer's) helps beyond the chat template."""
+    rng = np.random.default_rng([seed, 7])
+    return [{"messages": [{"role": "user", "content": " ".join(random_words(rng, words))}]} for _ in range(n)]
+
+
+def workload_bodies(workload: str, n: int, seed: int, prompt_words: int) -> list[dict[str, Any]]:
+    if workload == "image":
+        return dataset(n, seed=seed)
+    if workload == "text":
+        return text_dataset(n, prompt_words, seed=seed)
+    raise ValueError(f"unknown workload {workload!r} (use {', '.join(WORKLOADS)})")
+
+
+def request_options(max_tokens: int, model: str | None = None) -> dict[str, Any]:
+    """What every measured request carries: a fixed output length, greedy, streamed with usage on every chunk."""
+    opts = {"max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    return {**opts, "model": model} if model else opts
+
+
 def one_request(client, url: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Stream one request; client-side TTFT, chunk gaps and the server's usage."""
+    """Stream one request. Tokens are counted and timed from the usage in the chunks when the server
+    sends it on every chunk (TTFT = first chunk with completion_tokens >= 1, ITL = gaps between chunks
+    where it grew), else from the content chunks (output tokens then from the final usage if any)."""
+    import httpx
+
     t0 = time.perf_counter()
-    arrivals: list[float] = []
+    token_times: list[float] = []  # chunks where usage.completion_tokens grew
+    content_times: list[float] = []  # chunks with visible text
     text: list[str] = []
-    usage = None
-    with client.stream("POST", url, json=body) as res:
-        if res.status_code != 200:
-            res.read()
-            return {"status": res.status_code}
-        for line in res.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            elif chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                arrivals.append(time.perf_counter())
-                text.append(chunk["choices"][0]["delta"]["content"])
+    usage: dict[str, Any] | None = None
+    per_chunk = False  # usage arrived on a chunk with choices: vLLM's continuous_usage_stats
+    count = 0
+    try:
+        with client.stream("POST", url, json=body) as res:
+            if res.status_code != 200:
+                res.read()
+                return {"status": res.status_code, "error": res.text[:500]}
+            for line in res.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if not data or data == "[DONE]":
+                    continue
+                now = time.perf_counter()
+                chunk = json.loads(data)
+                if chunk.get("error"):
+                    err = chunk["error"]
+                    return {"status": 500, "error": (err.get("message") if isinstance(err, dict) else str(err))[:500]}
+                choices = chunk.get("choices") or []
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                    per_chunk = per_chunk or bool(choices)
+                    n = usage.get("completion_tokens") or 0
+                    if n > count:
+                        token_times.append(now)
+                        count = n
+                if choices and (choices[0].get("delta") or {}).get("content"):
+                    content_times.append(now)
+                    text.append(choices[0]["delta"]["content"])
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        return {"status": 0, "error": f"{type(exc).__name__}: {exc}"[:500]}
     end = time.perf_counter()
-    tokens = usage["completion_tokens"] if usage else len(arrivals)
-    ttft = arrivals[0] - t0 if arrivals else end - t0
+    times = token_times if per_chunk else content_times
+    tokens = usage["completion_tokens"] if usage and usage.get("completion_tokens") is not None else len(content_times)
+    ttft = times[0] - t0 if times else end - t0
     return {
         "status": 200,
         "ttft_s": ttft,
-        "tpot_s": (end - t0 - ttft) / (tokens - 1) if tokens > 1 else 0.0,
-        "itl_s": list(np.diff(arrivals)),
+        "tpot_s": (times[-1] - times[0]) / (tokens - 1) if tokens > 1 and times else 0.0,
+        "itl_s": list(np.diff(times)),
         "latency_s": end - t0,
         "output_tokens": tokens,
-        "cached_tokens": (usage or {}).get("prompt_tokens_details", {}).get("cached_tokens", 0),
-        "prompt_tokens": (usage or {}).get("prompt_tokens", 0),
+        "timed_by": "usage" if per_chunk else "content chunks",
+        "cached_tokens": ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens", 0) or 0,
+        "prompt_tokens": (usage or {}).get("prompt_tokens", 0) or 0,
         "text": "".join(text),
     }
 
@@ -113,7 +199,9 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"mean_ms": float(a.mean()), "median_ms": float(np.median(a)), "p99_ms": float(np.percentile(a, 99))}
 
 
-def run_level(url: str, bodies: list[dict[str, Any]], concurrency: int, time_limit_s: float) -> dict[str, Any]:
+def run_level(url: str, bodies: list[dict[str, Any]], concurrency: int, time_limit_s: float, keep: bool = False) -> dict[str, Any]:
+    """`concurrency` clients, each sending its next request as soon as its last one finished, until
+    `bodies` is done or the time limit passes. `keep`: the per-request results (with their index) too."""
     import httpx
 
     deadline = time.perf_counter() + time_limit_s
@@ -127,34 +215,125 @@ def run_level(url: str, bodies: list[dict[str, Any]], concurrency: int, time_lim
                     i = todo.pop(0)
                 except IndexError:
                     return
-                results.append(one_request(client, url, bodies[i]))
+                results.append({"index": i, **one_request(client, url, bodies[i])})
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(client_loop, range(concurrency)))
     wall = time.perf_counter() - t0
     ok = [r for r in results if r["status"] == 200]
-    return {
+    timed_by = sorted({r["timed_by"] for r in ok})
+    row = {
         "concurrency": concurrency,
         "requests": len(results),
         "completed": len(ok),
+        "failed": len(results) - len(ok),
         "duration_s": wall,
         "request_throughput": len(ok) / wall,
+        "output_tokens": sum(r["output_tokens"] for r in ok),
         "output_token_throughput": sum(r["output_tokens"] for r in ok) / wall,
+        "prompt_tokens_mean": float(np.mean([r["prompt_tokens"] for r in ok])) if ok else float("nan"),
         "cached_prompt_tokens": sum(r["cached_tokens"] for r in ok),
+        "timed_by": timed_by[0] if len(timed_by) == 1 else ("mixed" if timed_by else "none"),
+        "errors": sorted({r["error"] for r in results if r["status"] != 200})[:3],
         "ttft": summary([r["ttft_s"] for r in ok]),
         "tpot": summary([r["tpot_s"] for r in ok]),
         "itl": summary([x for r in ok for x in r["itl_s"]]),
     }
+    if keep:
+        row["per_request"] = sorted(({k: v for k, v in r.items() if k != "itl_s"} for r in results), key=lambda r: r["index"])
+    return row
 
 
-def start_server(build: str | Path, port: int, max_running: int, max_tokens: int, threads: int) -> subprocess.Popen:
+def machine_info() -> dict[str, Any]:
+    """CPU model, ISA flags, cores (as `bench real-size` reports them, without its bandwidth and GEMM
+    runs), memory, and the GPUs nvidia-smi sees, if any."""
+    cpu, flags = None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu is None:
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    cpu = cpu or platform.processor() or "unknown"
+    isa = "AVX-512" + (" VNNI" if "avx512_vnni" in flags else "") if "avx512f" in flags else ("AVX2" if "avx2" in flags else "baseline")
+    info: dict[str, Any] = {"cpu": cpu, "isa": isa, "isa_flags": [f for f in ISA_FLAGS if f in flags], "cpus": os.cpu_count() or 1,
+                            "python": platform.python_version()}
+    try:
+        from ..sizing import available_memory
+
+        info["memory_available_gb"] = round(available_memory() / 2**30, 1)
+    except Exception:  # informative only
+        pass
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+            info["gpus"] = [g.strip() for g in out.stdout.splitlines() if g.strip()]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return info
+
+
+# -- servers ----------------------------------------------------------------------------------
+def _tail(path: Path, n: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((host, port)) == 0
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 30) -> None:
+    """End the process group `proc` leads (it was started in a session of its own): SIGTERM, up to
+    `grace_s` for the leader and everything else in the group to exit, then SIGKILL to what is left."""
+    deadline = time.time() + grace_s
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(max(0.1, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        pass
+    while _group_alive(proc.pid) and time.time() < deadline:  # e.g. a shell that exited before the server it started
+        time.sleep(0.2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def start_server(build: str | Path, port: int, max_running: int, max_tokens: int, threads: int, serve_args: tuple[str, ...] = (),
+                 log: Path | None = None, timeout_s: float = 300) -> subprocess.Popen:
+    """`convllava-export serve` on 127.0.0.1:port in a session of its own; `serve_args` go last, verbatim."""
     import httpx
 
     cmd = [sys.executable, "-m", "convllava_export.cli", "serve", str(build), "--port", str(port), "--max-running", str(max_running),
-           "--max-queue", "512", "--max-tokens", str(max_tokens), "--threads", str(threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
+           "--max-queue", "512", "--max-tokens", str(max_tokens), "--threads", str(threads), *serve_args]
+    log = log or Path(tempfile.mkstemp(prefix="bench-serve-", suffix=".log")[1])
+    with open(log, "ab") as f:  # a file, not a pipe nobody reads while the bench runs
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc.log = log  # type: ignore[attr-defined]
+    deadline = time.time() + timeout_s
     while True:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
@@ -162,9 +341,110 @@ def start_server(build: str | Path, port: int, max_running: int, max_tokens: int
         except httpx.HTTPError:
             pass
         if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"server did not start: {proc.stdout.read().decode()[-2000:]}")
+            stop_group(proc, 5)
+            raise RuntimeError(f"server did not start ({' '.join(cmd)}): {_tail(log, 2000)}")
         time.sleep(0.3)
+
+
+def peer_base(url: str) -> str:
+    """http://host:port from what a user may write: a trailing slash or /v1 are dropped."""
+    url = url.strip().rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+def peer_models(base: str, timeout_s: float = 5) -> list[str] | None:
+    """The ids GET base/v1/models lists, or None while nothing answers there."""
+    import httpx
+
+    try:
+        res = httpx.get(f"{base}/v1/models", timeout=timeout_s)
+        if res.status_code != 200:
+            return None
+        return [m["id"] for m in res.json().get("data", []) if isinstance(m, dict) and m.get("id")]
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def start_peer(cmd: str, base: str, timeout_s: float, log: Path) -> subprocess.Popen:
+    """Run the shell command `cmd` in a new session and wait until base/v1/models answers."""
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(cmd, shell=True, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout_s
+    while peer_models(base) is None:
+        if proc.poll() is not None:
+            stop_group(proc, 5)
+            raise RuntimeError(f"--against-cmd exited with status {proc.returncode} before {base}/v1/models answered; its output ({log}):\n{_tail(log)}")
+        if time.time() > deadline:
+            stop_group(proc)
+            raise RuntimeError(f"{base}/v1/models did not answer within {timeout_s:.0f} s of starting --against-cmd; its output ({log}):\n{_tail(log)}")
+        time.sleep(1)
+    return proc
+
+
+# -- the text stand-in for images -------------------------------------------------------------
+def prompt_fit(url: str, model: str | None, probes: tuple[int, int] = (16, 160), seed: int = 12345) -> dict[str, Any] | None:
+    """prompt_tokens = base + per_word * words on this server (chat template included), from two
+    non-streamed one-token requests of random words; None when the server reports no prompt_tokens."""
+    import httpx
+
+    rng = np.random.default_rng([seed, 3])
+    points = []
+    with httpx.Client(timeout=300) as client:
+        for words in probes:
+            body = {"messages": [{"role": "user", "content": " ".join(random_words(rng, words))}], "max_tokens": 1, "temperature": 0}
+            try:
+                res = client.post(url, json={**body, "model": model} if model else body)
+                tokens = res.json().get("usage", {}).get("prompt_tokens") if res.status_code == 200 else None
+            except (httpx.HTTPError, ValueError):
+                tokens = None
+            if not tokens:
+                return None
+            points.append((words, tokens))
+    (w0, t0), (w1, t1) = points
+    per_word = (t1 - t0) / (w1 - w0)
+    if per_word <= 0:
+        return None
+    return {"base_tokens": t0 - per_word * w0, "tokens_per_word": per_word, "probes": [{"words": w, "prompt_tokens": t} for w, t in points]}
+
+
+def stand_in_bodies(image_bodies: list[dict[str, Any]], prompt_tokens: dict[int, int], fit: dict[str, Any], seed: int) -> list[dict[str, Any]]:
+    """One text-only request per image request, with the prompt length our server reported for that
+    index (the median where ours failed). A request repeating an earlier image repeats that request's
+    stand-in, all but a question's worth of words at its end, so a peer's prefix cache gets the reuse
+    our encoder and prefix caches get."""
+    known = [t for t in prompt_tokens.values() if t]
+    fallback = int(np.median(known)) if known else 0
+    rng = np.random.default_rng([seed, 11])
+    per_word, base = fit["tokens_per_word"], fit["base_tokens"]
+    tail = max(1, round(12 / per_word))  # about a question and the assistant tag
+    first_with: dict[str, int] = {}
+    texts: list[list[str]] = []
+    out = []
+    for i, body in enumerate(image_bodies):
+        target = prompt_tokens.get(i) or fallback
+        n = max(1, round((target - base) / per_word))
+        url = next((p["image_url"]["url"] for p in body["messages"][0]["content"] if p.get("type") == "image_url"), None)
+        earlier = first_with.setdefault(url, i) if url else i
+        shared = texts[earlier][: max(0, min(n, len(texts[earlier])) - tail)] if earlier != i else []
+        words = shared + random_words(rng, n - len(shared))
+        texts.append(words)
+        out.append({"messages": [{"role": "user", "content": " ".join(words)}]})
+    return out
+
+
+# -- the sweep --------------------------------------------------------------------------------
+def _levels(workloads, concurrencies, prompts_per_level, prompt_words) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    return {(w, c): workload_bodies(w, prompts_per_level or max(8, 2 * c), c, prompt_words) for w in workloads for c in concurrencies}
+
+
+def _warm_up(url: str, workload: str, prompt_words: int, max_tokens: int, model: str | None, time_limit_s: float) -> None:
+    """One request that is in no measured level (a distinct image / words), so no level starts with a cache hit."""
+    body = workload_bodies(workload, 1, 10_000 + max_tokens, prompt_words)[0]
+    run_level(url, [{**body, **request_options(max_tokens, model)}], 1, time_limit_s)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and math.isfinite(a) and math.isfinite(b) else float("nan")
 
 
 def bench_serving(
@@ -175,54 +455,176 @@ def bench_serving(
     configs: dict[str, int] | None = None,
     time_limit_s: float = 600.0,
     progress=print,
+    *,
+    workloads: tuple[str, ...] | list[str] | None = None,
+    prompt_words: int = 300,
+    serve_args: tuple[str, ...] | list[str] = (),
+    against: str | None = None,
+    against_model: str | None = None,
+    against_cmd: str | None = None,
+    against_start_timeout_s: float = 900.0,
 ) -> dict[str, Any]:
-    """Every config (name → --max-running) through every concurrency level, on the same dataset."""
+    """Every config of ours (name → --max-running) through every workload and concurrency level;
+    without `against` the configs are compared with the last one (default: batching on vs off), with
+    it every config is compared with the peer at `against` on the same requests."""
     from .e2e import _free_port
 
-    configs = configs or {"batching": max(concurrencies), "batching off": 1}
+    workloads = tuple(dict.fromkeys(workloads or (WORKLOADS if against else ("image",))))
+    for w in workloads:
+        if w not in WORKLOADS:
+            raise ValueError(f"unknown workload {w!r} (use {', '.join(WORKLOADS)})")
+    configs = configs or ({"convllava": max(concurrencies)} if against else {"batching": max(concurrencies), "batching off": 1})
     threads = os.cpu_count() or 1
-    rows, follow_up = [], None
+    base = peer_base(against) if against else None
+    if base and against_cmd and peer_models(base) is not None:
+        raise RuntimeError(f"{base}/v1/models already answers: something is serving there, and --against-cmd would start a second server "
+                           "(stop it, or drop --against-cmd to measure it as it is)")
+    if base and not against_cmd:
+        models = peer_models(base, timeout_s=30)
+        if models is None:
+            raise RuntimeError(f"nothing answers at {base}/v1/models (start the peer first, or give --against-cmd)")
+        against_model = against_model or (models[0] if models else None)
+        if not against_model:
+            raise RuntimeError(f"{base}/v1/models lists no model; give --against-model")
+    levels = _levels(workloads, concurrencies, prompts_per_level, prompt_words)
+    rows: list[dict[str, Any]] = []
+    follow_up, fits = None, {}
+    ours_prompt_tokens: dict[int, dict[int, int]] = {}  # image level → request index → our prompt_tokens
     for name, max_running in configs.items():
         port = _free_port()
-        progress(f"{name} (--max-running {max_running}): starting the server")
-        proc = start_server(build, port, max_running, max_tokens, threads)
+        progress(f"{name} (--max-running {max_running}{' ' + ' '.join(serve_args) if serve_args else ''}): starting our server on http://127.0.0.1:{port}")
+        proc = start_server(build, port, max_running, max_tokens, threads, tuple(serve_args))
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         try:
-            for c in concurrencies:
-                n = prompts_per_level or max(8, 2 * c)
-                bodies = [{**b, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}} for b in dataset(n, seed=c)]
-                run_level(url, bodies[:1], 1, time_limit_s)  # warm-up
-                progress(f"{name}: {c} concurrent clients, {n} requests x {max_tokens} tokens")
-                rows.append({"config": name, "max_running": max_running, **run_level(url, bodies, c, time_limit_s)})
-            if follow_up is None:
+            if base and "image" in workloads and "ours" not in fits:
+                fits["ours"] = prompt_fit(url, None)
+            for w in workloads:
+                _warm_up(url, w, prompt_words, max_tokens, None, time_limit_s)
+                for c in concurrencies:
+                    bodies = [{**b, **request_options(max_tokens)} for b in levels[w, c]]
+                    progress(f"{name}, {w}: {c} concurrent clients, {len(bodies)} requests x {max_tokens} tokens")
+                    row = run_level(url, bodies, c, time_limit_s, keep=bool(base) and w == "image")
+                    if "per_request" in row:
+                        per = row.pop("per_request")
+                        ours_prompt_tokens.setdefault(c, {r["index"]: r.get("prompt_tokens", 0) for r in per if r["status"] == 200})
+                    rows.append({"server": "ours", "config": name, "max_running": max_running, "workload": w, **row})
+            if follow_up is None and not base and "image" in workloads:
                 progress(f"{name}: multi-turn follow-ups about one image")
                 follow_up = {"config": name, **multi_turn(url, max_tokens=min(32, max_tokens))}
         finally:
-            proc.terminate()
-            proc.wait(30)
-    base = {r["concurrency"]: r for r in rows if r["config"] == list(configs)[-1]}
-    for r in rows:
-        b = base[r["concurrency"]]
-        r["token_throughput_vs_last_config"] = r["output_token_throughput"] / b["output_token_throughput"] if b["output_token_throughput"] else float("nan")
-        r["p99_ttft_vs_last_config"] = r["ttft"]["p99_ms"] / b["ttft"]["p99_ms"] if b["ttft"]["p99_ms"] else float("nan")
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
-    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
-    isa = "AVX-512" + (" VNNI" if "avx512_vnni" in flags else "") if "avx512f" in flags else ("AVX2" if "avx2" in flags else "baseline")
-    return {"machine": {"cpu": cpu, "isa": isa, "cpus": threads}, "build": str(build), "max_tokens": max_tokens, "configs": configs, "results": rows, "multi_turn": follow_up}
+            stop_group(proc)
+        if base and against_cmd:
+            deadline = time.time() + 30
+            while port_open("127.0.0.1", port) and time.time() < deadline:
+                time.sleep(0.2)
+            if port_open("127.0.0.1", port):
+                raise RuntimeError(f"our server on port {port} still accepts connections after being stopped; not starting --against-cmd beside it")
+    result: dict[str, Any] = {"machine": machine_info(), "build": str(build), "max_tokens": max_tokens, "configs": configs, "workloads": list(workloads),
+                              "prompt_words": prompt_words, "serve_args": list(serve_args)}
+    if base:
+        peer: dict[str, Any] = {"url": base, "model": against_model, "cmd": against_cmd}
+        proc, log = None, None
+        try:
+            if against_cmd:
+                log = Path(tempfile.mkstemp(prefix="bench-serve-peer-", suffix=".log")[1])
+                progress(f"peer: our server is stopped; starting --against-cmd (output in {log}), waiting up to {against_start_timeout_s:.0f} s for {base}/v1/models")
+                t0 = time.perf_counter()
+                proc = start_peer(against_cmd, base, against_start_timeout_s, log)
+                peer["start_s"] = time.perf_counter() - t0
+                models = peer_models(base) or []
+                against_model = against_model or (models[0] if models else None)
+                if not against_model:
+                    raise RuntimeError(f"{base}/v1/models lists no model; give --against-model")
+                peer["model"] = against_model
+            url = f"{base}/v1/chat/completions"
+            progress(f"peer: {base} serving {against_model!r}")
+            if "image" in workloads:
+                fit = prompt_fit(url, against_model)
+                fits["peer"] = fit
+                peer["prompt_fit"] = {"source": "peer" if fit else "ours", **(fit or fits.get("ours") or {})}
+                if not (fit or fits.get("ours")):
+                    raise RuntimeError("neither server reported usage.prompt_tokens: cannot size the text stand-in for the image workload")
+            for w in workloads:
+                _warm_up(url, "text", prompt_words, max_tokens, against_model, time_limit_s)
+                for c in concurrencies:
+                    if w == "image":
+                        fit = fits.get("peer") or fits["ours"]
+                        bodies = stand_in_bodies(levels[w, c], ours_prompt_tokens.get(c, {}), fit, seed=c)
+                    else:
+                        bodies = levels[w, c]
+                    bodies = [{**b, **request_options(max_tokens, against_model)} for b in bodies]
+                    progress(f"peer, {w}{' (text stand-in)' if w == 'image' else ''}: {c} concurrent clients, {len(bodies)} requests x {max_tokens} tokens")
+                    row = run_level(url, bodies, c, time_limit_s)
+                    rows.append({"server": "peer", "config": "peer", "workload": w, **({"note": STAND_IN} if w == "image" else {}), **row})
+        finally:
+            if proc is not None:
+                progress("peer: ending the process group of --against-cmd")
+                stop_group(proc)
+                peer["log"] = str(log)
+        result["peer"] = peer
+        peers = {(r["workload"], r["concurrency"]): r for r in rows if r["server"] == "peer"}
+        result["comparison"] = []
+        for r in rows:
+            p = peers.get((r["workload"], r["concurrency"]))
+            if r["server"] != "ours" or p is None:
+                continue
+            r["token_throughput_vs_peer"] = _ratio(r["output_token_throughput"], p["output_token_throughput"])
+            r["p99_ttft_vs_peer"] = _ratio(r["ttft"]["p99_ms"], p["ttft"]["p99_ms"])
+            result["comparison"].append({
+                "config": r["config"], "workload": r["workload"], "concurrency": r["concurrency"], **({"note": STAND_IN} if r["workload"] == "image" else {}),
+                "ours_token_throughput": r["output_token_throughput"], "peer_token_throughput": p["output_token_throughput"],
+                "token_throughput_ours_over_peer": r["token_throughput_vs_peer"],
+                "ours_p99_ttft_ms": r["ttft"]["p99_ms"], "peer_p99_ttft_ms": p["ttft"]["p99_ms"], "p99_ttft_ours_over_peer": r["p99_ttft_vs_peer"],
+            })
+    else:
+        last = {(r["workload"], r["concurrency"]): r for r in rows if r["config"] == list(configs)[-1]}
+        for r in rows:
+            b = last[r["workload"], r["concurrency"]]
+            r["token_throughput_vs_last_config"] = _ratio(r["output_token_throughput"], b["output_token_throughput"])
+            r["p99_ttft_vs_last_config"] = _ratio(r["ttft"]["p99_ms"], b["ttft"]["p99_ms"])
+    result["results"] = rows
+    result["multi_turn"] = follow_up
+    return result
+
+
+def _ms3(s: dict[str, float]) -> str:
+    return f"{s['mean_ms']:.1f} / {s['median_ms']:.1f} / {s['p99_ms']:.1f}"
 
 
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
+    gpus = f", GPU: {'; '.join(m['gpus'])}" if m.get("gpus") else ""
     lines = [
-        f"Build `{Path(result['build']).name}`, {result['max_tokens']} output tokens per request (ignore_eos), machine: {m['cpu']} ({m['isa']}), {m['cpus']} cores",
+        f"Build `{Path(result['build']).name}`, {result['max_tokens']} output tokens per request (ignore_eos, temperature 0), "
+        f"machine: {m['cpu']} ({m['isa']}), {m['cpus']} cores{gpus}",
+    ]
+    peer = result.get("peer")
+    if peer:
+        fit = peer.get("prompt_fit")
+        lines += [f"Peer: {peer['url']} serving `{peer['model']}`" + (f", started by `{peer['cmd']}` after our server stopped" if peer.get("cmd") else ", already running")
+                  + f". Workloads: {', '.join(result['workloads'])}" + (f" (text: {result['prompt_words']} random words per request)" if "text" in result["workloads"] else "")
+                  + (f"; image on the peer = {STAND_IN} ({fit['tokens_per_word']:.2f} tokens/word, fitted on {fit['source']})" if fit else ""),
+                  "", "| server | config | workload | clients | ok / failed | req/s | out tok/s | TTFT mean / median / p99 ms | TPOT mean / median / p99 ms | "
+                  "ITL mean / median / p99 ms | prompt tokens (mean) | timed by |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in result["results"]:
+            w = r["workload"] + (" (text stand-in)" if r["server"] == "peer" and r["workload"] == "image" else "")
+            lines.append(f"| {r['server']} | {r['config']} | {w} | {r['concurrency']} | {r['completed']} / {r['failed']} | {r['request_throughput']:.2f} | "
+                         f"{r['output_token_throughput']:.1f} | {_ms3(r['ttft'])} | {_ms3(r['tpot'])} | {_ms3(r['itl'])} | {r['prompt_tokens_mean']:.0f} | {r['timed_by']} |")
+        lines += ["", "| config | workload | clients | out tok/s ours / peer | ours / peer | p99 TTFT ms ours / peer | ours / peer |", "|---|---|---|---|---|---|---|"]
+        for c in result["comparison"]:
+            w = c["workload"] + (f" ({STAND_IN})" if c.get("note") else "")
+            lines.append(f"| {c['config']} | {w} | {c['concurrency']} | {c['ours_token_throughput']:.1f} / {c['peer_token_throughput']:.1f} | "
+                         f"{c['token_throughput_ours_over_peer']:.2f}x | {c['ours_p99_ttft_ms']:.0f} / {c['peer_p99_ttft_ms']:.0f} | {c['p99_ttft_ours_over_peer']:.2f}x |")
+        return "\n".join(lines)
+    lines += [
         "",
-        "| config | clients | done | req/s | out tok/s | vs last config | TTFT mean / median / p99 ms | p99 TTFT vs last | TPOT mean / p99 ms | ITL mean / p99 ms | cached prompt tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | workload | clients | ok / failed | req/s | out tok/s | vs last config | TTFT mean / median / p99 ms | p99 TTFT vs last | TPOT mean / p99 ms | ITL mean / p99 ms | cached prompt tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["results"]:
         t, p, i = r["ttft"], r["tpot"], r["itl"]
         lines.append(
-            f"| {r['config']} | {r['concurrency']} | {r['completed']}/{r['requests']} | {r['request_throughput']:.2f} | {r['output_token_throughput']:.1f} | "
+            f"| {r['config']} | {r['workload']} | {r['concurrency']} | {r['completed']} / {r['failed']} | {r['request_throughput']:.2f} | {r['output_token_throughput']:.1f} | "
             f"{r['token_throughput_vs_last_config']:.2f}x | {t['mean_ms']:.0f} / {t['median_ms']:.0f} / {t['p99_ms']:.0f} | {r['p99_ttft_vs_last_config']:.2f}x | "
             f"{p['mean_ms']:.1f} / {p['p99_ms']:.1f} | {i['mean_ms']:.1f} / {i['p99_ms']:.1f} | {r['cached_prompt_tokens']} |"
         )

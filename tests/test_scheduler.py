@@ -1,0 +1,242 @@
+"""The generation loop at serving scale: GroupQueryAttention decodes every running row in one ORT
+run over shared past/present buffers, admission counts KV bytes, generation stops at the context
+on every decoder, and no single request can stop the engine or hurt another."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from convllava_export.errors import ConvLlavaError
+from convllava_export.model.reference import TorchDecoder
+from convllava_export.runtime.engine import Engine, EngineFault, EngineSettings
+from convllava_export.runtime.generation import Timings
+from convllava_export.runtime.kv import SlotCache
+from convllava_export.runtime.pipeline import Request
+from convllava_export.runtime.sampling import SamplingParams
+from convllava_export.runtime.scheduler import Job, Scheduler, SchedulerSettings, generate
+
+from test_engine import Collector, images, pipeline_for, requests
+
+GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
+needs_genai = pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None, reason="onnxruntime-genai not installed: pip install -e '.[genai]'")
+
+
+def open_gqa(request, fixture: str):
+    from convllava_export.engines.onnxruntime import open_decoder
+
+    return open_decoder(request.getfixturevalue(fixture))
+
+
+def sequences(dec, lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((n, dec.table.shape[1])).astype(np.float32) * 0.5 for n in lengths]
+
+
+class CountingSession:
+    """The decoder's ORT session, counting runs (the real session does the work)."""
+
+    def __init__(self, session) -> None:
+        self.session, self.runs = session, []
+
+    def io_binding(self):
+        return self.session.io_binding()
+
+    def run_with_iobinding(self, io):
+        self.runs.append(1)
+        return self.session.run_with_iobinding(io)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+@needs_genai
+@pytest.mark.parametrize("fixture", ["conformance_gqa", "conformance_gqa_int4"])
+def test_gqa_decodes_all_rows_in_one_run_in_place(fixture, reference, request):
+    dec = open_gqa(request, fixture)
+    assert dec.dtype == (np.float32 if fixture == "conformance_gqa" else np.float16)  # int4 graphs keep an fp16 cache
+    seqs = sequences(dec, (5, 17, 9, 30))
+    alone = [generate(dec, reference.tokenizer, [s], GREEDY)[0].token_ids for s in seqs]
+    counting = CountingSession(dec.session)
+    dec.session = counting
+    sched = Scheduler(dec, reference.tokenizer, SchedulerSettings(max_running=4, max_batched_tokens=8, kv_budget_bytes=1 << 30, max_context=512))
+    got = [[] for _ in seqs]
+    for i, s in enumerate(seqs):
+        sched.add(Job(None, GREEDY, lambda ev, i=i: got[i].append(ev), seq=s, index=i))
+    pointers, decode_runs = set(), []
+    while not sched.idle:
+        before, rows, prefilling = len(counting.runs), len(sched.running), sched.pending is not None or bool(sched.queue)
+        sched.step()
+        if rows == 4 and not prefilling:
+            decode_runs.append(len(counting.runs) - before)
+            pointers.add(sched.cache.arrays[0].ctypes.data)
+    assert [[e.token_id for e in g if hasattr(e, "token_id")] for g in got] == alone
+    assert decode_runs and set(decode_runs) == {1}  # four rows, one ORT run per step
+    assert len(pointers) == 1  # the same buffer every step: written in place, never re-made
+    assert max(sched.stats.batch_sizes) == 4
+
+
+@needs_genai
+def test_slot_cache_rows_move_and_memory_is_returned(reference, request):
+    dec = open_gqa(request, "conformance_gqa")
+    cache = dec.new_cache(budget_bytes=1 << 30, max_rows=8, max_width=4096)
+    assert isinstance(cache, SlotCache) and cache.nbytes == 0
+    seqs = sequences(dec, (6, 11, 4))
+    for s in seqs:
+        cache.open(40)
+        dec.prefill(cache, s)
+        cache.commit()
+    rows_before = [cache.row(i) for i in range(3)]
+    assert all(r.arrays[0].shape[2] == r.length and r.arrays[0].flags.owndata for r in rows_before)  # compact copies
+    cache.drop([0, 2])  # row 1 leaves, row 2 moves into its place
+    assert cache.lengths == [6, 4]
+    moved = cache.row(1)
+    assert all(np.array_equal(a, b) for a, b in zip(moved.arrays, rows_before[2].arrays))
+    cache.drop([])
+    assert cache.nbytes == 0 and cache.arrays == []  # all given back
+
+
+def test_kv_budget_admits_what_fits_and_refuses_what_never_can(reference, conformance, request):
+    pipe = pipeline_for("dynamo", reference, request)
+    reqs = requests(conformance)[:4]
+    alone = [r.token_ids for r in (pipe.generate_batch([q], GREEDY)[0] for q in reqs)]
+    pb = pipe.decoder.cache_shape.position_bytes
+    longest = max(len(pipe.prepare(q, Timings())) for q in reqs) + GREEDY.max_new_tokens  # the most a row reserves
+    budget_mb = 2 * longest * pb / (1 << 20)  # room for two rows at a time, not four
+    engine = Engine(pipe, EngineSettings(max_running=8, kv_cache_mb=budget_mb))
+    cols = [Collector() for _ in reqs]
+    for r, c in zip(reqs, cols):
+        engine.submit(r, GREEDY, c)
+    for c in cols:
+        c.wait()
+    assert [c.tokens for c in cols] == alone
+    assert max(engine.stats.batch_sizes) <= 2 < len(reqs)  # admission held the others back
+    too_big = Collector()
+    engine.submit(reqs[0], SamplingParams(max_new_tokens=2000, ignore_eos=True), too_big)
+    with pytest.raises(ConvLlavaError, match="KV cache"):
+        too_big.wait()
+    engine.close()
+
+
+@pytest.mark.parametrize("kind", ["torch", "dynamo", "gqa", "gqa-int4"])
+def test_generation_stops_at_the_context(kind, reference, conformance, request):
+    if kind.startswith("gqa") and importlib.util.find_spec("onnxruntime_genai") is None:
+        pytest.skip("onnxruntime-genai not installed")
+    pipe = pipeline_for("gqa" if kind.startswith("gqa") else kind, reference, request)
+    if kind == "gqa-int4":
+        pipe.decoder = open_gqa(request, "conformance_gqa_int4")
+    req = Request("Describe it.", [])
+    prompt = pipe.prepare(req, Timings())
+    pipe.max_context = len(prompt) + 5
+    res = pipe.generate([], "Describe it.", SamplingParams(max_new_tokens=100, ignore_eos=True))
+    assert res.finish_reason == "length" and len(res.token_ids) == 5  # prompt + answer = the context
+    engine = Engine(pipe, EngineSettings(max_running=2))
+    c = Collector()
+    engine.submit(req, SamplingParams(max_new_tokens=100, ignore_eos=True), c)
+    done = c.wait()
+    assert done.prompt_tokens + done.completion_tokens == pipe.max_context and c.tokens == res.token_ids
+    engine.close()
+
+
+class PoisonOnLength:
+    """A real decoder that returns NaN logits for prompts of one length (a fault inside the model)."""
+
+    def __init__(self, dec, length: int) -> None:
+        self.dec, self.length = dec, length
+        self.runs_own_loop = False
+
+    def prefill(self, cache, embeds):
+        logits = self.dec.prefill(cache, embeds)
+        return np.full_like(logits, np.nan) if cache.lengths[cache.rows] == self.length else logits
+
+    def __getattr__(self, name):
+        return getattr(self.dec, name)
+
+
+def test_non_finite_logits_fail_one_request_and_the_engine_goes_on(reference, conformance, request):
+    pipe = pipeline_for("dynamo", reference, request)
+    reqs = requests(conformance)
+    alone = [r.token_ids for r in (pipe.generate_batch([q], GREEDY)[0] for q in reqs[:2])]
+    poisoned = len(pipe.prepare(reqs[3], Timings()))
+    pipe.decoder = PoisonOnLength(pipe.decoder, poisoned)
+    engine = Engine(pipe, EngineSettings(max_running=4))
+    bad, ok = Collector(), [Collector(), Collector()]
+    engine.submit(reqs[0], GREEDY, ok[0])
+    engine.submit(reqs[3], GREEDY, bad)
+    engine.submit(reqs[1], GREEDY, ok[1])
+    with pytest.raises(EngineFault, match="non-finite"):
+        bad.wait()
+    for c in ok:
+        c.wait()
+    assert [c.tokens for c in ok] == alone
+    # an extreme temperature samples (no overflow into NaN) instead of killing the thread
+    hot = Collector()
+    engine.submit(reqs[1], SamplingParams(max_new_tokens=3, temperature=1e-300, seed=1), hot)
+    assert hot.wait().completion_tokens == 3 and hot.tokens == alone[1][:3]  # that cold is greedy
+    assert engine.healthy
+    engine.close()
+
+
+def test_a_dead_engine_thread_fails_requests_at_once_and_health_is_503(tiny_pipeline):
+    from serving_helpers import LiveServer
+
+    from convllava_export.runtime.server import ServerLimits, create_app
+
+    app = create_app(tiny_pipeline, "m", ServerLimits(max_queue=4))
+    engine = app.state.backend.engine
+    with LiveServer(app) as url:
+        assert httpx.get(f"{url}/health").status_code == 200
+        started = threading.Event()
+        real_step = engine.scheduler.step
+
+        def boom():
+            if engine.scheduler.running:
+                started.set()
+                raise MemoryError("simulated: the scheduler thread dies")
+            real_step()
+
+        engine.scheduler.step = boom
+        body = {"messages": [{"role": "user", "content": "Describe it."}], "max_tokens": 50, "ignore_eos": True}
+        t0 = time.time()
+        res = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+        assert started.is_set() and res.status_code == 500 and time.time() - t0 < 10  # failed, did not hang
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and "restart" in health.json()["error"]
+        res = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10)
+        assert res.status_code == 503  # later requests fail at once
+    assert not any(t.is_alive() for t in engine.threads)  # shutdown closed the engine
+
+
+def test_out_of_profile_image_fails_only_its_own_request(reference, conformance, request):
+    pipe = pipeline_for("dynamo", reference, request, mode="native")
+    real = pipe.vision.encode
+
+    def encode(px):  # a vision engine whose profile stops at 500 px
+        if max(px.shape[2:]) > 500:
+            raise ConvLlavaError(f"image of {px.shape[2]}x{px.shape[3]} is beyond the vision engine's profile")
+        return real(px)
+
+    pipe.vision.encode = encode
+    im = images(conformance)
+    engine = Engine(pipe, EngineSettings(max_running=4))
+    cols = [Collector(), Collector(), Collector()]
+    jobs = [Job(Request("What is it?", [im[name]]), GREEDY, c) for name, c in zip(["square_256x256", "wide_512x192", "small_100x60"], cols)]
+    for j in jobs:
+        engine.stats.waiting += 1
+    ready = engine._encode(jobs)  # one encoder batch, as the encoder thread would form it
+    assert [j.emit for j in ready] == [cols[0], cols[2]]
+    with pytest.raises(ConvLlavaError, match="profile"):
+        cols[1].wait(timeout=1)
+    assert all(v.base is None or v.base.nbytes == v.nbytes for _, v in engine.encoder_cache.values())  # each holds its own image, not a batch
+    engine.close()
+
+
+def test_torch_decoder_cache_shape_matches_its_arrays(reference):
+    dec = TorchDecoder(reference)
+    logits, kv = dec.extend(np.zeros((3, reference.llm.config.hidden_size), np.float32))
+    assert kv.nbytes == 3 * dec.cache_shape.position_bytes
