@@ -211,6 +211,29 @@ def test_two_replicas_answer_exactly_like_the_local_server(ray_server, local_ans
     assert max(stats["batch_sizes"]) >= 2, stats
 
 
+def test_disconnected_client_frees_its_engine_slot(ray_server):
+    """A client that goes away mid-stream: the ingress cancels the replica's call, and its engine
+    drops the sequence (it would otherwise decode all 1000 tokens)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LLMWorker", app_name=ray_serve.APP_NAME)
+    before = {s["replica"]: s["decoded_rows"] for s in (handle.stats.remote().result() for _ in range(8))}
+    body = {"messages": [{"role": "user", "content": "Describe it."}], "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{ray_server['url']}/v1/chat/completions", json=body, timeout=60) as res:
+        lines = res.iter_lines()
+        for _ in range(3):
+            next(lines)
+    deadline = time.time() + 20
+    while True:
+        stats = [handle.stats.remote().result() for _ in range(6)]  # the calls spread over the replicas
+        if all(s["running"] == 0 for s in stats) or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert all(s["running"] == 0 and s["kv_bytes"] == 0 for s in stats), stats
+    assert set(before) == {s["replica"] for s in stats} and len(before) == 2
+    assert sum(s["decoded_rows"] - before[s["replica"]] for s in {s["replica"]: s for s in stats}.values()) < 900, stats  # stopped early
+
+
 def llm_replicas() -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#LLMWorker#" in a["name"])
 

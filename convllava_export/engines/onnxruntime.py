@@ -20,11 +20,13 @@ TARGET_PROVIDERS = {
 }
 
 
-def session_options(threads: int | None = None, optimized_path: Path | None = None, portable: bool = False):
-    """Session options; `optimized_path` saves the optimized graph (offline optimization)."""
+def session_options(threads: int | None = None, optimized_path: Path | None = None, portable: bool = False, arena: bool = True):
+    """Session options; `optimized_path` saves the optimized graph (offline optimization);
+    `arena=False` gives activations back after each run instead of keeping the peak."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = arena
     so.log_severity_level = 3
     so.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if portable else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -56,10 +58,10 @@ def providers_for(target: str) -> list[str]:
     return list(wanted)
 
 
-def create_session(path: Path, target: str = "cpu", threads: int | None = None):
+def create_session(path: Path, target: str = "cpu", threads: int | None = None, arena: bool = True):
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers_for(target))
+    return ort.InferenceSession(str(path), sess_options=session_options(threads, arena=arena), providers=providers_for(target))
 
 
 def save_optimized(src: Path, dest: Path, threads: int | None = None) -> dict[str, int]:
@@ -97,7 +99,9 @@ class OrtVision:
     def __init__(self, path: Path, target: str = "cpu", threads: int | None = None, profile: VisionProfile | None = None) -> None:
         self.path = Path(path)
         self.profile = profile
-        self.session = create_session(self.path, target, threads)
+        # no arena: a 1536² image's activations (GBs at 7B's tower) go back once it is encoded,
+        # instead of staying reserved beside the LLM for the server's lifetime
+        self.session = create_session(self.path, target, threads, arena=False)
 
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
         if self.profile is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError 
 from ..prompt import Conversation  # noqa: E402
 from .generation import Timings, TokenEvent  # noqa: E402
 from .sampling import SamplingParams  # noqa: E402
-from .engine import EngineSettings, Finished, QueueFull  # noqa: E402
+from .engine import EngineFault, EngineSettings, Finished, QueueFull  # noqa: E402
 from .server import ApiError, ImageSource, ServerLimits, create_app, image_pixels  # noqa: E402
 from ..targets import GPU_TARGETS  # noqa: E402
 
@@ -121,6 +121,13 @@ def deployment_options(opts: RayServeOptions, target: str) -> dict[str, dict[str
     }
 
 
+def worker_error(exc: BaseException) -> WorkerError:
+    """A client's mistake is a 400; the server's own failure (an EngineFault or anything else) a 500."""
+    if isinstance(exc, ConvLlavaError):
+        return WorkerError(400, str(exc))
+    return WorkerError(500, str(exc) if isinstance(exc, EngineFault) else "generation failed on an LLM replica")
+
+
 @dataclass
 class WorkerError:
     """An error a replica reports as a value (exceptions with extra fields do not pickle back)."""
@@ -139,7 +146,7 @@ class VisionEncoder:
         self.vision = load_pipeline(build_dir, threads=threads, parts=("vision",)).vision
         self.encode_batch.set_max_batch_size(max_batch_size)
         self.encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.batch_sizes: list[int] = []
+        self.batch_sizes: dict[int, int] = {}  # engine runs by images per run (bounded: one key per size)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
     async def encode_batch(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
@@ -149,17 +156,17 @@ class VisionEncoder:
             groups.setdefault(p.shape, []).append(i)
         out: list[np.ndarray] = [np.empty(0)] * len(pixels)
         for idx in groups.values():
-            self.batch_sizes.append(len(idx))
+            self.batch_sizes[len(idx)] = self.batch_sizes.get(len(idx), 0) + 1
             embeds = await asyncio.to_thread(self.vision.encode, np.stack([pixels[i] for i in idx]))
             for j, i in enumerate(idx):
-                out[i] = embeds[j]
+                out[i] = embeds[j] if len(idx) == 1 else embeds[j].copy()
         return out
 
     async def encode(self, pixels: np.ndarray) -> np.ndarray:
         return await self.encode_batch(pixels)
 
     def stats(self) -> dict[str, Any]:
-        return {"engine_runs": len(self.batch_sizes), "batch_sizes": self.batch_sizes[-256:]}
+        return {"engine_runs": sum(self.batch_sizes.values()), "batch_sizes": dict(self.batch_sizes)}
 
     def check_health(self) -> None:
         if self.vision is None:
@@ -184,38 +191,59 @@ class LLMWorker:
         self.engine = Engine(self.pipeline, EngineSettings(**(engine or {})))
         self.interval = stream_interval_s
 
-    def stream(self, conv: Conversation, image_embeds: list[np.ndarray], params: SamplingParams, timings: Timings) -> Iterator[list[TokenEvent | Finished | WorkerError]]:
-        import queue
-
+    async def stream(self, conv: Conversation, image_embeds: list[np.ndarray], params: SamplingParams, timings: Timings) -> AsyncIterator[list[TokenEvent | Finished | WorkerError]]:
+        """An async generator, so that Serve's cancellation (the client went away, the ingress
+        cancelled the call) reaches it at its next await and frees the engine slot at once."""
         from .pipeline import Request
 
-        events: queue.Queue = queue.Queue()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
         try:
-            handle = self.engine.submit(Request(conv), params, events.put, image_embeds=image_embeds, timings=timings)
+            handle = self.engine.submit(Request(conv), params, lambda item: loop.call_soon_threadsafe(events.put_nowait, item), image_embeds=image_embeds, timings=timings)
         except ConvLlavaError as exc:
             yield [WorkerError(429 if isinstance(exc, QueueFull) else 400, str(exc))]
             return
-        pending: list[TokenEvent | Finished | WorkerError] = []
+        except EngineFault as exc:
+            yield [WorkerError(503, str(exc))]
+            return
         last = 0.0  # the first token is sent at once
         try:
-            while True:
-                item = events.get()
-                if isinstance(item, BaseException):
-                    pending.append(WorkerError(400, str(item)) if isinstance(item, ConvLlavaError) else WorkerError(500, "generation failed on an LLM replica"))
-                    break
-                pending.append(item)
-                if isinstance(item, Finished):
-                    break
-                now = time.perf_counter()
-                if now - last >= self.interval:
-                    yield pending
-                    pending, last = [], now
-            yield pending
+            done = False
+            while not done:
+                pending = [await events.get()]
+                wait = self.interval - (time.perf_counter() - last)
+                while not done:
+                    item = pending[-1]
+                    if isinstance(item, BaseException):
+                        pending[-1] = worker_error(item)
+                        done = True
+                    elif isinstance(item, Finished):
+                        done = True
+                    elif wait > 0:  # group what comes within the interval
+                        try:
+                            pending.append(await asyncio.wait_for(events.get(), wait))
+                        except asyncio.TimeoutError:
+                            break
+                        wait = self.interval - (time.perf_counter() - last)
+                    else:
+                        break
+                yield pending
+                last = time.perf_counter()
         finally:
             handle.cancel()
 
+    def stats(self) -> dict[str, int]:
+        st = self.engine.stats
+        return {"replica": id(self), "running": st.running, "waiting": st.waiting, "decoded_rows": st.decoded_rows, "kv_bytes": st.kv_bytes}
+
+    def __del__(self) -> None:
+        """Serve calls this when it shuts the replica down: end what still runs, stop the threads."""
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close(timeout=2.0)
+
     def check_health(self) -> None:
-        if self.pipeline.decoder is None or not all(t.is_alive() for t in self.engine.threads):
+        if self.pipeline.decoder is None or not self.engine.healthy:
             raise RuntimeError("decoder not loaded or engine stopped")
 
 
@@ -262,12 +290,16 @@ class RayBackend:
         timings.vision_s = time.perf_counter() - t0
         for attempt in range(self.opts.retries + 1):
             sent = 0
+            gen = self.llm.options(stream=True).stream.remote(conv, embeds, params, timings)
+            finished = False
             try:
-                async for items in self.llm.options(stream=True).stream.remote(conv, embeds, params, timings):
+                async for items in gen:
                     for item in items:
                         if isinstance(item, WorkerError):
-                            raise ApiError(item.status, item.message, "messages" if item.status == 400 else None)
+                            finished = True
+                            raise ApiError(item.status, item.message, "messages" if item.status == 400 else None, kind="invalid_request_error" if item.status < 500 else "server_error")
                         sent += 1
+                        finished = isinstance(item, Finished)
                         yield item
                 return
             except REPLICA_LOST as exc:
@@ -281,6 +313,9 @@ class RayBackend:
                         code="replica_unavailable",
                     ) from None
                 await asyncio.sleep(0.25 * (attempt + 1))
+            finally:
+                if not finished:  # the client went away (or this failed): the replica's engine drops the sequence
+                    gen.cancel()
 
 
 @serve.deployment(name="Ingress")
