@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import base64
 from concurrent.futures import ThreadPoolExecutor
 
@@ -42,6 +43,7 @@ def test_openai_client_matches_pipeline(server, tiny_pipeline):
     assert 'convllava_requests_total{status="200"} 6.0' in metrics and "convllava_time_to_first_token_seconds_count 6.0" in metrics
     assert "convllava_queue_depth 0.0" in metrics and "convllava_time_per_output_token_seconds_count 6.0" in metrics
     assert "convllava_encoder_cache_misses_total" in metrics and "convllava_batch_size_bucket" in metrics
+    assert re.search(r"convllava_kv_cache_budget_bytes [1-9]", metrics) and "convllava_kv_cache_bytes 0.0" in metrics  # rows gone, memory back
 
 
 def test_multi_turn_with_system_message(server):

@@ -42,12 +42,14 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConvLlavaError
+
 ASPECTS = ((512, 512), (768, 432), (432, 768), (640, 480), (480, 640), (1024, 256))
 QUESTIONS = ("What is shown in this image?", "Describe the colours.", "What shape is in the picture?", "Is the image wide or tall?")
 WORKLOADS = ("text", "image")
 STAND_IN = "peer: text stand-in of equal prompt length"
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni")
-# Everyday English words: one token each or close to it in Llama-style vocabularies.
+# Everyday English words (mostly one or two tokens each in Llama-style vocabularies) for prompts of random words.
 WORDS = tuple(
     """time year people way day man thing woman life child world school state family student group country problem hand part
     place case week company system program question work government number night point home water room mother area money
@@ -125,7 +127,7 @@ def one_request(client, url: str, body: dict[str, Any]) -> dict[str, Any]:
     content_times: list[float] = []  # chunks with visible text
     text: list[str] = []
     usage: dict[str, Any] | None = None
-    per_chunk = False  # usage arrived on a chunk with choices: vLLM's continuous_usage_stats
+    usage_chunks = 0  # chunks with choices that carried usage: every one with vLLM's continuous_usage_stats
     count = 0
     try:
         with client.stream("POST", url, json=body) as res:
@@ -146,7 +148,7 @@ def one_request(client, url: str, body: dict[str, Any]) -> dict[str, Any]:
                 choices = chunk.get("choices") or []
                 if chunk.get("usage"):
                     usage = chunk["usage"]
-                    per_chunk = per_chunk or bool(choices)
+                    usage_chunks += bool(choices)
                     n = usage.get("completion_tokens") or 0
                     if n > count:
                         token_times.append(now)
@@ -157,6 +159,8 @@ def one_request(client, url: str, body: dict[str, Any]) -> dict[str, Any]:
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         return {"status": 0, "error": f"{type(exc).__name__}: {exc}"[:500]}
     end = time.perf_counter()
+    # Usage on every chunk (not only on the last one with a finish_reason, as some servers send it)
+    per_chunk = usage_chunks >= 2 or (usage_chunks == 1 and count <= 1)
     times = token_times if per_chunk else content_times
     tokens = usage["completion_tokens"] if usage and usage.get("completion_tokens") is not None else len(content_times)
     ttft = times[0] - t0 if times else end - t0
@@ -342,7 +346,7 @@ def start_server(build: str | Path, port: int, max_running: int, max_tokens: int
             pass
         if proc.poll() is not None or time.time() > deadline:
             stop_group(proc, 5)
-            raise RuntimeError(f"server did not start ({' '.join(cmd)}): {_tail(log, 2000)}")
+            raise ConvLlavaError(f"server did not start ({' '.join(cmd)}; output in {log}): {_tail(log, 2000)}")
         time.sleep(0.3)
 
 
@@ -373,38 +377,50 @@ def start_peer(cmd: str, base: str, timeout_s: float, log: Path) -> subprocess.P
     while peer_models(base) is None:
         if proc.poll() is not None:
             stop_group(proc, 5)
-            raise RuntimeError(f"--against-cmd exited with status {proc.returncode} before {base}/v1/models answered; its output ({log}):\n{_tail(log)}")
+            raise ConvLlavaError(f"--against-cmd exited with status {proc.returncode} before {base}/v1/models answered; its output ({log}):\n{_tail(log)}")
         if time.time() > deadline:
             stop_group(proc)
-            raise RuntimeError(f"{base}/v1/models did not answer within {timeout_s:.0f} s of starting --against-cmd; its output ({log}):\n{_tail(log)}")
+            raise ConvLlavaError(f"{base}/v1/models did not answer within {timeout_s:.0f} s of starting --against-cmd; its output ({log}):\n{_tail(log)}")
         time.sleep(1)
     return proc
 
 
 # -- the text stand-in for images -------------------------------------------------------------
-def prompt_fit(url: str, model: str | None, probes: tuple[int, int] = (16, 160), seed: int = 12345) -> dict[str, Any] | None:
-    """prompt_tokens = base + per_word * words on this server (chat template included), from two
-    non-streamed one-token requests of random words; None when the server reports no prompt_tokens."""
+def prompt_fit(url: str, model: str | None, target_tokens: int | None = None, seed: int = 12345) -> dict[str, Any] | None:
+    """prompt_tokens = base + per_word * words on this server (chat template included), from
+    non-streamed one-token requests of random words: 1 and 160 words, then, when `target_tokens`
+    needs longer prompts, once more at about that length (the slope from the widest pair, so the
+    stand-ins are sized where they are used). None when the server reports no prompt_tokens."""
     import httpx
 
     rng = np.random.default_rng([seed, 3])
-    points = []
-    with httpx.Client(timeout=300) as client:
-        for words in probes:
-            body = {"messages": [{"role": "user", "content": " ".join(random_words(rng, words))}], "max_tokens": 1, "temperature": 0}
-            try:
-                res = client.post(url, json={**body, "model": model} if model else body)
-                tokens = res.json().get("usage", {}).get("prompt_tokens") if res.status_code == 200 else None
-            except (httpx.HTTPError, ValueError):
-                tokens = None
-            if not tokens:
-                return None
-            points.append((words, tokens))
-    (w0, t0), (w1, t1) = points
-    per_word = (t1 - t0) / (w1 - w0)
-    if per_word <= 0:
-        return None
-    return {"base_tokens": t0 - per_word * w0, "tokens_per_word": per_word, "probes": [{"words": w, "prompt_tokens": t} for w, t in points]}
+    points: list[tuple[int, int]] = []
+
+    def probe(client, words: int) -> bool:
+        body = {"messages": [{"role": "user", "content": " ".join(random_words(rng, words))}], "max_tokens": 1, "temperature": 0}
+        try:
+            res = client.post(url, json={**body, "model": model} if model else body)
+            tokens = res.json().get("usage", {}).get("prompt_tokens") if res.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            tokens = None
+        if tokens:
+            points.append((words, int(tokens)))
+        return bool(tokens)
+
+    def fit() -> tuple[float, float]:
+        (w0, t0), (w1, t1) = points[0], points[-1]
+        per_word = (t1 - t0) / (w1 - w0)
+        return t0 - per_word * w0, per_word
+
+    with httpx.Client(timeout=600) as client:
+        if not (probe(client, 1) and probe(client, 160)) or fit()[1] <= 0:
+            return None
+        base, per_word = fit()
+        if target_tokens and (target_tokens - base) / per_word > 240:
+            probe(client, round((target_tokens - base) / per_word))
+            if fit()[1] > 0:
+                base, per_word = fit()
+    return {"base_tokens": base, "tokens_per_word": per_word, "probes": [{"words": w, "prompt_tokens": t} for w, t in points]}
 
 
 def stand_in_bodies(image_bodies: list[dict[str, Any]], prompt_tokens: dict[int, int], fit: dict[str, Any], seed: int) -> list[dict[str, Any]]:
@@ -477,15 +493,15 @@ def bench_serving(
     threads = os.cpu_count() or 1
     base = peer_base(against) if against else None
     if base and against_cmd and peer_models(base) is not None:
-        raise RuntimeError(f"{base}/v1/models already answers: something is serving there, and --against-cmd would start a second server "
+        raise ConvLlavaError(f"{base}/v1/models already answers: something is serving there, and --against-cmd would start a second server "
                            "(stop it, or drop --against-cmd to measure it as it is)")
     if base and not against_cmd:
         models = peer_models(base, timeout_s=30)
         if models is None:
-            raise RuntimeError(f"nothing answers at {base}/v1/models (start the peer first, or give --against-cmd)")
+            raise ConvLlavaError(f"nothing answers at {base}/v1/models (start the peer first, or give --against-cmd)")
         against_model = against_model or (models[0] if models else None)
         if not against_model:
-            raise RuntimeError(f"{base}/v1/models lists no model; give --against-model")
+            raise ConvLlavaError(f"{base}/v1/models lists no model; give --against-model")
     levels = _levels(workloads, concurrencies, prompts_per_level, prompt_words)
     rows: list[dict[str, Any]] = []
     follow_up, fits = None, {}
@@ -513,12 +529,13 @@ def bench_serving(
                 follow_up = {"config": name, **multi_turn(url, max_tokens=min(32, max_tokens))}
         finally:
             stop_group(proc)
+            proc.log.unlink(missing_ok=True)  # type: ignore[attr-defined]
         if base and against_cmd:
             deadline = time.time() + 30
             while port_open("127.0.0.1", port) and time.time() < deadline:
                 time.sleep(0.2)
             if port_open("127.0.0.1", port):
-                raise RuntimeError(f"our server on port {port} still accepts connections after being stopped; not starting --against-cmd beside it")
+                raise ConvLlavaError(f"our server on port {port} still accepts connections after being stopped; not starting --against-cmd beside it")
     result: dict[str, Any] = {"machine": machine_info(), "build": str(build), "max_tokens": max_tokens, "configs": configs, "workloads": list(workloads),
                               "prompt_words": prompt_words, "serve_args": list(serve_args)}
     if base:
@@ -534,16 +551,17 @@ def bench_serving(
                 models = peer_models(base) or []
                 against_model = against_model or (models[0] if models else None)
                 if not against_model:
-                    raise RuntimeError(f"{base}/v1/models lists no model; give --against-model")
+                    raise ConvLlavaError(f"{base}/v1/models lists no model; give --against-model")
                 peer["model"] = against_model
             url = f"{base}/v1/chat/completions"
             progress(f"peer: {base} serving {against_model!r}")
             if "image" in workloads:
-                fit = prompt_fit(url, against_model)
+                known = [t for level in ours_prompt_tokens.values() for t in level.values() if t]
+                fit = prompt_fit(url, against_model, int(np.median(known)) if known else None)
                 fits["peer"] = fit
                 peer["prompt_fit"] = {"source": "peer" if fit else "ours", **(fit or fits.get("ours") or {})}
                 if not (fit or fits.get("ours")):
-                    raise RuntimeError("neither server reported usage.prompt_tokens: cannot size the text stand-in for the image workload")
+                    raise ConvLlavaError("neither server reported usage.prompt_tokens: cannot size the text stand-in for the image workload")
             for w in workloads:
                 _warm_up(url, "text", prompt_words, max_tokens, against_model, time_limit_s)
                 for c in concurrencies:
@@ -575,6 +593,7 @@ def bench_serving(
                 "ours_token_throughput": r["output_token_throughput"], "peer_token_throughput": p["output_token_throughput"],
                 "token_throughput_ours_over_peer": r["token_throughput_vs_peer"],
                 "ours_p99_ttft_ms": r["ttft"]["p99_ms"], "peer_p99_ttft_ms": p["ttft"]["p99_ms"], "p99_ttft_ours_over_peer": r["p99_ttft_vs_peer"],
+                "ours_prompt_tokens_mean": r["prompt_tokens_mean"], "peer_prompt_tokens_mean": p["prompt_tokens_mean"],
             })
     else:
         last = {(r["workload"], r["concurrency"]): r for r in rows if r["config"] == list(configs)[-1]}
@@ -610,11 +629,13 @@ def markdown(result: dict[str, Any]) -> str:
             w = r["workload"] + (" (text stand-in)" if r["server"] == "peer" and r["workload"] == "image" else "")
             lines.append(f"| {r['server']} | {r['config']} | {w} | {r['concurrency']} | {r['completed']} / {r['failed']} | {r['request_throughput']:.2f} | "
                          f"{r['output_token_throughput']:.1f} | {_ms3(r['ttft'])} | {_ms3(r['tpot'])} | {_ms3(r['itl'])} | {r['prompt_tokens_mean']:.0f} | {r['timed_by']} |")
-        lines += ["", "| config | workload | clients | out tok/s ours / peer | ours / peer | p99 TTFT ms ours / peer | ours / peer |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| config | workload | clients | out tok/s ours / peer | ours / peer | p99 TTFT ms ours / peer | ours / peer | prompt tokens ours / peer (mean) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for c in result["comparison"]:
             w = c["workload"] + (f" ({STAND_IN})" if c.get("note") else "")
             lines.append(f"| {c['config']} | {w} | {c['concurrency']} | {c['ours_token_throughput']:.1f} / {c['peer_token_throughput']:.1f} | "
-                         f"{c['token_throughput_ours_over_peer']:.2f}x | {c['ours_p99_ttft_ms']:.0f} / {c['peer_p99_ttft_ms']:.0f} | {c['p99_ttft_ours_over_peer']:.2f}x |")
+                         f"{c['token_throughput_ours_over_peer']:.2f}x | {c['ours_p99_ttft_ms']:.0f} / {c['peer_p99_ttft_ms']:.0f} | {c['p99_ttft_ours_over_peer']:.2f}x | "
+                         f"{c['ours_prompt_tokens_mean']:.0f} / {c['peer_prompt_tokens_mean']:.0f} |")
         return "\n".join(lines)
     lines += [
         "",

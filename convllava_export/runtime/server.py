@@ -124,6 +124,8 @@ class _EngineCollector:
         st = self.engine.stats
         yield GaugeMetricFamily("convllava_running_sequences", "Sequences in the running batch.", value=st.running)
         yield GaugeMetricFamily("convllava_waiting_requests", "Requests submitted to the engine, not yet running.", value=st.waiting)
+        yield GaugeMetricFamily("convllava_kv_cache_bytes", "Bytes of the running rows' KV cache buffers.", value=st.kv_bytes)
+        yield GaugeMetricFamily("convllava_kv_cache_budget_bytes", "The KV budget admission counts against.", value=st.kv_budget_bytes)
         steps = dict(st.batch_sizes)  # a copy: the scheduler thread keeps counting
         buckets = [(str(edge), sum(n for size, n in steps.items() if size <= edge)) for edge in BATCH_BUCKETS]
         buckets.append(("+Inf", sum(steps.values())))
