@@ -717,6 +717,8 @@ def bench_real_size_cmd(workdir, shape, resolutions, tokens, torch_tokens, with_
 @click.option("--concurrency", default="1,4,16,32", show_default=True, help="client counts to sweep")
 @click.option("--max-tokens", type=click.IntRange(1), default=128, show_default=True, help="output tokens per request (ignore_eos)")
 @click.option("--prompts-per-level", type=click.IntRange(1), default=None, help="requests per level (default: 2 x clients, at least 8)")
+@click.option("--requests-per-client", type=click.IntRange(1), default=None, help="requests per level = clients x this (overrides --prompts-per-level; 1 for a 7B sweep)")
+@click.option("--time-limit-s", type=click.FloatRange(1), default=600.0, show_default=True, help="the most one level may take")
 @click.option("--max-running", "max_running", type=click.IntRange(1), multiple=True, help="our configs (default: the largest concurrency; without --against also 1 = batching off)")
 @click.option("--workload", "workloads", type=click.Choice(["text", "image"]), multiple=True,
               help="text: distinct random-word prompts; image: the image dataset (default: both with --against, image without)")
@@ -727,7 +729,7 @@ def bench_real_size_cmd(workdir, shape, resolutions, tokens, torch_tokens, with_
 @click.option("--against-cmd", default=None, metavar="CMD", help="shell command that starts the peer, run only after our server has stopped; its process group is ended afterwards")
 @click.option("--against-start-timeout", type=click.FloatRange(1), default=900.0, show_default=True, help="seconds to wait for URL/v1/models after --against-cmd")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
-def bench_serve_cmd(build, concurrency, max_tokens, prompts_per_level, max_running, workloads, prompt_words, serve_args, against, against_model, against_cmd,
+def bench_serve_cmd(build, concurrency, max_tokens, prompts_per_level, requests_per_client, time_limit_s, max_running, workloads, prompt_words, serve_args, against, against_model, against_cmd,
                     against_start_timeout, json_path) -> None:
     """Concurrency sweep against `serve` (vllm bench serve's metrics): batching on vs off, or beside a peer server (--against) on the same workload."""
     from .benchmarks.serving import bench_serving, markdown
@@ -743,8 +745,9 @@ def bench_serve_cmd(build, concurrency, max_tokens, prompts_per_level, max_runni
     if not levels or min(levels) < 1:
         raise click.BadParameter("client counts must be at least 1", param_hint="--concurrency")
     configs = {f"max-running {n}": n for n in max_running} if max_running else None
-    result = bench_serving(build, levels, max_tokens, prompts_per_level, configs, progress=say, workloads=workloads or None, prompt_words=prompt_words,
-                           serve_args=serve_args, against=against, against_model=against_model, against_cmd=against_cmd, against_start_timeout_s=against_start_timeout)
+    result = bench_serving(build, levels, max_tokens, prompts_per_level, configs, time_limit_s, progress=say, workloads=workloads or None, prompt_words=prompt_words,
+                           serve_args=serve_args, against=against, against_model=against_model, against_cmd=against_cmd, against_start_timeout_s=against_start_timeout,
+                           requests_per_client=requests_per_client)
     if json_path:
         json_path.write_text(json.dumps(result, indent=2))
     out.print(markdown(result))

@@ -302,6 +302,54 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
+def group_rss_bytes(pgid: int) -> int:
+    """Resident memory of every process in a process group (a server and the workers it forks)."""
+    total = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(d.name)) != pgid:
+                continue
+            for line in (d / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except (OSError, ValueError, ProcessLookupError):
+            continue
+    return total
+
+
+class PeakRss:
+    """Samples a process group's RSS every `every_s` while a level runs; `.peak_gb` after."""
+
+    def __init__(self, proc: subprocess.Popen | None, every_s: float = 0.25) -> None:
+        import threading
+
+        self.pgid = proc.pid if proc is not None else None  # started with start_new_session: pgid == pid
+        self.every_s, self.peak = every_s, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, group_rss_bytes(self.pgid))
+            self.stop.wait(self.every_s)
+
+    def __enter__(self) -> PeakRss:
+        if self.pgid is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        if self.pgid is not None:
+            self.thread.join()
+
+    @property
+    def peak_gb(self) -> float | None:
+        return round(self.peak / 1e9, 3) if self.pgid is not None else None
+
+
 def stop_group(proc: subprocess.Popen, grace_s: float = 30) -> None:
     """End the process group `proc` leads (it was started in a session of its own): SIGTERM, up to
     `grace_s` for the leader and everything else in the group to exit, then SIGKILL to what is left."""
@@ -449,8 +497,11 @@ def stand_in_bodies(image_bodies: list[dict[str, Any]], prompt_tokens: dict[int,
 
 
 # -- the sweep --------------------------------------------------------------------------------
-def _levels(workloads, concurrencies, prompts_per_level, prompt_words) -> dict[tuple[str, int], list[dict[str, Any]]]:
-    return {(w, c): workload_bodies(w, prompts_per_level or max(8, 2 * c), c, prompt_words) for w in workloads for c in concurrencies}
+def _levels(workloads, concurrencies, prompts_per_level, prompt_words, requests_per_client: int | None = None) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    def n(c: int) -> int:
+        return c * requests_per_client if requests_per_client else prompts_per_level or max(8, 2 * c)
+
+    return {(w, c): workload_bodies(w, n(c), c, prompt_words) for w in workloads for c in concurrencies}
 
 
 def _warm_up(url: str, workload: str, prompt_words: int, max_tokens: int, model: str | None, time_limit_s: float) -> None:
@@ -479,6 +530,7 @@ def bench_serving(
     against_model: str | None = None,
     against_cmd: str | None = None,
     against_start_timeout_s: float = 900.0,
+    requests_per_client: int | None = None,
 ) -> dict[str, Any]:
     """Every config of ours (name → --max-running) through every workload and concurrency level;
     without `against` the configs are compared with the last one (default: batching on vs off), with
@@ -502,7 +554,7 @@ def bench_serving(
         against_model = against_model or (models[0] if models else None)
         if not against_model:
             raise ConvLlavaError(f"{base}/v1/models lists no model; give --against-model")
-    levels = _levels(workloads, concurrencies, prompts_per_level, prompt_words)
+    levels = _levels(workloads, concurrencies, prompts_per_level, prompt_words, requests_per_client)
     rows: list[dict[str, Any]] = []
     follow_up, fits = None, {}
     ours_prompt_tokens: dict[int, dict[int, int]] = {}  # image level → request index → our prompt_tokens
@@ -519,7 +571,9 @@ def bench_serving(
                 for c in concurrencies:
                     bodies = [{**b, **request_options(max_tokens)} for b in levels[w, c]]
                     progress(f"{name}, {w}: {c} concurrent clients, {len(bodies)} requests x {max_tokens} tokens")
-                    row = run_level(url, bodies, c, time_limit_s, keep=bool(base) and w == "image")
+                    with PeakRss(proc) as mem:
+                        row = run_level(url, bodies, c, time_limit_s, keep=bool(base) and w == "image")
+                    row["server_peak_rss_gb"] = mem.peak_gb
                     if "per_request" in row:
                         per = row.pop("per_request")
                         ours_prompt_tokens.setdefault(c, {r["index"]: r.get("prompt_tokens", 0) for r in per if r["status"] == 200})
@@ -572,7 +626,9 @@ def bench_serving(
                         bodies = levels[w, c]
                     bodies = [{**b, **request_options(max_tokens, against_model)} for b in bodies]
                     progress(f"peer, {w}{' (text stand-in)' if w == 'image' else ''}: {c} concurrent clients, {len(bodies)} requests x {max_tokens} tokens")
-                    row = run_level(url, bodies, c, time_limit_s)
+                    with PeakRss(proc) as mem:
+                        row = run_level(url, bodies, c, time_limit_s)
+                    row["server_peak_rss_gb"] = mem.peak_gb  # None for a peer this run did not start
                     rows.append({"server": "peer", "config": "peer", "workload": w, **({"note": STAND_IN} if w == "image" else {}), **row})
         finally:
             if proc is not None:
