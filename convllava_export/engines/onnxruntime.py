@@ -175,7 +175,8 @@ class OrtGqaDecoder(OrtDecoder):
             io.bind_output(present, "cpu", 0, self.dtype, list(view.shape), view.ctypes.data)
         self.session.run_with_iobinding(io)
         cache.advance(rows, embeds.shape[1])
-        return io.copy_outputs_to_cpu()[0][:, -1].astype(np.float32)
+        # the logits only: copy_outputs_to_cpu() would copy every bound present buffer too
+        return io.get_outputs()[0].numpy()[:, -1].astype(np.float32)
 
     def prefill(self, cache: SlotCache, embeds: np.ndarray) -> np.ndarray:  # type: ignore[override]
         row = cache.rows  # the pending row
