@@ -26,7 +26,6 @@ K, N = 4096, 11008
 
 
 def matmul_model(w: np.ndarray):
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])

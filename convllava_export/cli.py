@@ -337,7 +337,10 @@ def build_cmd(checkpoint: Path, output: Path, **kw) -> None:
 
 
 def _load_build(build_dir: Path, threads: int | None, vision_backend: str | None = None, llm_backend: str | None = None):
+    from .runtime.memory import return_freed_memory
     from .runtime.pipeline import Pipeline
+
+    return_freed_memory()  # before anything is loaded: freed KV rows and caches go back to the system
 
     return Pipeline.from_build(build_dir, threads=threads, vision_backend=vision_backend, llm_backend=llm_backend)
 

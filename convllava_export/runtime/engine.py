@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import ConvLlavaError
 from ..preprocess import visual_tokens
 from .generation import NO_TOKEN, Timings, stream_generated
+from .memory import trim
 from .pipeline import Pipeline, Request
 from .sampling import SamplingParams
 from .scheduler import (
@@ -297,7 +298,11 @@ class Engine:
         if self.scheduler is None:
             return self._generator_loop()
         sched = self.scheduler
+        busy = False
         while not self.stopping.is_set():
+            if busy and sched.idle:  # a burst is over: what the heaps still hold goes back
+                trim()
+            busy = not sched.idle
             while sched.room > 0:
                 try:
                     job = self.ready.get(timeout=0.05) if sched.idle else self.ready.get_nowait()
