@@ -250,8 +250,8 @@ def test_serve_passes_the_bound_socket_and_limits(tiny_build, monkeypatch):
 
     seen = {}
 
-    def fake_serve(pipe, host, port, model_name, limits, sock=None, engine=None):
-        seen.update(info=pipe.info, limits=limits, listening=sock.getsockname()[1], port=port, engine=engine)
+    def fake_serve(pipe, host, port, model_name, limits, sock=None, engine=None, drain_s=None):
+        seen.update(info=pipe.info, limits=limits, listening=sock.getsockname()[1], port=port, engine=engine, drain_s=drain_s)
 
     monkeypatch.setattr(server_mod, "serve", fake_serve)
     res = CliRunner().invoke(cli, ["serve", str(tiny_build), "--port", "0"])
@@ -260,4 +260,5 @@ def test_serve_passes_the_bound_socket_and_limits(tiny_build, monkeypatch):
     res = CliRunner().invoke(cli, ["serve", str(tiny_build), "--port", "0", "--max-images", "3"])
     assert res.exit_code == 0 and seen["limits"].max_images == 3, res.output
     assert seen["engine"].max_running == 32 and seen["engine"].max_waiting == seen["limits"].max_queue
+    assert seen["engine"].kv_cache_mb is None and seen["drain_s"] == 30.0  # budget from memory at start; bounded drain
 
