@@ -39,6 +39,7 @@ from .scheduler import (
     PrefixCache,
     Scheduler,
     SchedulerSettings,
+    as_fault,
     kv_budget_bytes,
     position_keys,
 )
@@ -227,7 +228,7 @@ class Engine:
                 try:
                     done[h] = pipe.encode_pixels([p], Timings())[0]
                 except Exception as exc:  # noqa: BLE001
-                    failed[h] = exc if isinstance(exc, ConvLlavaError) else EngineFault(f"the vision engine failed: {type(exc).__name__}")
+                    failed[h] = as_fault(exc, "the vision engine")
         for h, e in done.items():
             self.encoder_cache.put(h, e, e.nbytes)
         return done, failed
@@ -353,7 +354,7 @@ class Engine:
                 if all(group[i].cancelled.is_set() for i in live):  # every client still waiting has gone
                     break
         except Exception as exc:  # noqa: BLE001 - the engine failed this batch; the server goes on
-            fault = exc if isinstance(exc, ConvLlavaError) else EngineFault(f"generation failed: {type(exc).__name__}")
+            fault = as_fault(exc)
             for i in live:
                 group[i].emit(fault)
         finally:

@@ -66,11 +66,22 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-class SlotCache:
-    """Shared past/present buffers for batched in-place decoding (see the module docstring)."""
+class _Budgeted:
+    """What both cache layouts share: their shape per position and the byte budget."""
 
     def __init__(self, shape: CacheShape, budget_bytes: float, max_rows: int, max_width: int) -> None:
         self.shape, self.budget, self.max_rows, self.max_width = shape, budget_bytes, max_rows, max_width
+
+    def ever_fits(self, limit: int) -> bool:
+        """Whether a row that may reach `limit` positions fits the budget alone."""
+        return limit * self.shape.position_bytes <= self.budget
+
+
+class SlotCache(_Budgeted):
+    """Shared past/present buffers for batched in-place decoding (see the module docstring)."""
+
+    def __init__(self, shape: CacheShape, budget_bytes: float, max_rows: int, max_width: int) -> None:
+        super().__init__(shape, budget_bytes, max_rows, max_width)
         self.arrays: list[np.ndarray] = []
         self.lengths: list[int] = []  # running rows, then the pending row when one is open
         self.limits: list[int] = []  # positions each row may reach (prompt + max tokens, within the context)
@@ -106,10 +117,6 @@ class SlotCache:
     def fits(self, limit: int) -> bool:
         """Whether a new row that may reach `limit` positions fits the budget beside the others."""
         return not self.pending and self._plan(len(self.lengths) + 1, max([limit, *self.limits])) is not None
-
-    def ever_fits(self, limit: int) -> bool:
-        """Whether such a row fits the budget alone."""
-        return limit * self.shape.position_bytes <= self.budget
 
     def _relayout(self, rows: int, width: int) -> None:
         """New buffers of [rows, heads, width, dim], one tensor at a time (the old one freed
@@ -197,11 +204,11 @@ class SlotCache:
             self.lengths[i] += new
 
 
-class DenseCache:
+class DenseCache(_Budgeted):
     """Running rows as a left-padded PaddedBatch plus the pending row's SeqKV (see module docstring)."""
 
     def __init__(self, shape: CacheShape, budget_bytes: float, max_rows: int, max_width: int) -> None:
-        self.shape, self.budget, self.max_rows, self.max_width = shape, budget_bytes, max_rows, max_width
+        super().__init__(shape, budget_bytes, max_rows, max_width)
         self.batch = PaddedBatch((), ())
         self.pending_kv: SeqKV | None = None
         self.pending = False
@@ -221,9 +228,6 @@ class DenseCache:
 
     def fits(self, limit: int) -> bool:
         return not self.pending and (len(self.limits) + 1) * max([limit, *self.limits]) * self.shape.position_bytes <= self.budget
-
-    def ever_fits(self, limit: int) -> bool:
-        return limit * self.shape.position_bytes <= self.budget
 
     def open(self, limit: int, prefix: SeqKV | None = None) -> None:
         self.pending_kv, self.pending = prefix, True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 
 log = logging.getLogger("convllava_export.memory")
@@ -18,6 +19,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 1 << 20
 
 
+@functools.cache
 def _libc():
     name = ctypes.util.find_library("c")
     if not name:

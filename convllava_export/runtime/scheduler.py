@@ -226,11 +226,11 @@ class _Row:
     opened: float = field(default_factory=time.perf_counter)  # when its prefill began
 
 
-def _fault(exc: BaseException) -> BaseException:
+def as_fault(exc: BaseException, what: str = "generation") -> BaseException:
     """A client's mistake stays as it is; anything else becomes an EngineFault (a 5xx)."""
     if isinstance(exc, (ConvLlavaError, EngineFault)):
         return exc
-    fault = EngineFault(f"generation failed: {type(exc).__name__}")
+    fault = EngineFault(f"{what} failed: {type(exc).__name__}")
     fault.__cause__ = exc
     return fault
 
@@ -339,7 +339,7 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - this request fails, the loop goes on
             self.pending = None
             self.cache.abandon()
-            job.emit(_fault(exc))
+            job.emit(as_fault(exc))
             return
         row.done = end
         if end < job.prompt_len:
@@ -357,7 +357,7 @@ class Scheduler:
         try:
             logits = self.decoder.decode(self.cache, self.decoder.embed(tokens))
         except Exception as exc:  # noqa: BLE001 - the rows in this forward fail; the loop goes on
-            fault = _fault(exc)
+            fault = as_fault(exc)
             for r in self.running:
                 r.job.emit(fault)
             self._keep([])
@@ -387,7 +387,7 @@ class Scheduler:
         try:
             event = r.state.accept(logits)
         except Exception as exc:  # noqa: BLE001
-            job.emit(_fault(exc))
+            job.emit(as_fault(exc))
             return False
         event.prompt_tokens = job.prompt_len
         job.emit(event)
