@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,12 +256,6 @@ def load_shard(path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]
             if value.is_floating_point() and value.dtype != dtype:
                 tensors[key] = value.to(dtype)
     return tensors
-
-
-def iter_weights(files: list[Path], dtype: torch.dtype | None) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
-    """Yield (file, tensors) one shard at a time, so only one shard is resident beyond the model."""
-    for f in files:
-        yield f, load_shard(f, dtype)
 
 
 def check_keys(

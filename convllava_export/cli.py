@@ -10,18 +10,39 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import ConvLlavaError
-from .precisions import (
-    CALIB_METHODS, DEVICES, LLM_BACKENDS, LLM_GRAPHS, LLM_RUNTIMES, ORT_LLM, REFERENCE_DTYPES, TRTLLM_ENGINE, TRTLLM_FORMATS, TRTLLM_HF, VISION,
-    VISION_RUNTIMES,
-)
+from . import precisions
+from .precisions import CALIB_METHODS, DEVICES, LLM_GRAPHS, LLM_RUNTIMES, REFERENCE_DTYPES, TRTLLM_FORMATS, VISION_RUNTIMES
 from .preprocess import MODES
 from .targets import TARGET_NAMES
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
+
+
+class TableChoice(click.Choice):
+    """A click.Choice read from the precision table (precisions.py) each time click uses it, so
+    the choices, the help and the refusals follow the table's rows."""
+
+    def __init__(self, read) -> None:
+        self._read = read
+        super().__init__((), case_sensitive=True)
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self._read())
+
+    @choices.setter
+    def choices(self, _value) -> None:
+        pass
+
+
+VISION_CHOICE = TableChoice(lambda: precisions.names("vision"))
+LLM_CHOICE = TableChoice(lambda: precisions.names("llm"))
+LLM_BACKEND_CHOICE = TableChoice(lambda: precisions.backend_names("llm"))
 
 
 class Cli(click.Group):
@@ -31,7 +52,7 @@ class Cli(click.Group):
         try:
             return super().invoke(ctx)
         except ConvLlavaError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)  # escaped: "[gpu]" is not markup
             ctx.exit(getattr(exc, "exit_code", 2))
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
@@ -98,6 +119,21 @@ def inspect(path: Path, vision_tower: Path | None, as_json: bool) -> None:
     out.print(table)
 
 
+@cli.command("precisions")
+@click.option("--json", "as_json", is_flag=True)
+def precisions_cmd(as_json: bool) -> None:
+    """What each backend builds: every precision row, its gate, GPU and targets (precisions.py)."""
+    rows = precisions.table_rows()
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table("part", "backend", "precision", "calibrated", "bytes/weight", "gate", "min GPU", "graphs / formats", "targets")
+    for r in rows:
+        table.add_row(r["part"], r["backend"], r["precision"], "yes" if r["calibrated"] else "", f"{r['bytes_per_weight']:g}", f"{r['gate']:g}",
+                      r["min_gpu"] or "", ", ".join(r["graphs"] or r["formats"]), ", ".join(r["targets"]))
+    out.print(table)
+
+
 @cli.command("verify")
 @click.argument("build_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="machine-readable result on stdout")
@@ -107,18 +143,17 @@ def verify_cmd(build_dir: Path, as_json: bool) -> None:
 
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-    from .manifest import read_manifest
     from .errors import BuildError
+    from .manifest import read_file_list
     from .runtime.build_loader import check_files
 
-    manifest = read_manifest(build_dir)
-    files = manifest.get("files", {})
+    files, integrity = read_file_list(build_dir)
     total = sum(entry.get("bytes", 0) for entry in files.values() if isinstance(entry, dict))
     started = time.perf_counter()
     columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("sha256", total=total)
-        result = check_files(build_dir, manifest, full=True, progress=lambda n: bar.advance(task, n))
+        result = check_files(build_dir, files, integrity, full=True, progress=lambda n: bar.advance(task, n))
     seconds = time.perf_counter() - started
     if as_json:
         report = {"build": str(build_dir), "intact": not result.problems, "problems": result.problems, "files": len(files), "bytes": result.hashed_bytes, "seconds": round(seconds, 3)}
@@ -197,7 +232,7 @@ def export() -> None:
 @export.command("vision")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="destination folder (must not exist)")
-@click.option("--precision", type=click.Choice(list(VISION)), default="fp32", show_default=True)
+@click.option("--precision", type=VISION_CHOICE, default="fp32", show_default=True)
 @click.option("--calib-images", "--calib", "calib_images", default=None, help="calibration images folder, a `calibrate` set, or 'builtin'")
 @click.option("--calib-method", type=click.Choice(list(CALIB_METHODS)), default="minmax", show_default=True)
 @click.option("--calib-limit", type=click.IntRange(1), default=64, show_default=True)
@@ -225,11 +260,10 @@ def export_vision_cmd(checkpoint, output, precision, calib_images, calib_method,
 @export.command("llm")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
-@click.option("--backend", type=click.Choice(list(LLM_BACKENDS)), default="onnxruntime", show_default=True)
+@click.option("--backend", type=LLM_BACKEND_CHOICE, default="onnxruntime", show_default=True)
 @click.option("--format", "fmt", type=click.Choice(list(TRTLLM_FORMATS)), default="engine", show_default=True,
               help="tensorrt-llm: engine = checkpoint for trtllm-build (TensorRT-LLM 0.12-1.2.x); hf = ModelOpt unified HF checkpoint for the PyTorch backend (1.x)")
-@click.option("--precision", default="fp32", show_default=True,
-              help=f"onnxruntime: {'|'.join(ORT_LLM)}; tensorrt-llm engine: {'|'.join(TRTLLM_ENGINE)}; tensorrt-llm hf: {'|'.join(TRTLLM_HF)}")
+@click.option("--precision", type=LLM_CHOICE, default="fp32", show_default=True, help="which backend, graph and format make each: `convllava-export precisions`")
 @click.option("--int4-block-size", type=click.IntRange(16), default=128, show_default=True, help="onnxruntime int4/int8 (MatMulNBits): weights per scale")
 @click.option("--graph", "llm_graph", type=click.Choice(list(LLM_GRAPHS)), default="dynamo", show_default=True, help="onnxruntime: our exact export, or ORT's fused-attention layout (fp32/int8/int4; needs onnxruntime-genai)")
 @click.option("--awq-block-size", type=click.IntRange(8), default=128, show_default=True, help="tensorrt-llm int4-awq / w4a8-awq group size")
@@ -240,30 +274,9 @@ def export_vision_cmd(checkpoint, output, precision, calib_images, calib_method,
 @click.option("--force", is_flag=True)
 def export_llm_cmd(checkpoint, output, backend, fmt, precision, int4_block_size, llm_graph, awq_block_size, calib_images, prompts, calib_limit, vision_tower, force) -> None:
     """Vicuna → ONNX Runtime decoder (KV cache, inputs_embeds) or a TensorRT-LLM checkpoint."""
-    from .fsutil import atomic_output_dir, check_destination
-    from .options import check_llm
+    from .export.llm_folder import export_llm_folder
 
-    check_llm(backend, precision, llm_graph, fmt)
-    if backend == "tensorrt-llm":
-        from .engines.tensorrt_llm import gpu_note, local_compute_capability
-
-        if precision != "fp16" and calib_images is None:
-            raise ConvLlavaError(f"{precision} is calibrated on multimodal prompts: pass --calib-images DIR (or a `calibrate` set, or 'builtin' for the synthetic set)")
-        note = gpu_note(precision, local_compute_capability())
-        if note:  # a checkpoint is made anywhere; it runs on the GPU it is meant for
-            say(f"note: {note}; the checkpoint is written all the same, for the GPU that will run it")
-    check_destination(output, force)
-    with atomic_output_dir(output, force) as tmp:
-        if backend == "onnxruntime":
-            from .checkpoint import read_checkpoint
-            from .export.llm import export_llm_from_checkpoint
-
-            export_llm_from_checkpoint(read_checkpoint(checkpoint, vision_tower), tmp, precision, int4_block_size, say, llm_graph)
-        else:
-            from .export.trtllm import export_llm_tensorrt
-
-            meta = export_llm_tensorrt(checkpoint, tmp, precision, fmt, awq_block_size, calib_images, prompts, calib_limit, vision_tower, say)
-            say(f"quant_algo {meta['quant_algo']}; next, on the GPU: " + (meta["next"].replace(str(tmp), str(output)) if "next" in meta else f"trtllm-serve {output} (docs/tensorrt-llm.md)"))
+    export_llm_folder(checkpoint, output, backend, fmt, precision, int4_block_size, llm_graph, awq_block_size, calib_images, prompts, calib_limit, vision_tower, force, say)
     out.print(str(output))
 
 
@@ -281,18 +294,12 @@ def _print_vision_report(report: dict) -> None:
         console.print(f"[bold red]warning:[/] {report['warning']}")
 
 
-def _gate_help(part: str) -> str:
-    from .gates import SMOKE_GATES
-
-    return ", ".join(f"{p} {v}" for p, v in SMOKE_GATES[part].items())
-
-
 def build_options(f):
     opts = [
         click.option("--target", type=click.Choice(list(TARGET_NAMES)), default=None, help="default: jetson on a Jetson, tensorrt when a GPU and TensorRT are present, else cpu; jetson picks orin (sm_87) or thor (sm_110) by the GPU found"),
-        click.option("--vision-precision", type=click.Choice(list(VISION)), default="fp32", show_default=True),
-        click.option("--llm-backend", type=click.Choice(list(LLM_BACKENDS)), default="onnxruntime", show_default=True, help="tensorrt-llm: ModelOpt + trtllm-build engine flow, on the GPU (TensorRT-LLM 0.12-1.2.x)"),
-        click.option("--llm-precision", type=click.Choice(list(dict.fromkeys(ORT_LLM + TRTLLM_ENGINE))), default="fp32", show_default=True, help=f"onnxruntime: {'|'.join(ORT_LLM)}; tensorrt-llm: {'|'.join(TRTLLM_ENGINE)}"),
+        click.option("--vision-precision", type=VISION_CHOICE, default="fp32", show_default=True, help="which targets take each: `convllava-export precisions`"),
+        click.option("--llm-backend", type=LLM_BACKEND_CHOICE, default="onnxruntime", show_default=True, help="tensorrt-llm: ModelOpt + trtllm-build engine flow, on the GPU (TensorRT-LLM 0.12-1.2.x)"),
+        click.option("--llm-precision", type=LLM_CHOICE, default="fp32", show_default=True, help="which backend and graph make each: `convllava-export precisions`"),
         click.option("--awq-block-size", type=click.IntRange(8), default=128, show_default=True, help="tensorrt-llm int4-awq group size"),
         click.option("--calib-prompts", type=click.Path(path_type=str), default=None, help="tensorrt-llm: JSONL of calibration questions (default: built in)"),
         click.option("--mode", type=click.Choice(list(MODES)), default="pad", show_default=True),
@@ -309,8 +316,8 @@ def build_options(f):
         click.option("--llm-graph", type=click.Choice(["auto", *LLM_GRAPHS]), default="auto", show_default=True, help="auto: gqa (ORT's fused-attention layout) for int4/int8 when onnxruntime-genai is installed, else dynamo (our exact export)"),
         click.option("--reference-dtype", type=click.Choice(list(REFERENCE_DTYPES)), default="auto", show_default=True, help="torch reference for the smoke test; auto: fp32 when it fits in memory, else the checkpoint's dtype"),
         click.option("--smoke-test/--no-smoke-test", default=True, show_default=True, help="run the build once and compare it with the torch reference"),
-        click.option("--min-vision-cosine", type=click.FloatRange(-1, 1), default=None, help="smoke-test gate: image_embeds cosine to the reference (default by vision precision: " + _gate_help("vision") + ")"),
-        click.option("--min-token-agreement", type=click.FloatRange(0, 1), default=None, help="smoke-test gate: teacher-forced top-1 agreement with the reference's greedy answer (default by LLM precision: " + _gate_help("llm") + "); 0 turns it off"),
+        click.option("--min-vision-cosine", type=click.FloatRange(-1, 1), default=None, help="smoke-test gate: image_embeds cosine to the reference (default: the vision precision's own, `convllava-export precisions`)"),
+        click.option("--min-token-agreement", type=click.FloatRange(0, 1), default=None, help="smoke-test gate: teacher-forced top-1 agreement with the reference's greedy answer (default: the LLM precision's own, `convllava-export precisions`); 0 turns it off"),
         click.option("--threads", type=click.IntRange(1), default=None),
         click.option("--vision-tower", default=None),
         click.option("--force", is_flag=True, help="replace an existing build folder once the new one is complete"),
@@ -330,19 +337,18 @@ def build_cmd(checkpoint: Path, output: Path, **kw) -> None:
 
     kw["target"] = kw["target"] or default_target()
     manifest = build(checkpoint, output, BuildOptions(**kw), progress=say)
-    checks = manifest.get("checks", {})
+    checks = manifest.checks
     if checks:
         say(f"smoke test answer: {checks['smoke_answer']!r}; top-1 agreement with the reference {checks['token_agreement']:.3f} (gate {checks['gates']['thresholds']['token_agreement']}), vision cosine {checks['vision_cosine']:.5f} (gate {checks['gates']['thresholds']['vision_cosine']})")
     out.print(str(output))
 
 
 def _load_build(build_dir: Path, threads: int | None, vision_backend: str | None = None, llm_backend: str | None = None):
+    from .runtime.build_loader import load_pipeline
     from .runtime.memory import return_freed_memory
-    from .runtime.pipeline import Pipeline
 
     return_freed_memory()  # before anything is loaded: freed KV rows and caches go back to the system
-
-    return Pipeline.from_build(build_dir, threads=threads, vision_backend=vision_backend, llm_backend=llm_backend)
+    return load_pipeline(build_dir, threads=threads, vision_backend=vision_backend, llm_backend=llm_backend)
 
 
 def backend_options(f):
@@ -484,13 +490,13 @@ def serve_cmd(
 ) -> None:
     """OpenAI-compatible server: POST /v1/chat/completions, GET /v1/models, /health, /metrics."""
     from .manifest import read_manifest
-    from .runtime.engine import EngineSettings
+    from .runtime.serving_loop import LoopSettings
     from .runtime.netutil import bind_listen_socket, host_port
     from .runtime.server import ServerLimits, serve
 
     read_manifest(build_dir)  # a clear error for a folder that is not a build, before anything loads
 
-    settings = EngineSettings(
+    settings = LoopSettings(
         max_running=max_running, max_waiting=max_queue, max_batched_tokens=max_batched_tokens, encoder_cache_mb=encoder_cache_mb, prefix_cache_mb=prefix_cache_mb,
         kv_cache_mb=kv_cache_mb,
     )
@@ -507,7 +513,7 @@ def serve_cmd(
             pipe = _load_build(build_dir, threads)
             where = host_port(host, sock.getsockname()[1])
             say(f"serving {build_dir} as '{model_name}' on http://{where}/v1 ({pipe.info.get('vision')}, {pipe.info.get('llm')})")
-            serve(pipe, host, port, model_name, limits, sock=sock, engine=settings, drain_s=drain_s)
+            serve(pipe, host, port, model_name, limits, sock=sock, loop_settings=settings, drain_s=drain_s)
         return
     from dataclasses import asdict
 

@@ -1,4 +1,4 @@
-"""The smoke-test gates `build` enforces: one table of per-precision thresholds.
+"""The smoke-test gates `build` enforces; each precision row (precisions.py) holds its default.
 
 A build is measured on the engines that ship (the TensorRT engine for TensorRT targets), on
 one synthetic image and question, against the torch reference:
@@ -18,19 +18,27 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import GateError
-
-SMOKE_GATES: dict[str, dict[str, float]] = {
-    "vision": {"fp32": 0.999, "fp16": 0.995, "int8": 0.97, "fp8": 0.97},
-    # ONNX Runtime fp32/fp16/int8/int4; TensorRT-LLM fp16/int8/int8-sq/fp8/int4-awq (set like
-    # their ORT neighbours: not yet measured on a GPU, docs/tensorrt-llm.md)
-    "llm": {"fp32": 0.98, "fp16": 0.95, "int8": 0.9, "int4": 0.8, "int8-sq": 0.9, "fp8": 0.9, "int4-awq": 0.8},
-}
+from .precisions import backends, precision
 
 
-def thresholds(vision_precision: str, llm_precision: str, min_cosine: float | None = None, min_agreement: float | None = None) -> dict[str, float]:
+def smoke_gates(part: str) -> dict[str, float]:
+    """{precision: default threshold} of every backend of `part`, as the precision rows set them
+    (for help text; a backend's own rows win where two backends share a name)."""
+    out: dict[str, float] = {}
+    for b in backends(part):
+        for p in b.precisions:
+            out.setdefault(p.name, p.gate)
+    return out
+
+
+def thresholds(
+    vision: tuple[str, str], llm: tuple[str, str], min_cosine: float | None = None, min_agreement: float | None = None
+) -> dict[str, float]:
+    """The gates of a build of (backend, precision) `vision` and `llm`: each row's default unless
+    overridden. An unknown precision is refused (precisions.refuse), never given a default."""
     return {
-        "vision_cosine": SMOKE_GATES["vision"].get(vision_precision, 0.97) if min_cosine is None else float(min_cosine),
-        "token_agreement": SMOKE_GATES["llm"].get(llm_precision, 0.8) if min_agreement is None else float(min_agreement),
+        "vision_cosine": precision("vision", *vision).gate if min_cosine is None else float(min_cosine),
+        "token_agreement": precision("llm", *llm).gate if min_agreement is None else float(min_agreement),
     }
 
 

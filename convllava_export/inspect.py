@@ -17,7 +17,7 @@ COMMON_RESOLUTIONS = (768, 1024, 1536)
 def inspect_checkpoint(path: str | os.PathLike, vision_tower: str | os.PathLike | None = None) -> dict[str, Any]:
     from transformers import LlamaForCausalLM
 
-    from .model.reference import llama_config, tower_config
+    from .model.config import llama_config, tower_config
     from .model.vision import ConvNextFeatures, build_projector, config_stride
 
     info = read_checkpoint(path, vision_tower)

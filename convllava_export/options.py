@@ -9,37 +9,24 @@ fails in the first second, not after the vision export.
 from __future__ import annotations
 
 from .errors import BuildError
-from .precisions import GQA_LLM, LLM_BACKENDS, LLM_GRAPHS, ORT_LLM, TRTLLM_ENGINE, TRTLLM_FORMATS, TRTLLM_HF, VISION
+from .precisions import Precision, precision
 
 
-def check_vision(precision: str) -> None:
-    if precision not in VISION:
-        raise BuildError(f"unknown vision precision '{precision}' (use {', '.join(VISION)})")
+def check_vision(backend: str, name: str) -> Precision:
+    """The vision row (`backend`: onnxruntime or tensorrt, from the target)."""
+    return precision("vision", backend, name)
 
 
-def check_llm(backend: str, precision: str, graph: str = "dynamo", fmt: str = "engine") -> None:
-    """The LLM backend makes this precision (and graph / format). `graph` is resolved (not auto)."""
-    if backend not in LLM_BACKENDS:
-        raise BuildError(f"unknown LLM backend '{backend}' (use {', '.join(LLM_BACKENDS)})")
-    if backend == "onnxruntime":
-        if precision not in ORT_LLM:
-            hint = f"; {precision} is a TensorRT-LLM precision (the tensorrt-llm backend)" if precision in TRTLLM_ENGINE + TRTLLM_HF else ""
-            raise BuildError(f"LLM precision '{precision}' is not available for ONNX Runtime (use {', '.join(ORT_LLM)}){hint}")
-        if graph not in LLM_GRAPHS:
-            raise BuildError(f"unknown LLM graph '{graph}' (use {', '.join(LLM_GRAPHS)})")
-        if graph == "gqa":
-            from .export.llm_gqa import genai_available
+def check_llm(backend: str, name: str, graph: str = "dynamo", fmt: str = "engine") -> Precision:
+    """The LLM row of this backend for this graph (onnxruntime, resolved: not auto) or format
+    (tensorrt-llm). Only the names here; the GPU is checked by check_trtllm_here."""
+    row = precision("llm", backend, name, **({"graph": graph} if backend == "onnxruntime" else {"format": fmt}))
+    if backend == "onnxruntime" and graph == "gqa":
+        from .export.llm_gqa import genai_available
 
-            if precision not in GQA_LLM:
-                raise BuildError(f"the gqa graph builds {', '.join(GQA_LLM)}; for '{precision}' use the dynamo graph")
-            if not genai_available():
-                raise BuildError("the gqa graph needs onnxruntime-genai's model builder: pip install 'convllava-export[genai]'")
-        return
-    if fmt not in TRTLLM_FORMATS:
-        raise BuildError(f"unknown TensorRT-LLM format '{fmt}' (use {', '.join(TRTLLM_FORMATS)})")
-    from .engines.tensorrt_llm import check_precision
-
-    check_precision(precision, fmt)  # the name only; the GPU is checked by check_trtllm_here
+        if not genai_available():
+            raise BuildError("the gqa graph needs onnxruntime-genai's model builder: pip install 'convllava-export[genai]'")
+    return row
 
 
 def check_trtllm_here(precision: str, target: str) -> tuple[int, int]:

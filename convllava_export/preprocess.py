@@ -291,8 +291,3 @@ def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     for c in range(3):
         out[c] = table[c][arr[..., c]]
     return out
-
-
-def preprocess_batch(images: list[Image.Image], cfg: PreprocessConfig) -> list[np.ndarray]:
-    """Each image preprocessed on its own (native sizes differ); stack equal shapes yourself."""
-    return [preprocess(im, cfg) for im in images]

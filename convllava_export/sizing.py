@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 
+from .model.config import llama_config, tower_config
+from .model.vision import ConvNextFeatures, build_projector
 from .checkpoint import DTYPES, CheckpointInfo, dtype_name, weights_dtype
-from .precisions import REFERENCE_DTYPES, TRTLLM_BYTES_LIKE
+from .precisions import REFERENCE_DTYPES, Precision
 from .errors import BuildError
 
 GB = 1e9
@@ -47,9 +49,6 @@ class ModelSize:
 
 def model_size(info: CheckpointInfo) -> ModelSize:
     """Parameter counts from the configs (meta tensors: nothing is allocated or read)."""
-    from .model.reference import llama_config, tower_config
-    from .model.vision import ConvNextFeatures, build_projector
-
     cfg = llama_config(info.config)
     h, layers, inter = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
     heads = cfg.num_attention_heads
@@ -120,11 +119,11 @@ def reference_dtype(size: ModelSize, requested: str = "auto", with_vision: bool 
     return own, f"fp32 would need {need / GB:.1f} GB, {budget / GB:.1f} GB available: running the reference in {own}"
 
 
-def trace_dtype(size: ModelSize, precision: str, budget: int | None = None) -> str:
+def trace_dtype(size: ModelSize, precision: Precision, budget: int | None = None) -> str:
     """The dtype the dynamo graph is traced in: fp32 when an fp32 copy fits (exact, as small
     models always were), else the checkpoint's own dtype, which stream_quant.py rewrites to
     fp32 activations tensor by tensor (fp16 builds are traced in fp16)."""
-    if precision == "fp16":
+    if precision.weight_bytes == 2 and not precision.block_scaled:
         return "fp16"
     budget = available_memory() if budget is None else budget
     if BASE_BYTES + 1.1 * size.llm_bytes_in(torch.float32) <= budget:
@@ -132,15 +131,15 @@ def trace_dtype(size: ModelSize, precision: str, budget: int | None = None) -> s
     return dtype_name(size.weights_dtype)
 
 
-def quantized_llm_bytes(size: ModelSize, precision: str, block: int = 128) -> int:
-    """Bytes of the exported decoder graph plus its fp32/fp16 embedding table."""
+def quantized_llm_bytes(size: ModelSize, precision: Precision, block: int = 128) -> int:
+    """Bytes of the exported decoder graph (or checkpoint) plus its fp32/fp16 embedding table."""
     matmul = size.llm_params - size.vocab * size.hidden  # the table is outside the graph
-    per = {"fp32": 4.0, "fp16": 2.0, "int8": 1 + 4 / block, "int4": 0.5 + 4 / block}[precision]
+    per = precision.bytes_per_weight(block)
     table = size.vocab * size.hidden * (2 if size.weights_dtype == torch.float16 else 4)
     return int(matmul * per + table)
 
 
-def trtllm_export_memory(size: ModelSize, precision: str, dtype: str) -> dict[str, int]:
+def trtllm_export_memory(size: ModelSize, precision: Precision, dtype: str) -> dict[str, int]:
     """Peak memory of each phase of a ModelOpt export on the CPU (`export llm --backend
     tensorrt-llm`): calibration holds the LLM in `dtype` and the fp32 tower that makes the image
     features; the export holds the LLM and the quantized copy ModelOpt builds before writing it
@@ -150,7 +149,7 @@ def trtllm_export_memory(size: ModelSize, precision: str, dtype: str) -> dict[st
     llm = size.llm_bytes_in(DTYPES[dtype])
     return {
         "calibration": int(BASE_BYTES + llm + size.vision_fp32_bytes),
-        "export": int(BASE_BYTES + llm + quantized_llm_bytes(size, TRTLLM_BYTES_LIKE[precision])),
+        "export": int(BASE_BYTES + llm + quantized_llm_bytes(size, precision)),
     }
 
 
@@ -170,32 +169,36 @@ class Estimate:
         }
 
 
-def estimate_build(size: ModelSize, vision_precision: str, llm_precision: str, llm_graph: str, block: int, reference: str, smoke_test: bool, budget: int) -> Estimate:
+def estimate_build(
+    size: ModelSize, vision: Precision, llm: Precision, llm_graph: str | None, block: int, reference: str, smoke_test: bool, budget: int
+) -> Estimate:
     """Peak memory of each build phase (they run one after another) and the disk the build
-    folder and its scratch files take at their largest."""
+    folder and its scratch files take at their largest. `vision` and `llm` are precision rows
+    (their bytes per weight); `llm_graph` is the ONNX layout (None for TensorRT-LLM)."""
     ref_dtype, why = reference_dtype(size, reference, with_vision=False, budget=budget)
     v32 = size.vision_fp32_bytes
-    built_llm = quantized_llm_bytes(size, llm_precision, block)
+    built_llm = quantized_llm_bytes(size, llm, block)
     phases = {
         # torch model + exported program + ORT sessions optimizing / calibrating the graph
         "vision export": BASE_BYTES + int(3.5 * v32),
         # gqa: the builder holds the LLM in its own dtype; dynamo: torch traces it in that dtype
-        "LLM export": BASE_BYTES + int(1.1 * (size.llm_bytes if llm_graph == "gqa" else size.llm_bytes_in(DTYPES[trace_dtype(size, llm_precision, budget)]))),
+        "LLM export": BASE_BYTES + int(1.1 * (size.llm_bytes if llm_graph == "gqa" else size.llm_bytes_in(DTYPES[trace_dtype(size, llm, budget)]))),
         "LLM rewrite": BASE_BYTES + 3 * size.vocab * size.hidden * 4,
     }
     if smoke_test:
         # the LLM alone: the reference image embeddings were computed in the vision phase
         phases["reference check"] = BASE_BYTES + size.llm_bytes_in(DTYPES[ref_dtype])
-        phases["smoke test"] = BASE_BYTES + built_llm + (v32 if vision_precision == "fp32" else v32 // 2)
-    vision_disk = v32 * 2 if vision_precision == "fp32" else int(v32 * 1.3)
+        phases["smoke test"] = BASE_BYTES + built_llm + int(v32 * max(vision.weight_bytes, 2.0) / 4)
+    # the graph and its CPU-optimized copy, plus the fp32 graph it was made from
+    vision_disk = int(v32 * vision.weight_bytes / 2) + (v32 if vision.weight_bytes < 4 else 0)
     scratch = size.llm_params * 4 if llm_graph == "gqa" else size.llm_bytes  # builder's fp32 graph / traced graph
-    if llm_precision == "fp32" and llm_graph == "dynamo" and size.weights_dtype == torch.float32:
+    if llm.weight_bytes == 4 and llm_graph == "dynamo" and size.weights_dtype == torch.float32:
         scratch = 0
     disk = vision_disk + built_llm + scratch
     return Estimate(max(phases.values()), disk, phases, ref_dtype, why)
 
 
-def check_fits(est: Estimate, dest: Path, budget: int, size: ModelSize, llm_precision: str) -> None:
+def check_fits(est: Estimate, dest: Path, budget: int, size: ModelSize, llm: Precision, smallest: Precision) -> None:
     """Exit-2 refusal, before any work, when memory or disk is short, naming what lowers it."""
     free = free_disk(Path(dest).parent)
     if est.disk > free:
@@ -207,8 +210,8 @@ def check_fits(est: Estimate, dest: Path, budget: int, size: ModelSize, llm_prec
         return
     worst = max(est.phases, key=est.phases.get)
     hints = {
-        "smoke test": f"the built {llm_precision} LLM alone takes {quantized_llm_bytes(size, llm_precision) / GB:.1f} GB; "
-        f"int4 takes {quantized_llm_bytes(size, 'int4') / GB:.1f} GB (--llm-precision int4)",
+        "smoke test": f"the built {llm.name} LLM alone takes {quantized_llm_bytes(size, llm) / GB:.1f} GB; "
+        f"{smallest.name} takes {quantized_llm_bytes(size, smallest) / GB:.1f} GB (--llm-precision {smallest.name})",
         "reference check": "compare against a smaller reference (--reference-dtype bf16) or skip the check (--no-smoke-test)",
         "LLM export": f"the LLM takes {size.llm_bytes / GB:.1f} GB in its stored dtype; close other programs or build on a larger machine",
     }

@@ -36,10 +36,6 @@ class Sample:
     def answer(self) -> str:
         return f"The image is mostly {self.colour}. It is a {self.orientation} picture."
 
-    @property
-    def short_answers(self) -> list[str]:
-        return [self.answer]
-
 
 def _size(rng: np.random.Generator, orientation: str, base: tuple[int, int]) -> tuple[int, int]:
     short = int(rng.integers(base[0], base[1]))

@@ -1,7 +1,8 @@
 """Build targets: the one table of what each `--target` builds, on which GPUs and TensorRT versions.
 
 A leaf module (it imports only `errors` and `precisions`), so the CLI, `build`, the TensorRT engine code and the
-loaders can all read the same rules without importing torch or TensorRT.
+loaders can all read the same rules without importing torch or TensorRT. Which precisions a
+target accepts is not written here: each precision row in `precisions.BACKENDS` lists its targets.
 
 | target | vision backend | GPUs | TensorRT | vision precisions |
 | --- | --- | --- | --- | --- |
@@ -33,13 +34,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import BuildError
-from .precisions import VISION
+from .precisions import FP4_CC, FP8_CC, names
 
-VISION_PRECISIONS = VISION  # precisions.py: the one list
 NVFP4 = "nvfp4"  # known to TensorRT on Blackwell, not exported by this tool yet
 
-FP8_MIN_CC = (8, 9)  # FP8 tensor cores: Ada / Hopper / Blackwell; Jetson Orin (8.7) has none
-FP4_MIN_CC = (10, 0)  # FP4 tensor cores: Blackwell (Jetson Thor is 11.0)
+FP8_MIN_CC = FP8_CC  # FP8 tensor cores: Ada / Hopper / Blackwell; Jetson Orin (8.7) has none
+FP4_MIN_CC = FP4_CC  # FP4 tensor cores: Blackwell (Jetson Thor is 11.0)
 FP4_MIN_TRT = (10, 8)  # E2M1 FP4 with explicit quantization, TensorRT 10.8.0 release notes
 JETSON_TRT11_MIN = (11, 4, 1)  # first TensorRT 11 that supports JetPack (11.4.1 Jetson migration page)
 JETSON_TRT11_MIN_JETPACK = (7, 2, 2)  # ... and only on JetPack 7.2.2 or later
@@ -51,7 +51,6 @@ class Target:
     backend: str  # vision backend: "onnxruntime" or "tensorrt"
     ort_device: str  # where ONNX Runtime runs the LLM (and a vision graph): "cpu" or "cuda"
     compute_capabilities: tuple[tuple[int, int], ...]  # () = any GPU (or none, for cpu)
-    vision_precisions: tuple[str, ...]
     min_trt: tuple[int, ...] | None  # oldest TensorRT this target builds with; None = no rule here
     max_trt_major: int | None  # newest TensorRT major version; None = no rule here
     jetson: bool
@@ -62,26 +61,30 @@ class Target:
     def is_alias(self) -> bool:
         return bool(self.alias_of)
 
+    @property
+    def vision_precisions(self) -> tuple[str, ...]:
+        """Read from the precision rows (precisions.py), which list the targets that accept them."""
+        return names("vision", target=self.name)
+
 
 _ORIN = Target(
-    "orin", "tensorrt", "cuda", ((8, 7),), ("fp32", "fp16", "int8"), (10, 0), 11, True,
+    "orin", "tensorrt", "cuda", ((8, 7),), (10, 0), 11, True,
     "Jetson Orin (sm_87), JetPack 6.1+ / TensorRT 10.x: fp16 and int8 vision, no fp8 or nvfp4 (no FP8/FP4 tensor cores)",
 )
 _THOR = Target(
-    "thor", "tensorrt", "cuda", ((11, 0),), ("fp32", "fp16", "int8", "fp8"), (10, 13), 11, True,
+    "thor", "tensorrt", "cuda", ((11, 0),), (10, 13), 11, True,
     "Jetson Thor (Blackwell, sm_110), JetPack 7 / TensorRT 10.13+: fp16, int8 and fp8 vision (nvfp4 not built yet)",
 )
 TARGETS: dict[str, Target] = {
-    "cpu": Target("cpu", "onnxruntime", "cpu", (), ("fp32", "fp16", "int8"), None, None, False,
+    "cpu": Target("cpu", "onnxruntime", "cpu", (), None, None, False,
                   "ONNX Runtime on the CPU (fp8 Q/DQ graphs are for TensorRT; the CPU kernels do not run them)"),
-    "cuda": Target("cuda", "onnxruntime", "cuda", (), VISION_PRECISIONS, None, None, False, "ONNX Runtime CUDA execution provider"),
-    "tensorrt": Target("tensorrt", "tensorrt", "cuda", (), VISION_PRECISIONS, None, None, False,
+    "cuda": Target("cuda", "onnxruntime", "cuda", (), None, None, False, "ONNX Runtime CUDA execution provider"),
+    "tensorrt": Target("tensorrt", "tensorrt", "cuda", (), None, None, False,
                        "TensorRT vision engine on a discrete GPU (fp8 needs sm_89+)"),
     "orin": _ORIN,
     "thor": _THOR,
     "jetson": Target(
-        "jetson", "tensorrt", "cuda", _ORIN.compute_capabilities + _THOR.compute_capabilities,
-        tuple(p for p in VISION_PRECISIONS if p in _ORIN.vision_precisions + _THOR.vision_precisions), None, 11, True,
+        "jetson", "tensorrt", "cuda", _ORIN.compute_capabilities + _THOR.compute_capabilities, None, 11, True,
         "the Jetson this runs on: orin for sm_87, thor for sm_110", alias_of=("orin", "thor"),
     ),
 }
@@ -193,11 +196,11 @@ def _refuse_precision(target: Target, precision: str, trt: tuple[int, ...] | Non
                 "Upgrade TensorRT, or use fp8."
             )
         raise BuildError(
-            f"nvfp4 vision engines are not built yet: the vision export writes {', '.join(VISION_PRECISIONS)} graphs only. "
+            f"nvfp4 vision engines are not built yet: the vision export writes {', '.join(names('vision'))} graphs only. "
             f"Use fp8{' (supported on ' + target.name + ')' if 'fp8' in target.vision_precisions else ''} or int8."
         )
-    if precision not in VISION_PRECISIONS:
-        raise BuildError(f"unknown vision precision '{precision}' (use {', '.join(VISION_PRECISIONS)})")
+    if precision not in names("vision"):
+        raise BuildError(f"unknown vision precision '{precision}' (use {', '.join(names('vision'))})")
     if precision not in target.vision_precisions:
         why = {
             ("orin", "fp8"): "Jetson Orin (sm_87) has no FP8 tensor cores. Use --vision-precision int8 (with calibration images) or fp16.",

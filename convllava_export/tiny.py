@@ -212,7 +212,7 @@ def write_tiny_checkpoint(
     """Train and write the tiny demo model (or another small `shape`); returns the LLaVA folder."""
     from transformers import ConvNextConfig, LlamaConfig, LlamaForCausalLM
 
-    from .model.reference import llama_config
+    from .model.config import llama_config
     from .model.vision import ConvNextFeatures, VisionEncoder, build_projector
     from .preprocess import PreprocessConfig, load_image, preprocess
     from .prompt import build_prompt, tokenize_with_images

@@ -69,9 +69,9 @@ def tiny_build(tiny_checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_build):
-    from convllava_export.runtime.pipeline import Pipeline
+    from convllava_export.runtime.build_loader import load_pipeline
 
-    return Pipeline.from_build(tiny_build)
+    return load_pipeline(tiny_build)
 
 
 @pytest.fixture(scope="session")

@@ -14,13 +14,14 @@ from click.testing import CliRunner
 from convllava_export.build import BuildOptions, build
 from convllava_export.cli import cli
 from convllava_export.errors import BuildError, ConvLlavaError
+from convllava_export.runtime.build_loader import load_pipeline
 from convllava_export.runtime.pipeline import Pipeline, Request
 from convllava_export.synthetic import colour_samples
 
 
 def test_manifest_is_self_describing(tiny_build):
     m = json.loads((tiny_build / "manifest.json").read_text())
-    assert m["schema_version"] == 1 and m["target"] == "cpu" and m["prompt_template"] == "vicuna_v1"
+    assert m["schema_version"] == 2 and m["target"] == "cpu" and m["prompt_template"] == "vicuna_v1"
     assert m["vision"]["precision"] == "fp32" and m["llm"]["precision"] == "fp32"
     assert len(m["source"]["fingerprint"]) == 64 and "onnxruntime" in m["libraries"] and "torch" in m["libraries"]
     assert m["vision"]["profile"]["max_hw"] == [2048, 2048] and m["token_budget"]["max_visual_tokens_per_image"] == 16
@@ -58,10 +59,10 @@ def test_tampered_build_refused(tiny_build, tmp_path):
     data[-1] ^= 0xFF
     emb.write_bytes(bytes(data))
     with pytest.raises(BuildError, match="embed_tokens.npy has a different checksum"):
-        Pipeline.from_build(copy)
+        load_pipeline(copy)
     (copy / "manifest.json").unlink()
     with pytest.raises(BuildError, match="not a build folder"):
-        Pipeline.from_build(copy)
+        load_pipeline(copy)
 
 
 def test_tensorrt_vision_needs_tensorrt(tiny_build):
@@ -70,7 +71,7 @@ def test_tensorrt_vision_needs_tensorrt(tiny_build):
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT installed: the refusal path is not reachable")
     with pytest.raises(ConvLlavaError, match="convllava-export\\[gpu\\]"):
-        Pipeline.from_build(tiny_build, vision_backend="tensorrt")
+        load_pipeline(tiny_build, vision_backend="tensorrt")
 
 
 def test_existing_build_replaced_only_with_force_and_only_when_complete(tiny_checkpoint, tiny_build, tmp_path, monkeypatch):

@@ -10,12 +10,17 @@ from click.testing import CliRunner
 
 from convllava_export.cli import cli
 from convllava_export.errors import GateError
-from convllava_export.gates import SMOKE_GATES, check, thresholds
+from convllava_export.errors import BuildError
+from convllava_export.gates import check, thresholds
+from convllava_export.precisions import precision
 
 
 def test_thresholds_by_precision_and_override():
-    assert thresholds("int8", "int4") == {"vision_cosine": SMOKE_GATES["vision"]["int8"], "token_agreement": SMOKE_GATES["llm"]["int4"]}
-    assert thresholds("fp32", "fp32", 0.5, 0.0) == {"vision_cosine": 0.5, "token_agreement": 0.0}
+    want = {"vision_cosine": precision("vision", "onnxruntime", "int8").gate, "token_agreement": precision("llm", "onnxruntime", "int4").gate}
+    assert thresholds(("onnxruntime", "int8"), ("onnxruntime", "int4")) == want == {"vision_cosine": 0.97, "token_agreement": 0.8}
+    assert thresholds(("onnxruntime", "fp32"), ("onnxruntime", "fp32"), 0.5, 0.0) == {"vision_cosine": 0.5, "token_agreement": 0.0}
+    with pytest.raises(BuildError, match=r"llm precision 'int3' is not available for onnxruntime \(use fp32, fp16, int8, int4\)"):
+        thresholds(("onnxruntime", "fp32"), ("onnxruntime", "int3"))  # no silent default for an unknown precision
     assert check({"vision_cosine": 0.99, "token_agreement": 0.9}, {"vision_cosine": 0.98, "token_agreement": 0.8})["passed"]
     with pytest.raises(GateError, match="token_agreement 0.5000 < 0.8") as err:
         check({"vision_cosine": 0.99, "token_agreement": 0.5}, {"vision_cosine": 0.98, "token_agreement": 0.8})
@@ -35,7 +40,7 @@ def test_broken_quantization_fails_the_build_and_keeps_the_previous_one(tiny_che
     assert res.exit_code == 0, res.output
     manifest = json.loads((dest / "manifest.json").read_text())
     gates = manifest["checks"]["gates"]
-    assert gates["passed"] and gates["thresholds"]["token_agreement"] == SMOKE_GATES["llm"]["int4"] and gates["figures"]["token_agreement"] >= 0.8
+    assert gates["passed"] and gates["thresholds"]["token_agreement"] == precision("llm", "onnxruntime", "int4").gate and gates["figures"]["token_agreement"] >= 0.8
     before = (dest / "manifest.json").read_bytes()
 
     real = stream_quant._quantize

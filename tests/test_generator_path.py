@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from convllava_export.engines.tensorrt_llm import batch_table_inputs, new_token_budget
-from convllava_export.runtime.engine import Engine, EngineSettings
+from convllava_export.runtime.serving_loop import LoopSettings, ServingLoop
 from convllava_export.runtime.generation import TablePrompt, Timings
 from convllava_export.runtime.pipeline import Pipeline
 from convllava_export.runtime.sampling import SamplingParams
@@ -118,7 +118,7 @@ def test_serving_engine_batches_generator_requests(reference, conformance, reque
     reqs = requests(conformance)
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (4, 9, 6, 12, 3)]
     want = [pipe.generate_batch([r], p)[0].token_ids for r, p in zip(reqs, params)]
-    engine = Engine(twin, EngineSettings(max_running=8))
+    engine = ServingLoop(twin, LoopSettings(max_running=8))
     collectors = [Collector() for _ in reqs]
     for r, p, c in zip(reqs, params, collectors):
         engine.submit(r, p, c)
@@ -139,7 +139,7 @@ def test_a_request_beyond_the_engine_fails_alone(reference, conformance, request
     twin = generator_twin(pipe)
     twin.decoder.max_input = sorted(lengths)[-2]  # the longest prompt no longer fits the "engine"
     params = SamplingParams(max_new_tokens=5, ignore_eos=True)
-    engine = Engine(twin, EngineSettings(max_running=8))
+    engine = ServingLoop(twin, LoopSettings(max_running=8))
     collectors = [Collector() for _ in reqs]
     for r, c in zip(reqs, collectors):
         engine.submit(r, params, c)

@@ -45,6 +45,12 @@ def manifest_of(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text())
 
 
+def listing(folder: Path) -> tuple[dict, dict | None]:
+    """The manifest's file list and its integrity section: what verify_files checks."""
+    m = manifest_of(folder)
+    return m["files"], m.get("integrity")
+
+
 def flip(path: Path, offset: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -58,18 +64,18 @@ def flip(path: Path, offset: int) -> None:
 
 def test_flipped_byte_found_at_load_in_a_sampled_block_and_always_by_verify(synthetic_build):
     big = synthetic_build / "llm" / "big.bin"
-    verify_files(synthetic_build, manifest_of(synthetic_build), full_hash_limit=LIMIT)
+    verify_files(synthetic_build, *listing(synthetic_build), full_hash_limit=LIMIT)
     sampled = spot_offsets(4 << 20, BLOCK, BLOCKS)[1] + 100
     flip(big, sampled)
     with pytest.raises(BuildError, match="big.bin has a different checksum \\(sampled blocks\\)"):
-        verify_files(synthetic_build, manifest_of(synthetic_build), full_hash_limit=LIMIT)
+        verify_files(synthetic_build, *listing(synthetic_build), full_hash_limit=LIMIT)
     flip(big, sampled)
     between = (2 << 20) + 12345  # in the middle, between sampled blocks
     assert not any(o <= between < o + BLOCK for o in spot_offsets(4 << 20, BLOCK, BLOCKS))
     flip(big, between)
-    verify_files(synthetic_build, manifest_of(synthetic_build), full_hash_limit=LIMIT)  # the spot check's known blind spot
+    verify_files(synthetic_build, *listing(synthetic_build), full_hash_limit=LIMIT)  # the spot check's known blind spot
     with pytest.raises(BuildError, match="big.bin has a different checksum"):
-        verify_files(synthetic_build, manifest_of(synthetic_build), "full")
+        verify_files(synthetic_build, *listing(synthetic_build), "full")
     res = CliRunner().invoke(cli, ["verify", str(synthetic_build)])
     one_line_error(res, "llm/big.bin has a different checksum")
 
@@ -78,13 +84,13 @@ def test_unlisted_missing_and_resized_files_refused(synthetic_build):
     (synthetic_build / "llm" / "extra.onnx").write_bytes(b"x")
     os.symlink("/etc", synthetic_build / "linked")
     with pytest.raises(BuildError, match="linked is not part of the build.*llm/extra.onnx is not part of the build"):
-        verify_files(synthetic_build, manifest_of(synthetic_build))
+        verify_files(synthetic_build, *listing(synthetic_build))
     (synthetic_build / "llm" / "extra.onnx").unlink()
     (synthetic_build / "linked").unlink()
     (synthetic_build / "preprocessor_config.json").write_text("{ }")
     (synthetic_build / "llm" / "decoder.json").unlink()
     with pytest.raises(BuildError, match="llm/decoder.json is missing; preprocessor_config.json is 3 bytes, expected 2"):
-        verify_files(synthetic_build, manifest_of(synthetic_build))
+        verify_files(synthetic_build, *listing(synthetic_build))
 
 
 def test_edited_manifest_file_list_refused(synthetic_build):
@@ -93,7 +99,7 @@ def test_edited_manifest_file_list_refused(synthetic_build):
     (synthetic_build / "preprocessor_config.json").unlink()
     (synthetic_build / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BuildError, match="manifest.json's file list was edited"):
-        verify_files(synthetic_build, manifest)
+        verify_files(synthetic_build, manifest["files"], manifest.get("integrity"))
 
 
 def test_old_manifest_checks_large_files_by_size_and_says_so(synthetic_build, caplog):
@@ -103,9 +109,9 @@ def test_old_manifest_checks_large_files_by_size_and_says_so(synthetic_build, ca
         del entry["spot_sha256"]
     flip(synthetic_build / "llm" / "big.bin", 0)
     with caplog.at_level(logging.WARNING):
-        verify_files(synthetic_build, manifest, full_hash_limit=LIMIT)
+        verify_files(synthetic_build, manifest["files"], manifest.get("integrity"), full_hash_limit=LIMIT)
     assert "predates spot checks" in caplog.text and "llm/big.bin" in caplog.text
-    assert check_files(synthetic_build, manifest, full=True).problems == ["llm/big.bin has a different checksum"]
+    assert check_files(synthetic_build, manifest["files"], manifest.get("integrity"), full=True).problems == ["llm/big.bin has a different checksum"]
 
 
 def test_verify_cli_exit_codes(synthetic_build):
@@ -250,8 +256,8 @@ def test_serve_passes_the_bound_socket_and_limits(tiny_build, monkeypatch):
 
     seen = {}
 
-    def fake_serve(pipe, host, port, model_name, limits, sock=None, engine=None, drain_s=None):
-        seen.update(info=pipe.info, limits=limits, listening=sock.getsockname()[1], port=port, engine=engine, drain_s=drain_s)
+    def fake_serve(pipe, host, port, model_name, limits, sock=None, loop_settings=None, drain_s=None):
+        seen.update(info=pipe.info, limits=limits, listening=sock.getsockname()[1], port=port, engine=loop_settings, drain_s=drain_s)
 
     monkeypatch.setattr(server_mod, "serve", fake_serve)
     res = CliRunner().invoke(cli, ["serve", str(tiny_build), "--port", "0"])

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from convllava_export.cli import cli
 from convllava_export.engines.onnxruntime import OrtDecoder
 from convllava_export.engines.tensorrt_llm import TrtLlmBuildConfig, check_precision, check_runs_here, trtllm_build_command
-from convllava_export.errors import ExportError
+from convllava_export.errors import BuildError, ExportError
 from convllava_export.export.llm import export_llm_onnxruntime
 from convllava_export.export.spec import PartSpec
 from convllava_export.model.reference import TorchDecoder
@@ -87,7 +87,7 @@ def test_quantized_variants_report_agreement(tiny_reference, tmp_path, precision
 def test_ort_cli_errors(tiny_checkpoint, tmp_path):
     runner = CliRunner()
     res = runner.invoke(cli, ["export", "llm", str(tiny_checkpoint), "-o", str(tmp_path / "x"), "--precision", "int4-awq"])
-    assert res.exit_code == 2 and "not available for ONNX Runtime" in res.output and "TensorRT-LLM precision" in res.output
+    assert res.exit_code == 2 and "'int4-awq' is not available for onnxruntime (use fp32, fp16, int8, int4); int4-awq is made by the tensorrt-llm backend" in res.output
     res = runner.invoke(cli, ["export", "llm", str(tiny_checkpoint), "-o", str(tmp_path / "x"), "--backend", "tensorrt-llm", "--precision", "fp8"])
     assert res.exit_code == 2 and "calibrated on multimodal prompts: pass --calib-images" in res.output
     (tmp_path / "exists").mkdir()
@@ -106,7 +106,7 @@ def test_trtllm_build_plan():
     with pytest.raises(ExportError, match="sm_89 or newer.*sm_87"):
         check_runs_here("fp8", (8, 7))
     check_runs_here("fp8", (9, 0))
-    with pytest.raises(ExportError, match="not available for the tensorrt-llm engine route"):
+    with pytest.raises(BuildError, match="llm precision 'int4' is not available for tensorrt-llm .*made by the onnxruntime backend"):
         check_precision("int4")
 
 
@@ -186,4 +186,4 @@ def test_gqa_int4_reports_agreement(tiny_reference, tmp_path):
 
 def test_gqa_graph_refuses_what_it_cannot_build(tiny_checkpoint, tmp_path):
     res = CliRunner().invoke(cli, ["export", "llm", str(tiny_checkpoint), "-o", str(tmp_path / "x"), "--graph", "gqa", "--precision", "fp16"])
-    assert res.exit_code == 2 and "the gqa graph builds fp32, int8, int4" in res.output and not (tmp_path / "x").exists()
+    assert res.exit_code == 2 and "with graph 'gqa' (use fp32, int8, int4); fp16 is made by graph dynamo" in res.output and not (tmp_path / "x").exists()

@@ -18,15 +18,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import ray  # CI installs the `ray` extra: a broken install fails here, it does not skip the module
+import ray.serve
 from serving_helpers import LiveServer, data_url, free_port, message
 
+from convllava_export.runtime import ray_serve
 from convllava_export.runtime.server import ServerLimits, create_app
 from convllava_export.synthetic import colour_samples
-
-ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
-pytest.importorskip("ray.serve", reason="Ray Serve is an optional extra: pip install -e '.[ray]'")
-
-from convllava_export.runtime import ray_serve  # noqa: E402
 
 RAY_BIN = Path(sys.executable).parent / "ray"
 SERVE_BIN = Path(sys.executable).parent / "serve"
@@ -266,15 +264,13 @@ def test_killed_replica_is_replaced_and_nothing_hangs(ray_server, local_answers)
     before = llm_replicas()
     assert len(before) == 2
     threads = [threading.Thread(target=long_stream, args=(samples[i],)) for i in range(2)]
-    t0 = time.time()
     for t in threads:
         t.start()
     started.wait()  # both streams are producing tokens, one on each replica
     ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
     for t in threads:
-        t.join(timeout=180)
+        t.join(timeout=180)  # hang guard only
     assert not any(t.is_alive() for t in threads), "a stream hung after its replica was killed"
-    assert time.time() - t0 < 180
     assert sorted(o.split(":")[0] for o in outcomes) == ["completed", "error"], outcomes
     err = next(o for o in outcomes if o.startswith("error"))
     assert "replica" in err and "died" in err, err

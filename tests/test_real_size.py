@@ -27,6 +27,7 @@ from convllava_export.cli import cli
 from convllava_export.errors import BuildError, ExportError
 from convllava_export.export.stream_quant import rewrite_weights
 from convllava_export.progress import Meter
+from convllava_export.precisions import precision
 from convllava_export.sizing import ModelSize, estimate_build, reference_dtype, trace_dtype
 
 K, N, LAYERS = 512, 1024, 8
@@ -168,11 +169,11 @@ def test_build_holds_one_llm_at_a_time(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(ref_mod.ReferenceModel, "load", classmethod(tracked))
     manifest = build(tiny_checkpoint, tmp_path / "b", BuildOptions(target="cpu", llm_precision="int4", llm_graph="dynamo"), progress=lambda m: None)
     assert [(v, l_) for _, v, l_ in loads] == [(True, False), (False, True), (False, True)]  # vision; LLM to trace; LLM reference
-    names = [s["name"] for s in manifest["stages"]]
+    names = [s["name"] for s in manifest.stages]
     assert names[0].startswith("vision export") and names[1].startswith("LLM export") and len(names) == 4
-    assert all(s["seconds"] >= 0 and (s["peak_rss_gb"] is None or s["peak_rss_gb"] > 0) for s in manifest["stages"])
-    assert manifest["estimate"]["memory_gb"] > 0 and manifest["checks"]["reference_dtype"] == "fp32"
-    assert manifest["checks"]["token_agreement"] >= 0.9 and manifest["checks"]["gates"]["passed"]
+    assert all(s["seconds"] >= 0 and (s["peak_rss_gb"] is None or s["peak_rss_gb"] > 0) for s in manifest.stages)
+    assert manifest.estimate["memory_gb"] > 0 and manifest.checks["reference_dtype"] == "fp32"
+    assert manifest.checks["token_agreement"] >= 0.9 and manifest.checks["gates"]["passed"]
 
 
 def _fake_7b(tmp_path: Path) -> Path:
@@ -202,12 +203,13 @@ def test_7b_estimate(tmp_path):
     size = model_size(read_checkpoint(_fake_7b(tmp_path)))
     assert 6.6e9 < size.llm_params < 6.8e9 and 0.6e9 < size.vision_params < 0.75e9 and size.weights_dtype == torch.bfloat16
     budget = int(24e9)
-    est = estimate_build(size, "int8", "int4", "gqa", 32, "auto", True, budget)
+    v8, q4, f32 = precision("vision", "onnxruntime", "int8"), precision("llm", "onnxruntime", "int4"), precision("llm", "onnxruntime", "fp32")
+    est = estimate_build(size, v8, q4, "gqa", 32, "auto", True, budget)
     assert est.reference_dtype == "bf16" and est.memory <= 1.1 * size.llm_bytes + size.vision_fp32_bytes
     assert est.memory < budget
-    fp32 = estimate_build(size, "int8", "fp32", "dynamo", 32, "auto", True, budget)
+    fp32 = estimate_build(size, v8, f32, "dynamo", 32, "auto", True, budget)
     assert fp32.memory > budget and max(fp32.phases, key=fp32.phases.get) == "smoke test"
-    assert trace_dtype(size, "int4", budget) == "bf16" and trace_dtype(size, "int4", int(64e9)) == "fp32"
+    assert trace_dtype(size, q4, budget) == "bf16" and trace_dtype(size, q4, int(64e9)) == "fp32"
 
 
 def test_build_refuses_a_short_machine_before_writing(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import pytest
 
 from convllava_export.errors import ConvLlavaError
 from convllava_export.model.reference import TorchDecoder
-from convllava_export.runtime.engine import Engine, EngineFault, EngineSettings
+from convllava_export.runtime.serving_loop import LoopSettings, ServerFault, ServingLoop
 from convllava_export.runtime.generation import Timings
 from convllava_export.runtime.kv import SlotCache
 from convllava_export.runtime.pipeline import Request
@@ -124,7 +124,7 @@ def test_kv_budget_admits_what_fits_and_refuses_what_never_can(reference, confor
     pb = pipe.decoder.cache_shape.position_bytes
     longest = max(len(pipe.prepare(q, Timings())) for q in reqs) + GREEDY.max_new_tokens  # the most a row reserves
     budget_mb = 2 * longest * pb / (1 << 20)  # room for two rows at a time, not four
-    engine = Engine(pipe, EngineSettings(max_running=8, kv_cache_mb=budget_mb))
+    engine = ServingLoop(pipe, LoopSettings(max_running=8, kv_cache_mb=budget_mb))
     cols = [Collector() for _ in reqs]
     for r, c in zip(reqs, cols):
         engine.submit(r, GREEDY, c)
@@ -151,7 +151,7 @@ def test_generation_stops_at_the_context(kind, reference, conformance, request):
     pipe.max_context = len(prompt) + 5
     res = pipe.generate([], "Describe it.", SamplingParams(max_new_tokens=100, ignore_eos=True))
     assert res.finish_reason == "length" and len(res.token_ids) == 5  # prompt + answer = the context
-    engine = Engine(pipe, EngineSettings(max_running=2))
+    engine = ServingLoop(pipe, LoopSettings(max_running=2))
     c = Collector()
     engine.submit(req, SamplingParams(max_new_tokens=100, ignore_eos=True), c)
     done = c.wait()
@@ -180,12 +180,12 @@ def test_non_finite_logits_fail_one_request_and_the_engine_goes_on(reference, co
     alone = [r.token_ids for r in (pipe.generate_batch([q], GREEDY)[0] for q in reqs[:2])]
     poisoned = len(pipe.prepare(reqs[3], Timings()))
     pipe.decoder = PoisonOnLength(pipe.decoder, poisoned)
-    engine = Engine(pipe, EngineSettings(max_running=4))
+    engine = ServingLoop(pipe, LoopSettings(max_running=4))
     bad, ok = Collector(), [Collector(), Collector()]
     engine.submit(reqs[0], GREEDY, ok[0])
     engine.submit(reqs[3], GREEDY, bad)
     engine.submit(reqs[1], GREEDY, ok[1])
-    with pytest.raises(EngineFault, match="non-finite"):
+    with pytest.raises(ServerFault, match="non-finite"):
         bad.wait()
     for c in ok:
         c.wait()
@@ -204,7 +204,7 @@ def test_a_dead_engine_thread_fails_requests_at_once_and_health_is_503(tiny_pipe
     from convllava_export.runtime.server import ServerLimits, create_app
 
     app = create_app(tiny_pipeline, "m", ServerLimits(max_queue=4))
-    engine = app.state.backend.engine
+    engine = app.state.backend.serving_loop
     with LiveServer(app) as url:
         assert httpx.get(f"{url}/health").status_code == 200
         started = threading.Event()
@@ -239,7 +239,7 @@ def test_out_of_profile_image_fails_only_its_own_request(reference, conformance,
 
     pipe.vision.encode = encode
     im = images(conformance)
-    engine = Engine(pipe, EngineSettings(max_running=4))
+    engine = ServingLoop(pipe, LoopSettings(max_running=4))
     cols = [Collector(), Collector(), Collector()]
     jobs = [Job(Request("What is it?", [im[name]]), GREEDY, c) for name, c in zip(["square_256x256", "wide_512x192", "small_100x60"], cols)]
     for j in jobs:

@@ -25,6 +25,13 @@ def test_health_models_metrics(server):
     assert httpx.get(f"{server}/health").json()["status"] == "ok"
     models = httpx.get(f"{server}/v1/models").json()
     assert models["data"][0]["id"] == "convllava-tiny"
+    res = httpx.get(f"{server}/metrics")
+    assert res.status_code == 200 and res.headers["content-type"].startswith("text/plain")
+    metrics = res.text
+    for name in ("convllava_requests_total counter", "convllava_time_to_first_token_seconds histogram", "convllava_batch_size histogram"):
+        assert f"# TYPE {name}" in metrics, name
+    assert "convllava_queue_depth 0.0" in metrics and "convllava_running_sequences 0.0" in metrics  # nothing in flight
+    assert re.search(r"convllava_kv_cache_budget_bytes [1-9]", metrics)
 
 
 def test_openai_client_matches_pipeline(server, tiny_pipeline):
@@ -90,10 +97,10 @@ def test_body_limits(server):
 
 def test_queue_bound_gives_429(tiny_pipeline):
     """One running and two waiting: the rest get 429 with Retry-After, nobody gets anything else."""
-    from convllava_export.runtime.engine import EngineSettings
+    from convllava_export.runtime.serving_loop import LoopSettings
 
     limits = ServerLimits(max_body_bytes=2 << 20, max_image_pixels=2_000_000, max_tokens=64, max_queue=2)
-    with LiveServer(create_app(tiny_pipeline, "convllava-tiny", limits, EngineSettings(max_running=1))) as server:
+    with LiveServer(create_app(tiny_pipeline, "convllava-tiny", limits, LoopSettings(max_running=1))) as server:
         _queue_bound(server)
 
 

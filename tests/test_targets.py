@@ -11,7 +11,6 @@ from convllava_export.targets import (
     TARGET_NAMES,
     TARGETS,
     TRT_TARGETS,
-    VISION_PRECISIONS,
     check_target,
     get_target,
     resolve_target,
@@ -32,9 +31,9 @@ def refused(match: str, *args, **kwargs) -> str:
 
 
 def test_vision_precisions_match_the_export():
-    from convllava_export.export.vision import PRECISIONS
+    from convllava_export.precisions import names
 
-    assert VISION_PRECISIONS == PRECISIONS
+    PRECISIONS = names("vision")
     for target in TARGETS.values():
         assert set(target.vision_precisions) <= set(PRECISIONS), target.name
     assert TARGETS["tensorrt"].vision_precisions == PRECISIONS

@@ -31,8 +31,8 @@ from convllava_export.engines.tensorrt_llm import (
     trtllm_build_command,
 )
 from convllava_export.errors import BuildError, ConvLlavaError, ExportError
-from convllava_export.gates import SMOKE_GATES
-from convllava_export.precisions import LLM_RUNTIMES, ORT_LLM, TRTLLM_ENGINE, VISION, VISION_RUNTIMES
+from convllava_export.export.parts import BUILDERS
+from convllava_export.precisions import BACKENDS, LLM_RUNTIMES, VISION_RUNTIMES
 from convllava_export.prompt import IMAGE_TOKEN_INDEX
 from convllava_export.runtime.generation import TablePrompt, Timings, stream_generated
 from convllava_export.runtime.scheduler import generate
@@ -71,9 +71,9 @@ def test_old_and_jetson_versions():
 def test_precisions_per_route_and_gpu():
     check_precision("int8-sq", "engine")
     check_precision("int4-awq", "hf")
-    with pytest.raises(ExportError, match=r"tensorrt-llm engine route.*made by --format hf"):
+    with pytest.raises(BuildError, match=r"not available for tensorrt-llm with format 'engine'.*made by format hf"):
         check_precision("nvfp4", "engine")
-    with pytest.raises(ExportError, match=r"tensorrt-llm hf route.*made by --format engine"):
+    with pytest.raises(BuildError, match=r"not available for tensorrt-llm with format 'hf'.*made by format engine"):
         check_precision("int8-sq", "hf")
     with pytest.raises(ExportError, match="sm_100 or newer.*sm_90"):
         check_runs_here("nvfp4", (9, 0))
@@ -180,9 +180,10 @@ def test_teacher_forced_rows_from_context_logits():
 
 
 def test_one_list_each():
+    """Every (part, backend) of the table has a builder and a loader, and nothing else does."""
     assert set(registry.VISION) == set(VISION_RUNTIMES) and set(registry.LLM) == set(LLM_RUNTIMES)
-    assert all(p in SMOKE_GATES["vision"] for p in VISION)
-    assert all(p in SMOKE_GATES["llm"] for p in ORT_LLM + TRTLLM_ENGINE)
+    assert set(BUILDERS) == {(b.part, b.backend) for b in BACKENDS}
+    assert {(b.part, b.backend) for b in BACKENDS} <= {("vision", n) for n in registry.VISION} | {("llm", n) for n in registry.LLM}
 
 
 def test_registry_opens_what_the_manifest_names(tiny_build):
@@ -208,9 +209,9 @@ def test_build_refuses_tensorrt_llm_where_it_cannot_run(tiny_checkpoint, tmp_pat
     res = runner.invoke(cli, ["build", str(tiny_checkpoint), "-o", str(dest), "--target", "cpu", "--llm-backend", "tensorrt-llm", "--llm-precision", "int4-awq"])
     assert res.exit_code == 2 and "runs on an NVIDIA GPU" in res.output and not dest.exists()
     res = runner.invoke(cli, ["build", str(tiny_checkpoint), "-o", str(dest), "--llm-precision", "int4-awq"])
-    assert res.exit_code == 2 and "TensorRT-LLM precision" in res.output and not dest.exists()
+    assert res.exit_code == 2 and "int4-awq is made by the tensorrt-llm backend" in res.output and not dest.exists()
     res = runner.invoke(cli, ["build", str(tiny_checkpoint), "-o", str(dest), "--target", "tensorrt", "--llm-backend", "tensorrt-llm", "--llm-precision", "nvfp4"])
-    assert res.exit_code == 2 and "nvfp4" in res.output and not dest.exists()  # click: not a choice for build (engine flow)
+    assert res.exit_code == 2 and "with format 'engine'" in res.output and "nvfp4 is made by format hf" in res.output and not dest.exists()
     if importlib.util.find_spec("tensorrt") is None:
         res = runner.invoke(cli, ["build", str(tiny_checkpoint), "-o", str(dest), "--target", "tensorrt", "--llm-backend", "tensorrt-llm", "--llm-precision", "int4-awq"])
         assert res.exit_code == 2 and "needs TensorRT" in res.output and not dest.exists()
@@ -270,7 +271,7 @@ def test_a_tensorrt_llm_build_without_tensorrt_llm_names_the_extra(tiny_build, t
     """A build whose manifest names the tensorrt-llm LLM, opened where TensorRT-LLM is absent."""
     import shutil
 
-    from convllava_export.runtime.pipeline import Pipeline
+    from convllava_export.runtime.build_loader import load_pipeline
 
     if importlib.util.find_spec("tensorrt_llm") is not None:
         pytest.skip("TensorRT-LLM is installed: the refusal path is not reachable")
@@ -280,7 +281,7 @@ def test_a_tensorrt_llm_build_without_tensorrt_llm_names_the_extra(tiny_build, t
     manifest["llm"] = {**manifest["llm"], "backend": "tensorrt-llm", "precision": "int4-awq"}
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ConvLlavaError, match=r"convllava-export\[trtllm\]"):
-        Pipeline.from_build(copy, verify=False)
+        load_pipeline(copy, verify=False)
 
 
 def test_a_cpu_export_that_would_not_fit_is_refused_before_loading(tiny_checkpoint, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -118,8 +119,13 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no headless Chromium (apt-get install chromium)")
+def _under_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false")  # .ci/run exports CI=1
+
+
+@pytest.mark.skipif(_chromium() is None and not _under_ci(), reason="no headless Chromium (apt-get install chromium); with CI set this test fails instead")
 def test_html_report_in_headless_browser(quant_builds, tiny_checkpoint, tmp_path):
+    assert _chromium() is not None, "CI is set and no headless Chromium is installed: .ci/run installs it (apt-get install chromium)"
     out = tmp_path / "val"
     CliRunner().invoke(cli, ["validate", str(quant_builds[0]), str(quant_builds[1]), "--reference", str(tiny_checkpoint), "--data", "builtin:colour:4", "-o", str(out)])
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]

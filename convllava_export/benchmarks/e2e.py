@@ -116,12 +116,12 @@ def server_stats(pipe, clients: list[int], requests_per_client: int = 4, max_new
 
 
 def bench_e2e(builds: list[str | Path], clients: list[int], requests_per_client: int = 4, max_new_tokens: int = 32, threads: int | None = None, progress=print) -> dict[str, Any]:
-    from ..runtime.pipeline import Pipeline
+    from ..runtime.build_loader import load_pipeline
 
     results = []
     for b in builds:
         progress(f"{b}: pipeline timings")
-        pipe = Pipeline.from_build(b, threads=threads)
+        pipe = load_pipeline(b, threads=threads)
         stats = pipeline_stats(pipe, max_new_tokens=max_new_tokens)
         progress(f"{b}: server under {', '.join(map(str, clients))} concurrent clients")
         results.append({"build": str(b), "info": pipe.info, "pipeline": stats, "server": server_stats(pipe, clients, requests_per_client, max_new_tokens)})

@@ -99,17 +99,14 @@ def step_machine() -> dict[str, Any]:
 
 def step_build(checkpoint: str, dest: str, resolution: str, block: str = "128") -> dict[str, Any]:
     from ..build import BuildOptions, build
-    from ..export.llm import choose_graph
-
-    graph, why = choose_graph("auto", "int4")
     # random weights: near-flat logits, so token agreement carries no signal; the gate is off
     # here (figures still recorded) and the vision gate stays at its int8 default
     opts = BuildOptions(target="cpu", vision_precision="int8", llm_precision="int4", resolution=int(resolution), calib_images="builtin", calib_limit=8,
-                        llm_graph=graph, force=True, min_token_agreement=0.0, int4_block_size=int(block), extra={"llm_graph_why": why})
+                        llm_graph="auto", force=True, min_token_agreement=0.0, int4_block_size=int(block))
     manifest = build(checkpoint, dest, opts, progress=lambda m: print(m, file=sys.stderr, flush=True))
-    disk = sum(f["bytes"] for f in manifest["files"].values())
-    return {"stages": manifest["stages"], "estimate": manifest["estimate"], "checks": {k: v for k, v in manifest["checks"].items() if k != "timings"},
-            "build_seconds": manifest["build_seconds"], "build_disk_gb": round(disk / GB, 2), "llm_graph": graph, "peak_rss_gb": _peak_rss_gb()}
+    disk = sum(f["bytes"] for f in manifest.files.values())
+    return {"stages": manifest.stages, "estimate": manifest.estimate, "checks": {k: v for k, v in manifest.checks.items() if k != "timings"},
+            "build_seconds": manifest.build_seconds, "build_disk_gb": round(disk / GB, 2), "llm_graph": manifest.llm.graph, "peak_rss_gb": _peak_rss_gb()}
 
 
 def _sample(resolution: int, cfg) -> tuple[Any, str]:
@@ -124,10 +121,11 @@ def _sample(resolution: int, cfg) -> tuple[Any, str]:
 
 
 def step_run(build_dir: str, resolution: str, tokens: str) -> dict[str, Any]:
-    from ..runtime.pipeline import Pipeline, Request
+    from ..runtime.build_loader import load_pipeline
+    from ..runtime.pipeline import Request
     from ..runtime.sampling import SamplingParams
 
-    pipe = Pipeline.from_build(build_dir)
+    pipe = load_pipeline(build_dir)
     px, question = _sample(int(resolution), pipe.preprocess_cfg)
     pipe.generate([px], question, SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up (session arenas, first-run kernels)
     res = pipe.generate([px], question, SamplingParams(max_new_tokens=int(tokens), ignore_eos=True))

@@ -23,14 +23,14 @@ def bench_serve(
     from ray import serve
 
     from ..runtime import ray_serve
-    from ..runtime.pipeline import Pipeline
+    from ..runtime.build_loader import load_pipeline
 
     cpus = os.cpu_count() or 1
     bodies = chat_bodies(max_new_tokens, ignore_eos=True)
     rows: list[dict[str, Any]] = []
     if include_local:
         progress(f"single process ({cpus} threads): {clients} clients x {requests_per_client} requests")
-        pipe = Pipeline.from_build(build, threads=cpus)
+        pipe = load_pipeline(build, threads=cpus)
         stats = server_stats(pipe, [clients], requests_per_client, max_new_tokens, ignore_eos=True)[0]
         rows.append({"engine": "local", "replicas": 1, "threads_per_replica": cpus, **stats})
         del pipe

@@ -18,6 +18,8 @@ import numpy as np
 
 from ..errors import ConvLlavaError
 from ..preprocess import PreprocessConfig
+from .images import find_images, load_calibration_pixels, synthetic_pixels
+from .prompts import load_questions, multimodal_sequences
 
 SCHEMA = 1
 
@@ -26,9 +28,6 @@ def write_calibration_set(
     model, images: str | os.PathLike, dest: Path, cfg: PreprocessConfig, questions: list[str], limit: int = 64, max_mb: float = 512.0, progress: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Preprocess images in sorted order until `limit` images or `max_mb` megabytes."""
-    from .images import find_images, load_calibration_pixels
-    from .prompts import multimodal_sequences
-
     files = find_images(images)[:limit]
     pixels = load_calibration_pixels(images, cfg, limit, progress)
     budget = int(max_mb * 1e6)
@@ -94,9 +93,6 @@ def multimodal_calibration(
     `limit`), and one multimodal prompt per image: its fp32 features spliced into a templated
     question from `prompts` (JSONL; default: built in). A `calibrate` set brings its own spliced
     prompts (at most `limit`)."""
-    from .images import calibration_source
-    from .prompts import load_questions, multimodal_sequences
-
     calib = calib or "builtin"
     pixels, source = calibration_source(calib, cfg, limit, progress=progress)
     if calib != "builtin" and (Path(calib) / "calib.json").is_file():
@@ -107,3 +103,13 @@ def multimodal_calibration(
     if not pixels or not seqs:
         raise ConvLlavaError(f"no calibration data from {source}")
     return pixels, list(seqs), source
+
+
+def calibration_source(source: str | os.PathLike | None, cfg: PreprocessConfig, limit: int = 64, progress: Callable[[str], None] | None = None) -> tuple[list[np.ndarray], str]:
+    """Pixels from 'builtin', a calibration set (folder with calib.json) or a folder of images."""
+    if source in (None, "builtin"):
+        return synthetic_pixels(cfg, n=max(8, min(limit, 24))), "builtin synthetic images"
+    if (Path(source) / "calib.json").is_file():
+        pixels, _, _ = read_calibration_set(source, cfg)
+        return pixels[:limit], f"calibration set {source}"
+    return load_calibration_pixels(source, cfg, limit, progress), str(source)

@@ -61,15 +61,3 @@ def split_heldout(pixels: list[np.ndarray], fraction: float = 0.25) -> tuple[lis
         return pixels, pixels
     k = max(1, int(round(len(pixels) * fraction)))
     return pixels[:-k], pixels[-k:]
-
-
-def calibration_source(source: str | os.PathLike | None, cfg: PreprocessConfig, limit: int = 64, progress: Callable[[str], None] | None = None) -> tuple[list[np.ndarray], str]:
-    """Pixels from 'builtin', a calibration set (folder with calib.json) or a folder of images."""
-    if source in (None, "builtin"):
-        return synthetic_pixels(cfg, n=max(8, min(limit, 24))), "builtin synthetic images"
-    if (Path(source) / "calib.json").is_file():
-        from .dataset import read_calibration_set
-
-        pixels, _, _ = read_calibration_set(source, cfg)
-        return pixels[:limit], f"calibration set {source}"
-    return load_calibration_pixels(source, cfg, limit, progress), str(source)

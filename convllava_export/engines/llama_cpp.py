@@ -79,7 +79,7 @@ def write_gguf(model: Any, path: Path, checkpoint: Any = None) -> Path:
     shards tensor by tensor (7B)."""
     gguf = require("gguf", purpose=WHY)
     if checkpoint is not None:
-        from ..model.reference import llama_config
+        from ..model.config import llama_config
 
         cfg = llama_config(checkpoint.config)
     else:

@@ -1,7 +1,7 @@
 """One registry of runtime backends, keyed by what a build's manifest names.
 
-`manifest["vision"]["backend"]` picks the vision loader (onnxruntime, tensorrt, torch) and
-`manifest["llm"]["backend"]` the LLM loader (onnxruntime, whose decoder.json says dynamo or gqa
+`manifest.vision.backend` picks the vision loader (onnxruntime, tensorrt, torch) and
+`manifest.llm.backend` the LLM loader (onnxruntime, whose decoder.json says dynamo or gqa
 layout; tensorrt-llm; torch). `torch` loads the build's source checkpoint: the reference, to
 put beside a build's other part when looking for where a difference comes from (`run
 --vision-backend torch`, `run --llm-backend torch`). A loader takes a `LoadContext` and returns (backend, description);
@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError
+from ..manifest import Manifest
 from ..precisions import LLM_RUNTIMES, VISION_RUNTIMES
 
 
 @dataclass(frozen=True)
 class LoadContext:
     folder: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     threads: int | None = None
     device: str = "cpu"  # where ONNX Runtime runs: the target's device unless overridden
 
@@ -47,7 +48,7 @@ def _register(table: dict[str, Loader], known: tuple[str, ...], name: str) -> Ca
 def open_backend(part: str, ctx: LoadContext, name: str | None = None) -> tuple[Any, str]:
     """The `part` ('vision' or 'llm') backend named by the manifest, or `name` to override it."""
     table = VISION if part == "vision" else LLM
-    name = name or ctx.manifest[part].get("backend", "onnxruntime")
+    name = name or ctx.manifest.part(part).backend
     if name not in table:
         raise BuildError(f"unknown {part} backend '{name}' (this version runs {', '.join(table)}); upgrade convllava-export or rebuild")
     return table[name](ctx)
@@ -62,23 +63,22 @@ def _ort_vision(ctx: LoadContext) -> tuple[Any, str]:
     from .onnxruntime import OrtVision
     from .profiles import VisionProfile
 
-    part = ctx.manifest["vision"]
-    graph = (part.get("ort_graph") if ctx.device == "cpu" else None) or part["graph"]  # the CPU-optimized graph where built
-    vision = OrtVision(ctx.folder / graph, ctx.device, ctx.threads, VisionProfile.from_dict(part["profile"]))
-    return vision, f"onnxruntime {part['precision']} ({ctx.device})"
+    part = ctx.manifest.vision
+    graph = (part.ort_graph if ctx.device == "cpu" else None) or part.graph  # the CPU-optimized graph where built
+    vision = OrtVision(ctx.folder / graph, ctx.device, ctx.threads, VisionProfile.from_dict(part.profile))
+    return vision, f"onnxruntime {part.precision} ({ctx.device})"
 
 
 @_register(VISION, VISION_RUNTIMES, "tensorrt")
 def _trt_vision(ctx: LoadContext) -> tuple[Any, str]:
     from .tensorrt import TrtVision
 
-    return TrtVision(ctx.folder / "vision"), f"tensorrt {ctx.manifest['vision']['precision']}"
+    return TrtVision(ctx.folder / "vision"), f"tensorrt {ctx.manifest.vision.precision}"
 
 
 @_register(VISION, VISION_RUNTIMES, "torch")
 def _torch_vision(ctx: LoadContext) -> tuple[Any, str]:
-    from ..model.reference import ReferenceModel
-    from ..runtime.pipeline import TorchVision
+    from ..model.reference import ReferenceModel, TorchVision
 
     src = _source(ctx)
     ref = ReferenceModel.load(src["checkpoint"], vision_tower=src.get("vision_tower"), load_llm=False)
@@ -93,16 +93,16 @@ def _torch_vision(ctx: LoadContext) -> tuple[Any, str]:
 def _ort_llm(ctx: LoadContext) -> tuple[Any, str]:
     from .onnxruntime import open_decoder
 
-    part = ctx.manifest["llm"]
-    return open_decoder(ctx.folder / part["folder"], ctx.device, ctx.threads), f"onnxruntime {part['precision']} ({part.get('graph', 'dynamo')} graph, {ctx.device})"
+    part = ctx.manifest.llm
+    return open_decoder(ctx.folder / part.folder, ctx.device, ctx.threads), f"onnxruntime {part.precision} ({part.graph} graph, {ctx.device})"
 
 
 @_register(LLM, LLM_RUNTIMES, "tensorrt-llm")
 def _trtllm(ctx: LoadContext) -> tuple[Any, str]:
     from .tensorrt_llm import TrtLlmGenerator
 
-    part = ctx.manifest["llm"]
-    return TrtLlmGenerator(ctx.folder / part["folder"]), f"tensorrt-llm {part['precision']}"
+    part = ctx.manifest.llm
+    return TrtLlmGenerator(ctx.folder / part.folder), f"tensorrt-llm {part.precision}"
 
 
 @_register(LLM, LLM_RUNTIMES, "torch")
@@ -115,7 +115,7 @@ def _torch_llm(ctx: LoadContext) -> tuple[Any, str]:
 
 
 def _source(ctx: LoadContext) -> dict[str, Any]:
-    src = ctx.manifest.get("source", {})
+    src = ctx.manifest.source
     if not src.get("checkpoint") or not Path(src["checkpoint"]).is_dir():
         raise BuildError(f"the torch backend loads the build's source checkpoint, and {src.get('checkpoint')!r} is not a folder here")
     return src

@@ -34,7 +34,8 @@ import torch
 
 from ..errors import BuildError, ConvLlavaError, ExportError, first_line
 from ..extras import require
-from ..precisions import AWQ, MODELOPT, TRTLLM_ENGINE, TRTLLM_HF, TRTLLM_MIN_CC
+from ..precisions import AWQ, MODELOPT, TRTLLM_HF
+from ..precisions import precision as precision_row
 from ..targets import sm
 
 META = "convllava_trtllm.json"  # written beside a checkpoint / engine: precision, table base, calibration
@@ -86,12 +87,12 @@ def check_trtllm_version(version: str, target: str = "tensorrt") -> tuple[int, i
 
 
 def check_precision(precision: str, fmt: str = "engine") -> None:
-    """`precision` is made by this route (`engine` or `hf`)."""
-    allowed = TRTLLM_ENGINE if fmt == "engine" else TRTLLM_HF
-    if precision not in allowed:
-        other = "hf" if fmt == "engine" else "engine"
-        also = f" ({precision} is made by --format {other})" if precision in (TRTLLM_HF if fmt == "engine" else TRTLLM_ENGINE) else ""
-        raise ExportError(f"precision '{precision}' is not available for the tensorrt-llm {fmt} route (use {', '.join(allowed)}){also}")
+    """`precision` is made by this route (`engine` or `hf`): the table's one refusal."""
+    _row(precision, format=fmt)
+
+
+def _row(name: str, **where: str):
+    return precision_row("llm", "tensorrt-llm", name, **where)
 
 
 def gpu_note(precision: str, compute_capability: tuple[int, int] | None) -> str | None:
@@ -99,7 +100,7 @@ def gpu_note(precision: str, compute_capability: tuple[int, int] | None) -> str 
 
     Making the checkpoint needs no GPU: ModelOpt 0.47 calibrates and packs fp8, nvfp4 and
     w4a8-awq on the CPU too (tests/test_trtllm.py); running them needs the tensor cores."""
-    need = TRTLLM_MIN_CC.get(precision)
+    need = _row(precision).min_cc
     if need and (compute_capability is None or tuple(compute_capability) < need):
         return f"{precision} runs on GPUs of {sm(need)} or newer, and this machine has {sm(compute_capability)}"
     return None

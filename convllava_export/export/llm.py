@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
-from ..precisions import GQA_LLM, LLM_GRAPHS, ORT_LLM
+from ..precisions import part_backend
+from ..precisions import precision as precision_row
 from ..model.reference import CACHE_KWARG
 from .spec import PartSpec, decoder_spec
 from .stream_quant import BLOCK_SIZE
@@ -128,7 +129,8 @@ def choose_graph(requested: str, precision: str) -> tuple[str, str]:
         return requested, f"--llm-graph {requested}"
     from .llm_gqa import genai_available
 
-    if precision in ("int4", "int8") and precision in GQA_LLM:
+    row = part_backend("llm", "onnxruntime").get(precision)
+    if row is not None and row.block_scaled and "gqa" in row.graphs:
         if genai_available():
             return "gqa", f"auto: fused gqa layout for {precision} (onnxruntime-genai installed)"
         return "dynamo", "auto: dynamo graph (onnxruntime-genai not installed; pip install 'convllava-export[genai]' for the faster gqa layout)"
@@ -153,10 +155,7 @@ def export_llm_onnxruntime(
     onnxruntime-genai's builder, see llm_gqa.py; it reads the checkpoint's shards itself
     (`checkpoint`: a CheckpointInfo) or saves `llm`.
     """
-    if precision not in ORT_LLM:
-        raise ExportError(f"precision '{precision}' is not available for the onnxruntime backend (use {', '.join(ORT_LLM)})")
-    if graph not in LLM_GRAPHS:
-        raise ExportError(f"unknown decoder graph '{graph}' (use {', '.join(LLM_GRAPHS)})")
+    precision_row("llm", "onnxruntime", precision, graph=graph)  # the table's one refusal
     folder.mkdir(parents=True, exist_ok=True)
     if graph == "gqa":
         from .llm_gqa import export_decoder_gqa
@@ -202,6 +201,6 @@ def export_llm_from_checkpoint(
 
     if graph == "gqa":
         return export_llm_onnxruntime(None, folder, precision, block_size, progress, "gqa", info.path, checkpoint=info)
-    dtype = trace_dtype(model_size(info), precision, budget)
+    dtype = trace_dtype(model_size(info), precision_row("llm", "onnxruntime", precision, graph=graph), budget)
     ref = ReferenceModel.load(info.path, vision_tower=info.tower_path, dtype=dtype, load_vision=False, progress=progress)
     return export_llm_onnxruntime(ref.llm, folder, precision, block_size, progress, "dynamo", info.path)

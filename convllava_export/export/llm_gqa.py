@@ -31,7 +31,7 @@ from torch import nn
 
 from ..checkpoint import EMBED_KEY, CheckpointInfo, read_tensor
 from ..errors import ExportError
-from ..precisions import GQA_LLM
+from ..precisions import precision as precision_row
 from .spec import PartSpec, TensorSpec
 from .stream_quant import BLOCK_SIZE
 
@@ -112,7 +112,7 @@ def write_llm_folder(info: CheckpointInfo, dest: Path) -> None:
     dtype the weights are stored in, the weight index, and links to the shards (the projector
     and tower keys in them are ignored by LlamaForCausalLM). No weight is copied."""
     from ..checkpoint import WEIGHT_INDEX_NAMES, weights_dtype
-    from ..model.reference import llama_config
+    from ..model.config import llama_config
 
     dest.mkdir(parents=True)
     cfg = llama_config(info.config).to_dict()
@@ -145,8 +145,7 @@ def export_decoder_gqa(
     """
     from .stream_quant import rewrite_weights
 
-    if precision not in GQA_LLM:
-        raise ExportError(f"precision '{precision}' is not available for the gqa graph (use {', '.join(GQA_LLM)})")
+    precision_row("llm", "onnxruntime", precision, graph="gqa")
     if not genai_available():
         raise ExportError("the gqa graph is built by onnxruntime-genai's model builder: pip install onnxruntime-genai (or use the default graph)")
     if (llm is None) == (checkpoint is None):

@@ -23,15 +23,22 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from ..errors import ExportError
+from ..precisions import names, part_backend
 from ..progress import Meter
 
 Progress = Callable[[str], None]
-WEIGHT_BITS = {"int4": 4, "int8": 8}
 # Weights per scale. 128 rather than llama.cpp's 32: on the 7B shapes it decoded 1.46x faster,
 # prefilled 1.6x faster and took 1.9 GB less memory at run time than 32, and on the trained mid
 # model it agreed better with the reference (top-1 0.993 vs 0.964; docs/real-size.md).
 BLOCK_SIZE = 128
-REWRITE_PRECISIONS = ("fp32", "int8", "int4")
+# what the rewrite makes: fp32, and every blockwise ONNX Runtime row (its bits from the row)
+REWRITE_PRECISIONS = ("fp32",) + names("llm", "onnxruntime", block_scaled=True)
+
+
+def weight_bits(precision: str) -> int | None:
+    """4 or 8 for a blockwise row (MatMulNBits), None for fp32."""
+    row = part_backend("llm", "onnxruntime").get(precision)
+    return int(row.weight_bytes * 8) if row is not None and row.block_scaled else None
 LOW_FLOATS = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 FLOATS = (TensorProto.FLOAT, *LOW_FLOATS)
 INLINE_BYTES = 1024  # smaller tensors stay inside the .onnx file
@@ -126,7 +133,7 @@ def rewrite_weights(src: Path, dest: Path, precision: str, block_size: int = BLO
     """
     if precision not in REWRITE_PRECISIONS:
         raise ExportError(f"cannot rewrite a decoder to '{precision}' (use {', '.join(REWRITE_PRECISIONS)})")
-    bits = WEIGHT_BITS.get(precision)
+    bits = weight_bits(precision)
     if bits and (block_size < 16 or block_size & (block_size - 1)):
         raise ExportError(f"{precision} block size must be a power of two >= 16, got {block_size}")
     src, dest = Path(src), Path(dest)

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from ..precisions import precision as precision_row
+
 Progress = Callable[[str], None]
 
 
@@ -51,7 +53,7 @@ def export_llm_tensorrt(
     cuda = _cuda()  # calibrate on the GPU when there is one (the model is held in GPU memory there)
     dtype = "fp16" if cuda else _cpu_dtype(checkpoint, vision_tower, precision, progress)
     ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, dtype=dtype, device="cuda" if cuda else "cpu", progress=progress)
-    seqs: Sequence[np.ndarray] = [] if precision == "fp16" else calibration_sequences(ref, calib_images, prompts, calib_limit, progress)
+    seqs: Sequence[np.ndarray] = [] if not precision_row("llm", "tensorrt-llm", precision).calibrated else calibration_sequences(ref, calib_images, prompts, calib_limit, progress)
     llm, info = ref.llm, ref.info
     del ref  # the tower goes before ModelOpt builds its quantized copy of the LLM
     release_memory()
@@ -75,7 +77,7 @@ def _cpu_dtype(checkpoint: str | Path, vision_tower: str | Path | None, precisio
 
     size, budget = model_size(read_checkpoint(checkpoint, vision_tower)), available_memory()
     dtype, why = reference_dtype(size, "auto", with_vision=True, budget=budget)
-    phases = trtllm_export_memory(size, precision, dtype)
+    phases = trtllm_export_memory(size, precision_row("llm", "tensorrt-llm", precision), dtype)
     worst = max(phases, key=phases.__getitem__)
     progress(f"estimated peak memory {phases[worst] / GB:.1f} GB ({worst}), {budget / GB:.1f} GB available; the LLM in {dtype}: {why}")
     if phases[worst] > budget:

@@ -18,8 +18,7 @@ import onnx
 import torch
 
 from ..errors import ExportError
-from ..precisions import CALIBRATED_VISION
-from ..precisions import VISION as PRECISIONS
+from ..precisions import precision as precision_row
 from ..model.vision import VisionEncoder, config_stride
 from .spec import PartSpec, vision_spec
 
@@ -281,9 +280,7 @@ def export_vision(
     """
     from ..engines.onnxruntime import OrtVision, save_optimized
 
-    if precision not in PRECISIONS:
-        raise ExportError(f"unknown vision precision '{precision}' (use {', '.join(PRECISIONS)})")
-    if precision in CALIBRATED_VISION and not calib_pixels:
+    if precision_row("vision", "onnxruntime", precision).calibrated and not calib_pixels:
         raise ExportError(f"{precision} needs calibration images (--calib-images DIR)")
     folder.mkdir(parents=True, exist_ok=True)
     scratch = folder / "fp32" if precision != "fp32" else folder
@@ -347,16 +344,17 @@ def export_vision_from_checkpoint(
 ) -> VisionExport:
     """`export vision`: the checkpoint's tower + projector into a new folder `output` (written
     whole or not at all), with the engine profile (min, opt, max HxW; max batch) in its spec."""
-    from ..calibration.images import calibration_source, split_heldout
+    from ..calibration.dataset import calibration_source
+    from ..calibration.images import split_heldout
     from ..engines.profiles import VisionProfile
     from ..fsutil import atomic_output_dir, check_destination
     from ..model.reference import ReferenceModel
     from ..options import check_vision
     from ..preprocess import PreprocessConfig
 
-    check_vision(precision)
+    row = check_vision("onnxruntime", precision)
     check_destination(output, force)
-    if calib_images is None and precision in CALIBRATED_VISION:
+    if calib_images is None and row.calibrated:
         raise ExportError(
             f"{precision} needs calibration images: pass --calib-images DIR (images like those you will serve), "
             "a set from `convllava-export calibrate`, or --calib-images builtin for the synthetic set"

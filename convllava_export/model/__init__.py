@@ -1,6 +1,6 @@
-"""The PyTorch reference model: ConvNeXt† tower, mlp2x_gelu projector, LLaMA decoder."""
+"""The PyTorch reference model: ConvNeXt† tower, mlp2x_gelu projector, LLaMA decoder.
 
-from .reference import ReferenceModel
-from .vision import ConvNextFeatures, VisionEncoder, build_projector
-
-__all__ = ["ConvNextFeatures", "ReferenceModel", "VisionEncoder", "build_projector"]
+`config` (transformers configs of the parts), `vision` (tower + projector) and `reference`
+(the whole model, as the official code loads it). Import the module you need: this package
+file imports nothing, so reading a config does not load the reference.
+"""

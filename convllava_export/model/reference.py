@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import ConvNextConfig, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from ..checkpoint import (
     DTYPES,
@@ -27,29 +26,15 @@ from ..checkpoint import (
 )
 from ..runtime.kv import CacheShape, DenseDecoder
 from ..tokenizer import load_tokenizer
+from ..sizing import model_size, reference_dtype
+from .config import llama_config, tower_config
 from .vision import ConvNextFeatures, VisionEncoder, build_projector
 
 log = logging.getLogger(__name__)
 
 # transformers renamed `past_key_values` to `cache` in 5.x; use whichever this version takes
 CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
-LLAVA_ONLY_FIELDS = {"architectures", "model_type", "_name_or_path", "transformers_version", "torch_dtype"}
 TOWER_UNUSED = ("layernorm.",)  # ConvNextModel's pooled norm: saved by some releases, never used
-
-
-def llama_config(config: dict[str, Any]) -> LlamaConfig:
-    """The LLaMA part of a LLaVA config.json."""
-    fields = {k: v for k, v in config.items() if k not in LLAVA_ONLY_FIELDS and not k.startswith("mm_")}
-    if fields.get("rope_scaling") is None:
-        fields.pop("rope_scaling", None)
-    with warnings.catch_warnings():  # 'rope_scaling is deprecated': released configs use it
-        warnings.simplefilter("ignore", FutureWarning)
-        return LlamaConfig(**fields)
-
-
-def tower_config(config: dict[str, Any]) -> ConvNextConfig:
-    fields = {k: v for k, v in config.items() if k not in LLAVA_ONLY_FIELDS}
-    return ConvNextConfig(**fields)
 
 
 def _meta_shapes(module: nn.Module, prefix: str = "") -> dict[str, tuple[int, ...]]:
@@ -91,9 +76,7 @@ class ReferenceModel:
     ) -> ReferenceModel:
         info = read_checkpoint(path, vision_tower)
         say = progress or (lambda msg: None)
-        if dtype == "auto":  # the LLM in fp32 when it fits in the memory available, else in the checkpoint's
-            from ..sizing import model_size, reference_dtype  # dtype; the tower (2.8 GB at 7B) stays fp32
-
+        if dtype == "auto":  # the LLM in fp32 when it fits in the memory available, else in the checkpoint's; the tower (2.8 GB at 7B) stays fp32
             dtype, why = reference_dtype(model_size(info), "auto", with_vision=load_vision) if load_llm else ("fp32", "vision only")
             say(f"reference dtype {dtype}: {why}")
             vision_dtype = torch.float32
@@ -198,14 +181,15 @@ class ReferenceModel:
         table = self.llm.get_input_embeddings()
         return table(torch.as_tensor(ids, dtype=torch.long, device=self.device)).float().cpu().numpy()
 
-    def parameter_counts(self) -> dict[str, int]:
-        counts = {}
-        if self.vision is not None:
-            counts["vision_tower"] = sum(p.numel() for p in self.vision.tower.parameters())
-            counts["projector"] = sum(p.numel() for p in self.vision.projector.parameters())
-        if self.llm is not None:
-            counts["llm"] = sum(p.numel() for p in self.llm.parameters())
-        return counts
+
+class TorchVision:
+    """The reference vision encoder behind runtime/pipeline.py's VisionBackend protocol."""
+
+    def __init__(self, model: ReferenceModel) -> None:
+        self.model = model
+
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.model.encode_images(pixel_values)
 
 
 class TorchDecoder(DenseDecoder):

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import BuildError
 from ..fsutil import json_sha256, sha256_file, spot_sha256
+from ..manifest import Manifest, read_manifest
 from ..preprocess import PreprocessConfig
 from .pipeline import Pipeline
 
@@ -38,7 +39,7 @@ def _present(folder: Path) -> set[str]:
 
 
 def check_files(
-    folder: Path, manifest: dict[str, Any], full: bool = False, full_hash_limit: int = FULL_HASH_LIMIT, progress: Callable[[int], None] | None = None
+    folder: Path, files: dict[str, Any], integrity: dict[str, Any] | None, full: bool = False, full_hash_limit: int = FULL_HASH_LIMIT, progress: Callable[[int], None] | None = None
 ) -> FileCheck:
     """Compare a build folder with its manifest; see `verify_files` for what is checked when.
 
@@ -46,8 +47,6 @@ def check_files(
     """
     folder = Path(folder)
     result = FileCheck()
-    files: dict[str, Any] = manifest.get("files", {})
-    integrity = manifest.get("integrity")
     if integrity is not None and json_sha256(files) != integrity.get("files_sha256"):
         result.problems.append("manifest.json's file list was edited (its digest does not match)")
     for rel in sorted(_present(folder) - files.keys() - {"manifest.json"}):
@@ -74,7 +73,7 @@ def check_files(
     return result
 
 
-def verify_files(folder: Path, manifest: dict[str, Any], mode: str | bool = True, full_hash_limit: int = FULL_HASH_LIMIT) -> None:
+def verify_files(folder: Path, files: dict[str, Any], integrity: dict[str, Any] | None, mode: str | bool = True, full_hash_limit: int = FULL_HASH_LIMIT) -> None:
     """Refuse a build that differs from its manifest (corruption, a partial copy, an accidental edit).
 
     Load-time checks (`mode=True`): the digest of the manifest's file list; no file that the list
@@ -87,7 +86,7 @@ def verify_files(folder: Path, manifest: dict[str, Any], mode: str | bool = True
     """
     if not mode:
         return
-    result = check_files(folder, manifest, full=mode == "full", full_hash_limit=full_hash_limit)
+    result = check_files(folder, files, integrity, full=mode == "full", full_hash_limit=full_hash_limit)
     if result.problems:
         raise BuildError(f"build folder {folder} was modified or is incomplete: {'; '.join(result.problems[:5])}. Rebuild it.")
     if result.size_only:
@@ -97,9 +96,9 @@ def verify_files(folder: Path, manifest: dict[str, Any], mode: str | bool = True
         )
 
 
-def check_libraries(manifest: dict[str, Any]) -> None:
+def check_libraries(manifest: Manifest) -> None:
     """ONNX Runtime must be at least the version that built the graphs (opset/kernels)."""
-    built = manifest.get("libraries", {}).get("onnxruntime") or manifest.get("libraries", {}).get("onnxruntime-gpu")
+    built = manifest.libraries.get("onnxruntime") or manifest.libraries.get("onnxruntime-gpu")
     if not built:
         return
     try:
@@ -114,23 +113,23 @@ def check_libraries(manifest: dict[str, Any]) -> None:
         raise BuildError(f"this build was made with onnxruntime {built}; installed is {here}, which may lack its operators. Upgrade onnxruntime or rebuild here.")
 
 
-def preprocess_config(manifest: dict[str, Any]) -> PreprocessConfig:
-    pre = manifest["preprocess"]
+def preprocess_config(manifest: Manifest) -> PreprocessConfig:
+    pre = manifest.preprocess
     return PreprocessConfig(**{**pre, "mean": tuple(pre["mean"]), "std": tuple(pre["std"]), "size": tuple(pre["size"]) if pre.get("size") else None})
 
 
-def load_context(folder: Path, manifest: dict[str, Any], threads: int | None = None, device: str | None = None) -> Any:
+def load_context(folder: Path, manifest: Manifest, threads: int | None = None, device: str | None = None) -> Any:
     """What every backend loader gets (engines/registry.py): ONNX Runtime runs on the target's
     device unless `device` overrides it."""
     from ..engines.registry import LoadContext
     from ..targets import get_target
 
-    return LoadContext(Path(folder), manifest, threads or manifest.get("threads"), device or get_target(manifest["target"]).ort_device)
+    return LoadContext(Path(folder), manifest, threads or manifest.threads, device or get_target(manifest.target).ort_device)
 
 
 def load_pipeline_from_manifest(
     folder: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     verify: str | bool = True,
     threads: int | None = None,
     vision_backend: str | None = None,
@@ -146,7 +145,7 @@ def load_pipeline_from_manifest(
     from ..tokenizer import load_tokenizer
 
     folder = Path(folder)
-    verify_files(folder, manifest, verify)
+    verify_files(folder, manifest.files, manifest.integrity, verify)
     check_libraries(manifest)
     ctx = load_context(folder, manifest, threads, device)
     vision, vision_info = open_backend("vision", ctx, vision_backend) if "vision" in parts else (None, "not loaded")
@@ -154,18 +153,16 @@ def load_pipeline_from_manifest(
     tokenizer = load_tokenizer(folder / "tokenizer")
     info = {
         "build": folder.resolve().name,  # not the path: /health is public
-        "target": manifest["target"],
+        "target": manifest.target,
         "vision": vision_info,
         "llm": llm_info,
-        "max_images": VisionProfile.from_dict(manifest["vision"]["profile"]).max_batch,  # images per vision-engine run
+        "max_images": VisionProfile.from_dict(manifest.vision.profile).max_batch,  # images per vision-engine run
     }
     pipe = Pipeline(vision, decoder, tokenizer, preprocess_config(manifest), info)
-    pipe.max_context = int(manifest.get("token_budget", {}).get("max_context", 2048))
+    pipe.max_context = manifest.max_context
     return pipe
 
 
 def load_pipeline(folder: str | Path, verify: str | bool = True, threads: int | None = None, **kw: Any) -> Pipeline:
-    from ..manifest import read_manifest
-
     folder = Path(folder)
     return load_pipeline_from_manifest(folder, read_manifest(folder), verify, threads, **kw)

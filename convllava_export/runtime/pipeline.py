@@ -30,16 +30,6 @@ class VisionBackend(Protocol):
     def encode(self, pixel_values: np.ndarray) -> np.ndarray: ...
 
 
-class TorchVision:
-    """The reference vision encoder behind the VisionBackend protocol."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self.model.encode_images(pixel_values)
-
-
 @dataclass
 class Request:
     """One prompt with its images; `prompt` may hold `<image>` placeholders, else images lead."""
@@ -70,16 +60,10 @@ class Pipeline:
 
     @classmethod
     def from_reference(cls, model: Any, preprocess_cfg: PreprocessConfig | None = None) -> Pipeline:
-        from ..model.reference import TorchDecoder
+        from ..model.reference import TorchDecoder, TorchVision  # torch only when asked for
 
         cfg = preprocess_cfg or PreprocessConfig.from_preprocessor_config(model.info.preprocessor_config)
         return cls(TorchVision(model), TorchDecoder(model), model.tokenizer, cfg, {"backend": "torch"})
-
-    @classmethod
-    def from_build(cls, build_dir: Any, **kwargs: Any) -> Pipeline:
-        from .build_loader import load_pipeline
-
-        return load_pipeline(build_dir, **kwargs)
 
     # -- preparing inputs -----------------------------------------------------------------
     def vision_batch(self) -> int | None:

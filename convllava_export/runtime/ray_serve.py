@@ -3,7 +3,7 @@
     HTTP ─► Ingress (FastAPI: the single-process server's app, same API and limits)
               │ decode + preprocess images, then per image
               ├─► VisionEncoder  (@serve.batch: concurrent images of equal shape share a run)
-              └─► LLMWorker × N  (one request at a time each: a decoder holds one KV cache)
+              └─► LLMWorker × N  (a ServingLoop each: requests batched in flight, admitted by KV bytes)
 
 The same application is built from Python (`convllava-export serve --engine ray`) and from a
 Serve config (`serve deploy`, KubeRay's RayService) through `app_builder`, with the
@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import ConvLlavaError
 from ..extras import require
+from ..manifest import Manifest
 
 require("ray.serve", "ray", "serving on Ray (--engine ray)")
 from ray import serve  # noqa: E402
@@ -31,7 +32,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError 
 from ..prompt import Conversation  # noqa: E402
 from .generation import Timings, TokenEvent  # noqa: E402
 from .sampling import SamplingParams  # noqa: E402
-from .engine import EngineFault, EngineSettings, Finished, QueueFull  # noqa: E402
+from .serving_loop import Finished, LoopSettings, QueueFull, ServerFault  # noqa: E402
 from .server import ApiError, ImageSource, ServerLimits, create_app, image_pixels  # noqa: E402
 from ..targets import GPU_TARGETS  # noqa: E402
 
@@ -48,7 +49,7 @@ class RayServeOptions:
     replicas: int = 1  # LLM replicas when not autoscaling
     min_replicas: int | None = None  # set both min and max to autoscale the LLM replicas
     max_replicas: int | None = None
-    target_ongoing_requests: float = 1.0  # per LLM replica (each runs one request at a time)
+    target_ongoing_requests: float = 1.0  # per LLM replica (each batches up to max_running of them in flight)
     vision_replicas: int = 1
     gpus_per_replica: float | None = None  # LLM replica; None: 1 for GPU builds, 0 for CPU builds
     vision_gpus: float | None = None  # vision replica; None: 0.5 for GPU builds, 0 for CPU builds
@@ -59,10 +60,10 @@ class RayServeOptions:
     retries: int = 2  # re-route a request whose LLM replica died before it produced a token
     stream_interval_s: float = 0.02  # LLM replicas send tokens in lists at most this often
     limits: dict[str, Any] = field(default_factory=dict)  # ServerLimits fields
-    engine: dict[str, Any] = field(default_factory=dict)  # EngineSettings fields: each LLM replica runs one Engine
+    engine: dict[str, Any] = field(default_factory=dict)  # LoopSettings fields (a Serve-config key): each LLM replica runs one ServingLoop
 
-    def engine_settings(self) -> EngineSettings:
-        return EngineSettings(**self.engine)
+    def loop_settings(self) -> LoopSettings:
+        return LoopSettings(**self.engine)
 
     @classmethod
     def from_dict(cls, args: dict[str, Any]) -> RayServeOptions:
@@ -84,7 +85,7 @@ class RayServeOptions:
         if self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
             raise ConvLlavaError("--max-batch-size must be >= 1 and --batch-wait-ms >= 0")
         ServerLimits(**self.limits)  # unknown limit names fail here, before anything starts
-        self.engine_settings().validate()
+        self.loop_settings().validate()
 
 
 def deployment_options(opts: RayServeOptions, target: str) -> dict[str, dict[str, Any]]:
@@ -95,7 +96,7 @@ def deployment_options(opts: RayServeOptions, target: str) -> dict[str, dict[str
     common = {"health_check_period_s": 10.0, "health_check_timeout_s": 60.0, "graceful_shutdown_wait_loop_s": 2.0, "graceful_shutdown_timeout_s": 30.0}
     llm: dict[str, Any] = {
         **common,
-        "max_ongoing_requests": opts.engine_settings().max_running,  # one Engine batches them
+        "max_ongoing_requests": opts.loop_settings().max_running,  # one ServingLoop batches them
         "ray_actor_options": {"num_cpus": opts.cpus_per_replica, "num_gpus": llm_gpus},
     }
     if opts.min_replicas is not None:
@@ -108,7 +109,7 @@ def deployment_options(opts: RayServeOptions, target: str) -> dict[str, dict[str
     else:
         llm["num_replicas"] = opts.replicas
     limits = ServerLimits(**opts.limits)
-    llm_capacity = (opts.max_replicas if opts.max_replicas is not None else opts.replicas) * opts.engine_settings().max_running
+    llm_capacity = (opts.max_replicas if opts.max_replicas is not None else opts.replicas) * opts.loop_settings().max_running
     return {
         "Ingress": {**common, "num_replicas": 1, "max_ongoing_requests": max(64, 4 * (llm_capacity + limits.max_queue)), "ray_actor_options": {"num_cpus": 0}},
         "VisionEncoder": {
@@ -122,10 +123,10 @@ def deployment_options(opts: RayServeOptions, target: str) -> dict[str, dict[str
 
 
 def worker_error(exc: BaseException) -> WorkerError:
-    """A client's mistake is a 400; the server's own failure (an EngineFault or anything else) a 500."""
+    """A client's mistake is a 400; the server's own failure (a ServerFault or anything else) a 500."""
     if isinstance(exc, ConvLlavaError):
         return WorkerError(400, str(exc))
-    return WorkerError(500, str(exc) if isinstance(exc, EngineFault) else "generation failed on an LLM replica")
+    return WorkerError(500, str(exc) if isinstance(exc, ServerFault) else "generation failed on an LLM replica")
 
 
 @dataclass
@@ -175,7 +176,7 @@ class VisionEncoder:
 
 @serve.deployment(name="LLMWorker")
 class LLMWorker:
-    """The build's decoder and tokenizer under one Engine: the requests routed here are batched
+    """The build's decoder and tokenizer under one ServingLoop: the requests routed here are batched
     in flight, with prefix reuse across them.
 
     Tokens travel in small lists, at most one list per `stream_interval_s` (the first token
@@ -183,27 +184,27 @@ class LLMWorker:
     decode step, while 20 ms of grouping is invisible to a reader.
     """
 
-    def __init__(self, build_dir: str, threads: int | None, stream_interval_s: float = 0.02, engine: dict[str, Any] | None = None) -> None:
+    def __init__(self, build_dir: str, threads: int | None, stream_interval_s: float = 0.02, loop_settings: dict[str, Any] | None = None) -> None:
         from .build_loader import load_pipeline
-        from .engine import Engine
+        from .serving_loop import ServingLoop
 
         self.pipeline = load_pipeline(build_dir, threads=threads, parts=("llm",))
-        self.engine = Engine(self.pipeline, EngineSettings(**(engine or {})))
+        self.serving_loop = ServingLoop(self.pipeline, LoopSettings(**(loop_settings or {})))
         self.interval = stream_interval_s
 
     async def stream(self, conv: Conversation, image_embeds: list[np.ndarray], params: SamplingParams, timings: Timings) -> AsyncIterator[list[TokenEvent | Finished | WorkerError]]:
         """An async generator, so that Serve's cancellation (the client went away, the ingress
-        cancelled the call) reaches it at its next await and frees the engine slot at once."""
+        cancelled the call) reaches it at its next await and frees its slot in the serving loop at once."""
         from .pipeline import Request
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         try:
-            handle = self.engine.submit(Request(conv), params, lambda item: loop.call_soon_threadsafe(events.put_nowait, item), image_embeds=image_embeds, timings=timings)
+            handle = self.serving_loop.submit(Request(conv), params, lambda item: loop.call_soon_threadsafe(events.put_nowait, item), image_embeds=image_embeds, timings=timings)
         except ConvLlavaError as exc:
             yield [WorkerError(429 if isinstance(exc, QueueFull) else 400, str(exc))]
             return
-        except EngineFault as exc:
+        except ServerFault as exc:
             yield [WorkerError(503, str(exc))]
             return
         last = 0.0  # the first token is sent at once
@@ -233,39 +234,39 @@ class LLMWorker:
             handle.cancel()
 
     def stats(self) -> dict[str, int]:
-        st = self.engine.stats
+        st = self.serving_loop.stats
         return {"replica": id(self), "running": st.running, "waiting": st.waiting, "decoded_rows": st.decoded_rows, "kv_bytes": st.kv_bytes}
 
     def __del__(self) -> None:
         """Serve calls this when it shuts the replica down: end what still runs, stop the threads."""
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.close(timeout=2.0)
+        serving_loop = getattr(self, "serving_loop", None)
+        if serving_loop is not None:
+            serving_loop.close(timeout=2.0)
 
     def check_health(self) -> None:
-        if self.pipeline.decoder is None or not self.engine.healthy:
-            raise RuntimeError("decoder not loaded or engine stopped")
+        if self.pipeline.decoder is None or not self.serving_loop.healthy:
+            raise RuntimeError("decoder not loaded or serving loop stopped")
 
 
 class RayBackend:
     """The server app's ChatBackend over deployment handles, with re-routing on replica loss."""
 
-    def __init__(self, vision: Any, llm: Any, opts: RayServeOptions, manifest: dict[str, Any]) -> None:
+    def __init__(self, vision: Any, llm: Any, opts: RayServeOptions, manifest: Manifest) -> None:
         from .build_loader import preprocess_config
 
         self.vision, self.llm, self.opts = vision, llm, opts
         self.limits = ServerLimits(**opts.limits)
         self.preprocess_cfg = preprocess_config(manifest)
-        self.concurrency = (opts.max_replicas if opts.max_replicas is not None else opts.replicas) * opts.engine_settings().max_running
+        self.concurrency = (opts.max_replicas if opts.max_replicas is not None else opts.replicas) * opts.loop_settings().max_running
         self.info = {
             "build": Path(opts.build_dir).name,
-            "target": manifest["target"],
+            "target": manifest.target,
             "engine": "ray",
-            "vision": f"{manifest['vision']['backend']} {manifest['vision']['precision']}",
-            "llm": f"onnxruntime {manifest['llm']['precision']}",
+            "vision": f"{manifest.vision.backend} {manifest.vision.precision}",
+            "llm": f"{manifest.llm.backend} {manifest.llm.precision}",
             "llm_replicas": opts.max_replicas if opts.max_replicas is not None else opts.replicas,
-            "max_running": opts.engine_settings().max_running,  # per LLM replica
-            "max_images": int(manifest["vision"]["profile"].get("max_batch", 4)),
+            "max_running": opts.loop_settings().max_running,  # per LLM replica
+            "max_images": int(manifest.vision.profile.get("max_batch", 4)),
         }
 
     async def _with_retries(self, call, what: str):
@@ -314,7 +315,7 @@ class RayBackend:
                     ) from None
                 await asyncio.sleep(0.25 * (attempt + 1))
             finally:
-                if not finished:  # the client went away (or this failed): the replica's engine drops the sequence
+                if not finished:  # the client went away (or this failed): the replica's serving loop drops the sequence
                     gen.cancel()
 
 
@@ -339,7 +340,7 @@ def build_application(opts: RayServeOptions):
 
     opts.validate()
     manifest = read_manifest(Path(opts.build_dir))
-    dep = deployment_options(opts, manifest["target"])
+    dep = deployment_options(opts, manifest.target)
     vision = VisionEncoder.options(**dep["VisionEncoder"]).bind(opts.build_dir, opts.threads, opts.max_batch_size, opts.batch_wait_timeout_s)
     llm = LLMWorker.options(**dep["LLMWorker"]).bind(opts.build_dir, opts.threads, opts.stream_interval_s, opts.engine)
     return Ingress.options(**dep["Ingress"]).bind(vision, llm, asdict(opts))
@@ -366,7 +367,7 @@ def serve_config(opts: RayServeOptions, host: str = "127.0.0.1", port: int = 800
                 "route_prefix": "/",
                 "import_path": "convllava_export.runtime.ray_serve:app_builder",
                 "args": args,
-                "deployments": [{"name": n, **o} for n, o in deployment_options(opts, manifest["target"]).items()],
+                "deployments": [{"name": n, **o} for n, o in deployment_options(opts, manifest.target).items()],
             }
         ],
     }
@@ -403,7 +404,7 @@ def run(opts: RayServeOptions, address: str | None = None, host: str = "127.0.0.
     from ..manifest import read_manifest
 
     opts.validate()
-    target = read_manifest(Path(opts.build_dir))["target"]
+    target = read_manifest(Path(opts.build_dir)).target
     opts.build_dir = str(Path(opts.build_dir).resolve())
     try:
         ray.init(address=address, log_to_driver=False) if address else ray.init(log_to_driver=False)

@@ -1,14 +1,14 @@
 """The generation loop every command runs: admission by KV bytes, chunked prefill into the
 request's cache row, one batched decode step for every running row, retirement of each row on
-its own. `serve` steps it from the engine's thread (engine.py); `run`, `chat`, `validate`, the
-build's smoke test and `Pipeline.generate` step it in the caller's thread (`stream_tokens`),
-so a fix or a speed-up here reaches all of them.
+its own. `serve` steps it from the scheduler thread of the serving loop (serving_loop.py); `run`,
+`chat`, `validate`, the build's smoke test and `Pipeline.generate` step it in the caller's thread
+(`stream_tokens`), so a fix or a speed-up here reaches all of them.
 
 Per step: cancelled rows leave; the oldest admitted request opens the cache's pending row when
 its reservation fits the KV budget (prompt + max_tokens, within the context) and reuses the
 longest cached prefix; one prefill chunk of at most `max_batched_tokens` runs; every running row
-decodes one token in one forward. A request whose logits are not finite fails alone with an
-EngineFault (a 500), a backend failure fails the rows it touched, and the loop goes on.
+decodes one token in one forward. A request whose logits are not finite fails alone with a
+ServerFault (a 500), a backend failure fails the rows it touched, and the loop goes on.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ MB = 1 << 20
 KV_MEMORY_FRACTION = 0.5  # default KV budget: this share of the memory available when the loop starts
 
 
-class EngineFault(RuntimeError):
-    """The server's own failure (non-finite logits, a backend error, a dead engine thread): a 5xx
+class ServerFault(RuntimeError):
+    """The server's own failure (non-finite logits, a backend error, a dead loop thread): a 5xx
     for the requests it touches, never a client's mistake."""
 
 
@@ -80,7 +80,7 @@ class Job:
 
 
 @dataclass
-class EngineStats:
+class SchedulerStats:
     """Counters read by /metrics (plain ints: the scheduler thread writes, readers tolerate a stale value)."""
 
     running: int = 0
@@ -227,10 +227,10 @@ class _Row:
 
 
 def as_fault(exc: BaseException, what: str = "generation") -> BaseException:
-    """A client's mistake stays as it is; anything else becomes an EngineFault (a 5xx)."""
-    if isinstance(exc, (ConvLlavaError, EngineFault)):
+    """A client's mistake stays as it is; anything else becomes a ServerFault (a 5xx)."""
+    if isinstance(exc, (ConvLlavaError, ServerFault)):
         return exc
-    fault = EngineFault(f"{what} failed: {type(exc).__name__}")
+    fault = ServerFault(f"{what} failed: {type(exc).__name__}")
     fault.__cause__ = exc
     return fault
 
@@ -238,11 +238,11 @@ def as_fault(exc: BaseException, what: str = "generation") -> BaseException:
 class Scheduler:
     """Admission, chunked prefill and batched decode over one decoder and its KV cache."""
 
-    def __init__(self, decoder: Decoder, tokenizer: Any, settings: SchedulerSettings, prefix_cache: PrefixCache | None = None, stats: EngineStats | None = None) -> None:
+    def __init__(self, decoder: Decoder, tokenizer: Any, settings: SchedulerSettings, prefix_cache: PrefixCache | None = None, stats: SchedulerStats | None = None) -> None:
         self.decoder, self.tokenizer, self.settings = decoder, tokenizer, settings
         self.cache: KVCache = decoder.new_cache(settings.kv_budget_bytes, settings.max_running, settings.max_context)
         self.prefix_cache = prefix_cache
-        self.stats = stats or EngineStats()
+        self.stats = stats or SchedulerStats()
         self.stats.kv_budget_bytes = int(settings.kv_budget_bytes)
         self.queue: deque[Job] = deque()  # admitted, waiting for a cache row
         self.pending: _Row | None = None  # the row being prefilled
@@ -278,7 +278,7 @@ class Scheduler:
         self.queue.append(job)
 
     def fail_all(self, exc: BaseException) -> None:
-        """Every request in the loop ends with `exc` (the engine is stopping or broken)."""
+        """Every request in the loop ends with `exc` (the serving loop is stopping or broken)."""
         rows = [*self.running, *([self.pending] if self.pending else [])]
         for job in [*self.queue, *(r.job for r in rows)]:
             job.emit(exc)
@@ -382,7 +382,7 @@ class Scheduler:
         r = self.running[i]
         job = r.job
         if not np.isfinite(logits).all():
-            job.emit(EngineFault("the model produced non-finite logits for this request"))
+            job.emit(ServerFault("the model produced non-finite logits for this request"))
             return False
         try:
             event = r.state.accept(logits)

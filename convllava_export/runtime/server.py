@@ -1,9 +1,13 @@
 """OpenAI-compatible HTTP server over a Pipeline (FastAPI + uvicorn).
 
-The app talks to a ChatBackend: in one process, one worker thread runs generation (a pipeline
-is not re-entrant); on Ray Serve (ray_serve.py) replicas do. Requests wait in a bounded queue
-and get 429 beyond it. Bad requests get a 4xx with an OpenAI-style error body. Images
-come as data: URLs; local paths only with allow_local_files; nothing is ever fetched.
+The app talks to a ChatBackend. In one process that is a ServingLoop (serving_loop.py): an
+encoder thread decodes and encodes the images of admitted requests, and a scheduler thread
+(scheduler.py) batches requests in flight: it admits a request when its KV cache (prompt +
+max_tokens) fits the KV budget, prefills prompts in chunks, and runs one batched decode step for
+every running sequence. On Ray Serve (ray_serve.py) each LLM replica runs such a loop. The app
+takes at most the backend's concurrency plus `max_queue` requests at once and answers 429
+beyond. Bad requests get a 4xx with an OpenAI-style error body. Images come as data: URLs;
+local paths only with allow_local_files; nothing is ever fetched.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -36,7 +40,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse  # noqa:
 
 from ..preprocess import PreprocessConfig, preprocess
 from ..prompt import IMAGE_TOKEN, SYSTEM_V1, Conversation
-from .engine import Engine, EngineFault, EngineSettings, Finished, QueueFull
+from .serving_loop import Finished, LoopSettings, QueueFull, ServerFault, ServingLoop
 from .generation import NO_TOKEN, TokenEvent
 from .pipeline import Pipeline, Request
 from .sampling import SamplingParams
@@ -73,7 +77,7 @@ class ApiError(Exception):
 
 def internal_error(exc: BaseException, where: str, what: str = "internal error") -> ApiError:
     """A 500 whose body says nothing about the server's internals; the log gets the traceback
-    (`what`: a message of our own, e.g. an EngineFault's, never a third party's)."""
+    (`what`: a message of our own, e.g. a ServerFault's, never a third party's)."""
     ref = uuid.uuid4().hex[:12]
     log.error("%s failed (ref %s)", where, ref, exc_info=exc)
     return ApiError(500, f"{what} (ref {ref}); the server log has the details", kind="server_error")
@@ -95,9 +99,9 @@ class Metrics:
         self.tokens = Counter("convllava_generated_tokens", "Tokens generated.", registry=r)
         self.queue_depth = Gauge("convllava_queue_depth", "Requests admitted by the API: running or waiting.", registry=r)
         self.queue_depth.set_function(lambda: state["active"])
-        engine = getattr(backend, "engine", None)
-        if engine is not None:
-            r.register(_EngineCollector(engine))
+        serving_loop = getattr(backend, "serving_loop", None)
+        if serving_loop is not None:
+            r.register(_LoopCollector(serving_loop))
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -112,18 +116,18 @@ class Metrics:
         self.tokens.inc(done.completion_tokens)
 
 
-class _EngineCollector:
-    """The engine's counters (engine.EngineStats) as Prometheus metrics, read at scrape time."""
+class _LoopCollector:
+    """The serving loop's counters (scheduler.SchedulerStats) as Prometheus metrics, read at scrape time."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, serving_loop: ServingLoop) -> None:
+        self.serving_loop = serving_loop
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-        st = self.engine.stats
+        st = self.serving_loop.stats
         yield GaugeMetricFamily("convllava_running_sequences", "Sequences in the running batch.", value=st.running)
-        yield GaugeMetricFamily("convllava_waiting_requests", "Requests submitted to the engine, not yet running.", value=st.waiting)
+        yield GaugeMetricFamily("convllava_waiting_requests", "Requests submitted to the serving loop, not yet running.", value=st.waiting)
         yield GaugeMetricFamily("convllava_kv_cache_bytes", "Bytes of the running rows' KV cache buffers.", value=st.kv_bytes)
         yield GaugeMetricFamily("convllava_kv_cache_budget_bytes", "The KV budget admission counts against.", value=st.kv_budget_bytes)
         steps = dict(st.batch_sizes)  # a copy: the scheduler thread keeps counting
@@ -298,7 +302,7 @@ class ChatBackend(Protocol):
         ...
 
     def healthy(self) -> bool:
-        """False once it cannot serve any more (a dead engine thread): /health answers 503."""
+        """False once it cannot serve any more (a dead serving-loop thread): /health answers 503."""
         ...
 
     def close(self) -> None:
@@ -307,36 +311,36 @@ class ChatBackend(Protocol):
 
 
 class LocalBackend:
-    """Generation in this process through one Engine: in-flight batching of up to
-    `max_running` sequences, images decoded on the engine's encoder thread."""
+    """Generation in this process through one ServingLoop: in-flight batching of up to
+    `max_running` sequences, images decoded on the loop's encoder thread."""
 
-    def __init__(self, pipeline: Pipeline, limits: ServerLimits, settings: EngineSettings | None = None) -> None:
-        base = settings or EngineSettings()
+    def __init__(self, pipeline: Pipeline, limits: ServerLimits, settings: LoopSettings | None = None) -> None:
+        base = settings or LoopSettings()
         settings = replace(base, max_waiting=limits.max_queue)
-        self.engine = Engine(pipeline, settings)
+        self.serving_loop = ServingLoop(pipeline, settings)
         self.limits = limits
         self.concurrency = settings.max_running
         self.info = {**pipeline.info, "max_running": settings.max_running}
-        if self.engine.scheduler is not None:
-            self.info["kv_cache_mb"] = round(self.engine.scheduler.settings.kv_budget_bytes / (1 << 20))
+        if self.serving_loop.scheduler is not None:
+            self.info["kv_cache_mb"] = round(self.serving_loop.scheduler.settings.kv_budget_bytes / (1 << 20))
 
     def healthy(self) -> bool:
-        return self.engine.healthy
+        return self.serving_loop.healthy
 
     def close(self) -> None:
-        self.engine.close()
+        self.serving_loop.close()
 
     async def stream(self, conv: Conversation, images: list[ImageSource], params: SamplingParams) -> AsyncIterator[TokenEvent | Finished]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        limits, cfg = self.limits, self.engine.pipeline.preprocess_cfg
+        limits, cfg = self.limits, self.serving_loop.pipeline.preprocess_cfg
         try:
-            handle = self.engine.submit(
+            handle = self.serving_loop.submit(
                 Request(conv), params, lambda item: loop.call_soon_threadsafe(events.put_nowait, item), pixels=lambda: image_pixels(images, limits, cfg)
             )
         except QueueFull as exc:
             raise ApiError(429, str(exc), kind="rate_limit_error", code="queue_full") from None
-        except EngineFault as exc:
+        except ServerFault as exc:
             raise ApiError(503, str(exc), kind="server_error", code="engine_stopped") from None
         try:
             while True:
@@ -347,14 +351,14 @@ class LocalBackend:
                 if isinstance(item, Finished):
                     return
         finally:
-            handle.cancel()  # the client went away or the stream ended: the engine drops the sequence
+            handle.cancel()  # the client went away or the stream ended: the serving loop drops the sequence
 
 
 def as_api_error(exc: BaseException) -> ApiError:
     """What a client sees of a failure: its own mistake as a 400, anything else as an opaque 500."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, EngineFault):  # the server's own failure: our words, the cause in the log
+    if isinstance(exc, ServerFault):  # the server's own failure: our words, the cause in the log
         return internal_error(exc.__cause__ or exc, "generation", str(exc))
     if isinstance(exc, ConvLlavaError):
         return ApiError(400, str(exc), "messages")
@@ -395,38 +399,75 @@ def usage(done: Finished) -> dict[str, Any]:
     }
 
 
-def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", limits: ServerLimits | None = None, engine: EngineSettings | None = None):
-    """The OpenAI-compatible FastAPI app over a Pipeline (served by an Engine in this process) or any ChatBackend."""
+def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", limits: ServerLimits | None = None, loop_settings: LoopSettings | None = None):
+    """The OpenAI-compatible FastAPI app over a Pipeline (served by a ServingLoop in this process) or any ChatBackend."""
+    backend, limits = _backend_and_limits(backend, limits, loop_settings)
+    app = FastAPI(title="convllava-export", version="1", lifespan=_closing(backend))
+    state = {"active": 0}
+    ctx = _App(backend, model_name, limits, Metrics(backend, state), state, int(time.time()), backend.concurrency + limits.max_queue)
+    _add_error_handlers(app, ctx)
+    _add_info_routes(app, ctx)
+    _add_chat_route(app, ctx)
+    app.state.metrics = ctx.metrics
+    app.state.limits = limits
+    app.state.backend = backend
+    return app
+
+
+def _backend_and_limits(backend: Pipeline | ChatBackend, limits: ServerLimits | None, loop_settings: LoopSettings | None) -> tuple[ChatBackend, ServerLimits]:
+    """The limits with `max_images` resolved, and the backend (a Pipeline gets a LocalBackend: a ServingLoop starts)."""
     limits = limits or ServerLimits()
     if limits.max_images is None:  # as many as one vision-engine run takes
         limits = replace(limits, max_images=int(getattr(backend, "info", {}).get("max_images") or DEFAULT_MAX_IMAGES))
     if isinstance(backend, Pipeline):
-        backend = LocalBackend(backend, limits, engine)
+        backend = LocalBackend(backend, limits, loop_settings)
+    return backend, limits
+
+
+def _closing(backend: ChatBackend):
+    """The app's lifespan: on shutdown, after uvicorn's drain, the backend ends whatever still runs."""
+
     @asynccontextmanager
     async def lifespan(app):
         yield
-        close = getattr(backend, "close", None)  # after uvicorn's drain: end whatever still runs
+        close = getattr(backend, "close", None)
         if close is not None:
             await asyncio.to_thread(close)
 
-    app = FastAPI(title="convllava-export", version="1", lifespan=lifespan)
-    state = {"active": 0}
-    metrics = Metrics(backend, state)
-    created = int(time.time())
-    capacity = backend.concurrency + limits.max_queue
+    return lifespan
 
-    def error_response(err: ApiError) -> JSONResponse:
-        metrics.requests.labels(str(err.status)).inc()
+
+@dataclass
+class _App:
+    """What the routes of one app share."""
+
+    backend: ChatBackend
+    model_name: str
+    limits: ServerLimits
+    metrics: Metrics
+    state: dict[str, int]  # "active": requests admitted by the API, running or waiting
+    created: int
+    capacity: int  # the backend's concurrency + max_queue: 429 beyond
+
+    def error_response(self, err: ApiError) -> JSONResponse:
+        self.metrics.requests.labels(str(err.status)).inc()
         headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status == 429 else None
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
+
+def _add_error_handlers(app: FastAPI, ctx: _App) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: HttpRequest, exc: Exception):  # never take the server down, never leak internals
-        return error_response(internal_error(exc, f"{request.method} {request.url.path}"))
+        return ctx.error_response(internal_error(exc, f"{request.method} {request.url.path}"))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: HttpRequest, exc: RequestValidationError):
-        return error_response(ApiError(400, "invalid request"))
+        return ctx.error_response(ApiError(400, "invalid request"))
+
+
+def _add_info_routes(app: FastAPI, ctx: _App) -> None:
+    """GET /health, /v1/models and /metrics."""
+    model_name, backend, state = ctx.model_name, ctx.backend, ctx.state
 
     @app.get("/health")
     async def health():
@@ -437,35 +478,58 @@ def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", l
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "convllava-export"}]}
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": ctx.created, "owned_by": "convllava-export"}]}
 
     @app.get("/metrics")
     async def prometheus():
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@dataclass(frozen=True)
+class ChatCall:
+    """A parsed POST /v1/chat/completions body."""
+
+    conv: Conversation
+    images: list[ImageSource]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool  # OpenAI's stream_options.include_usage: one last chunk with the usage
+    per_chunk_usage: bool  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
+
+
+async def read_chat_call(request: HttpRequest, limits: ServerLimits, model_name: str) -> ChatCall:
+    """Read and check a chat completion request (ApiError for a client's mistake)."""
+    body = await asyncio.to_thread(parse_json, await read_body(request, limits.max_body_bytes))
+    model = body.get("model")
+    if model is not None and model != model_name:
+        raise ApiError(404, f"model {str(model)[:100]!r} does not exist; this server serves {model_name!r}", "model", code="model_not_found")
+    stream = _field(body, ("stream",), (bool,), "a boolean", False)
+    stream_options = _field(body, ("stream_options",), (dict,), "an object", {})
+    include_usage = _field(stream_options, ("include_usage",), (bool,), "a boolean", False)
+    per_chunk_usage = _field(stream_options, ("continuous_usage_stats",), (bool,), "a boolean", False)  # vLLM's: usage on every chunk
+    conv, images = parse_chat(body, limits)
+    params = parse_sampling(body, limits)
+    return ChatCall(conv, images, params, stream, include_usage, per_chunk_usage)
+
+
+def _add_chat_route(app: FastAPI, ctx: _App) -> None:
+    """POST /v1/chat/completions: parse, admit (429 beyond capacity), then stream or answer at once."""
 
     @app.post("/v1/chat/completions")
     async def chat(request: HttpRequest):
         try:
-            body = await asyncio.to_thread(parse_json, await read_body(request, limits.max_body_bytes))
-            model = body.get("model")
-            if model is not None and model != model_name:
-                raise ApiError(404, f"model {str(model)[:100]!r} does not exist; this server serves {model_name!r}", "model", code="model_not_found")
-            stream = _field(body, ("stream",), (bool,), "a boolean", False)
-            stream_options = _field(body, ("stream_options",), (dict,), "an object", {})
-            include_usage = _field(stream_options, ("include_usage",), (bool,), "a boolean", False)
-            per_chunk_usage = _field(stream_options, ("continuous_usage_stats",), (bool,), "a boolean", False)  # vLLM's: usage on every chunk
-            conv, images = parse_chat(body, limits)
-            params = parse_sampling(body, limits)
+            call = await read_chat_call(request, ctx.limits, ctx.model_name)
         except ApiError as err:
-            return error_response(err)
-        if state["active"] >= capacity:
-            return error_response(ApiError(429, f"server busy: {state['active']} requests running or queued (limit {capacity}); retry later", kind="rate_limit_error", code="queue_full"))
+            return ctx.error_response(err)
+        state = ctx.state
+        if state["active"] >= ctx.capacity:
+            return ctx.error_response(ApiError(429, f"server busy: {state['active']} requests running or queued (limit {ctx.capacity}); retry later", kind="rate_limit_error", code="queue_full"))
         state["active"] += 1
         started = time.perf_counter()
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        events = backend.stream(conv, images, params)
+        events = ctx.backend.stream(call.conv, call.images, call.params)
 
         async def finish() -> None:
             await events.aclose()
@@ -476,81 +540,85 @@ def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", l
             first = await anext(events)
         except ApiError as err:
             await finish()
-            return error_response(err)
+            return ctx.error_response(err)
         except BaseException:
             await finish()
             raise
+        items = _timed_events(first, events, ctx.metrics)
+        if call.stream:
+            return StreamingResponse(_sse(ctx, call, rid, started, items, finish), media_type="text/event-stream")
+        return await _completion(ctx, rid, started, items, finish)
 
-        async def all_events():
-            last = time.perf_counter()
-            yield first
-            async for item in events:
-                if isinstance(item, TokenEvent):
-                    now = time.perf_counter()
-                    metrics.itl.observe(now - last)
-                    last = now
-                yield item
 
-        if stream:
+async def _timed_events(first: TokenEvent | Finished, events: AsyncIterator[TokenEvent | Finished], metrics: Metrics) -> AsyncIterator[TokenEvent | Finished]:
+    """The first event, then the rest, observing the time between two tokens."""
+    last = time.perf_counter()
+    yield first
+    async for item in events:
+        if isinstance(item, TokenEvent):
+            now = time.perf_counter()
+            metrics.itl.observe(now - last)
+            last = now
+        yield item
 
-            async def sse():
-                try:
-                    head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name}
-                    yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': {'role': 'assistant', 'content': ''}, 'finish_reason': None}]})}\n\n"
-                    prompt_tokens, completion = 0, 0
-                    try:
-                        async for item in all_events():
-                            if per_chunk_usage and isinstance(item, TokenEvent):  # one chunk per token, text or not (random weights)
-                                completion += item.token_id != NO_TOKEN
-                                prompt_tokens = item.prompt_tokens or prompt_tokens
-                                running = {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
-                                delta = {"content": item.text} if item.text else {}
-                                yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': delta, 'finish_reason': item.finish_reason}], 'usage': running})}\n\n"
-                                continue
-                            if isinstance(item, Finished):
-                                metrics.finished(item, time.perf_counter() - started)
-                                metrics.requests.labels("200").inc()
-                                if include_usage:  # OpenAI's stream_options: one last chunk with the usage
-                                    yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage(item)})}\n\n"
-                            elif item.text or item.finish_reason:
-                                delta = {"content": item.text} if item.text else {}
-                                yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': delta, 'finish_reason': item.finish_reason}]})}\n\n"
-                    except ApiError as err:
-                        metrics.requests.labels(str(err.status)).inc()
-                        yield f"data: {json.dumps(err.body())}\n\n"
-                    yield "data: [DONE]\n\n"
-                finally:
-                    await finish()
 
-            return StreamingResponse(sse(), media_type="text/event-stream")
-        text, reason = "", "length"
+async def _sse(ctx: _App, call: ChatCall, rid: str, started: float, items: AsyncIterator[TokenEvent | Finished], finish: Callable[[], Awaitable[None]]) -> AsyncIterator[str]:
+    """The streamed answer: server-sent chat.completion.chunk events, an error event, then [DONE]."""
+    metrics = ctx.metrics
+    try:
+        head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": ctx.model_name}
+        yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': {'role': 'assistant', 'content': ''}, 'finish_reason': None}]})}\n\n"
+        prompt_tokens, completion = 0, 0
         try:
-            async for item in all_events():
+            async for item in items:
+                if call.per_chunk_usage and isinstance(item, TokenEvent):  # one chunk per token, text or not (random weights)
+                    completion += item.token_id != NO_TOKEN
+                    prompt_tokens = item.prompt_tokens or prompt_tokens
+                    running = {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+                    delta = {"content": item.text} if item.text else {}
+                    yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': delta, 'finish_reason': item.finish_reason}], 'usage': running})}\n\n"
+                    continue
                 if isinstance(item, Finished):
-                    done = item
-                else:
-                    text += item.text
-                    reason = item.finish_reason or reason
+                    metrics.finished(item, time.perf_counter() - started)
+                    metrics.requests.labels("200").inc()
+                    if call.include_usage:  # OpenAI's stream_options: one last chunk with the usage
+                        yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage(item)})}\n\n"
+                elif item.text or item.finish_reason:
+                    delta = {"content": item.text} if item.text else {}
+                    yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': delta, 'finish_reason': item.finish_reason}]})}\n\n"
         except ApiError as err:
-            return error_response(err)
-        finally:
-            await finish()
-        metrics.finished(done, time.perf_counter() - started)
-        metrics.requests.labels("200").inc()
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
-            "usage": usage(done),
-            "timings": done.timings.to_dict(),
-        }
+            metrics.requests.labels(str(err.status)).inc()
+            yield f"data: {json.dumps(err.body())}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        await finish()
 
-    app.state.metrics = metrics
-    app.state.limits = limits
-    app.state.backend = backend
-    return app
+
+async def _completion(ctx: _App, rid: str, started: float, items: AsyncIterator[TokenEvent | Finished], finish: Callable[[], Awaitable[None]]):
+    """The whole answer as one chat.completion object (or the error that ended it)."""
+    text, reason = "", "length"
+    try:
+        async for item in items:
+            if isinstance(item, Finished):
+                done = item
+            else:
+                text += item.text
+                reason = item.finish_reason or reason
+    except ApiError as err:
+        return ctx.error_response(err)
+    finally:
+        await finish()
+    ctx.metrics.finished(done, time.perf_counter() - started)
+    ctx.metrics.requests.labels("200").inc()
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": ctx.model_name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
+        "usage": usage(done),
+        "timings": done.timings.to_dict(),
+    }
 
 
 def serve(
@@ -560,13 +628,13 @@ def serve(
     model_name: str = "convllava",
     limits: ServerLimits | None = None,
     sock: socket.socket | None = None,
-    engine: EngineSettings | None = None,
+    loop_settings: LoopSettings | None = None,
     drain_s: float = 30.0,
 ) -> None:
     """Run the app with uvicorn; `sock` is a socket bound beforehand (bind errors before the model
-    loads). On SIGTERM, running streams get `drain_s` seconds, then the engine ends what is left."""
+    loads). On SIGTERM, running streams get `drain_s` seconds, then the serving loop ends what is left."""
     import uvicorn
 
-    config = uvicorn.Config(create_app(pipeline, model_name, limits, engine), host=host, port=port, log_level="warning", timeout_graceful_shutdown=drain_s)
+    config = uvicorn.Config(create_app(pipeline, model_name, limits, loop_settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=drain_s)
     server = uvicorn.Server(config)
     server.run(sockets=[sock] if sock is not None else None)

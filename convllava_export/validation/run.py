@@ -18,6 +18,7 @@ from ..preprocess import PreprocessConfig, load_image, preprocess
 from ..prompt import build_prompt, splice_embeddings, tokenize_with_images
 from ..runtime.generation import Timings
 from ..runtime.scheduler import generate
+from ..runtime.build_loader import load_pipeline
 from ..runtime.pipeline import Pipeline
 from ..runtime.sampling import SamplingParams
 from .data import Item
@@ -216,7 +217,7 @@ def validate(
     results = []
     for b in builds:
         progress(f"validating {b}")
-        pipe = Pipeline.from_build(b)
+        pipe = load_pipeline(b)
         results.append(evaluate_build(Path(b).name, pipe, items, images, ref, progress))
     simulation: dict[str, Any] | None = None
     if formats:

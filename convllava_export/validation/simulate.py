@@ -37,10 +37,11 @@ import numpy as np
 import torch
 
 from ..errors import ConvLlavaError, first_line
-from ..precisions import MODELOPT, SIMULATED, SIMULATED_VISION
+from ..precisions import MODELOPT, SIMULATED, SIMULATED_VISION, describe
 from ..preprocess import PreprocessConfig
 from .report import simulated_note
-from ..runtime.pipeline import Pipeline, TorchVision
+from ..model.reference import TorchVision
+from ..runtime.pipeline import Pipeline
 
 Progress = Callable[[str], None]
 
@@ -55,7 +56,7 @@ class SimFormat:
 
 
 FORMATS: dict[str, SimFormat] = {
-    name: SimFormat(MODELOPT[name].config, name in SIMULATED_VISION, MODELOPT[name].describe + (" (LLM Linears; vision Conv + Linear)" if name in SIMULATED_VISION else " (LLM Linears)"))
+    name: SimFormat(MODELOPT[name].config, name in SIMULATED_VISION, describe("llm", "tensorrt-llm", name) + (" (LLM Linears; vision Conv + Linear)" if name in SIMULATED_VISION else " (LLM Linears)"))
     for name in SIMULATED
 }
 AWQ_BLOCK_SIZES = (128, 64, 32, 16, 8)

@@ -1,4 +1,4 @@
-"""The serving engine: an encoder thread and a scheduler thread around one Scheduler
+"""The serving loop: an encoder thread and a scheduler thread around one Scheduler
 (scheduler.py: admission by KV bytes, chunked prefill, one batched decode step).
 
     submit() ─► waiting ─► encoder thread ─► ready ─► scheduler thread ─► events (emit callback)
@@ -7,7 +7,7 @@
                             vision engine, splice                 every running row, retire
 
 A request's events end with `Finished` (usage and timings) or an exception: a client's mistake
-is a ConvLlavaError (4xx), the server's own failure an EngineFault (5xx). A dead engine thread
+is a ConvLlavaError (4xx), the server's own failure a ServerFault (5xx). A dead loop thread
 fails every waiting request at once and every later one (`failure`, /health turns 503).
 """
 
@@ -31,27 +31,27 @@ from .memory import trim
 from .pipeline import Pipeline, Request
 from .sampling import SamplingParams
 from .scheduler import (
-    EngineFault,
-    EngineStats,
     Finished,
     Job,
     LruBytes,
     PrefixCache,
     Scheduler,
     SchedulerSettings,
+    SchedulerStats,
+    ServerFault,
     as_fault,
     kv_budget_bytes,
     position_keys,
 )
 
-__all__ = ["Engine", "EngineFault", "EngineSettings", "EngineStats", "Finished", "Handle", "QueueFull"]
+__all__ = ["Finished", "Handle", "LoopSettings", "QueueFull", "SchedulerStats", "ServerFault", "ServingLoop"]
 
-log = logging.getLogger("convllava_export.engine")
+log = logging.getLogger("convllava_export.serving_loop")
 DEFAULT_CONTEXT = 2048  # when the build records none
 
 
 @dataclass(frozen=True)
-class EngineSettings:
+class LoopSettings:
     max_running: int = 32  # sequences decoded together
     max_waiting: int = 64  # submitted but not yet running; QueueFull beyond
     max_batched_tokens: int = 256  # prefill chunk: the most a decode step waits for a prefill
@@ -61,15 +61,15 @@ class EngineSettings:
 
     def validate(self) -> None:
         if self.max_running < 1 or self.max_waiting < 0 or self.max_batched_tokens < 1:
-            raise ConvLlavaError("engine settings: max_running and max_batched_tokens must be >= 1, max_waiting >= 0")
+            raise ConvLlavaError("serving loop settings: max_running and max_batched_tokens must be >= 1, max_waiting >= 0")
         if self.encoder_cache_mb < 0 or self.prefix_cache_mb < 0:
-            raise ConvLlavaError("engine settings: cache sizes must be >= 0 MB")
+            raise ConvLlavaError("serving loop settings: cache sizes must be >= 0 MB")
         if self.kv_cache_mb is not None and self.kv_cache_mb <= 0:
-            raise ConvLlavaError("engine settings: --kv-cache-mb must be > 0")
+            raise ConvLlavaError("serving loop settings: --kv-cache-mb must be > 0")
 
 
 class QueueFull(ConvLlavaError):
-    """More requests are waiting than the engine admits."""
+    """More requests are waiting than the serving loop admits."""
 
 
 class Handle:
@@ -88,20 +88,20 @@ def image_key(pixels: np.ndarray) -> bytes:
     return h.digest()
 
 
-class Engine:
-    def __init__(self, pipeline: Pipeline, settings: EngineSettings | None = None) -> None:
+class ServingLoop:
+    def __init__(self, pipeline: Pipeline, settings: LoopSettings | None = None) -> None:
         self.pipeline = pipeline
-        self.settings = settings or EngineSettings()
+        self.settings = settings or LoopSettings()
         self.settings.validate()
         self.decoder = pipeline.decoder
         self.waiting: queue.Queue[Job | None] = queue.Queue()
         self.ready: queue.Queue[Job] = queue.Queue(maxsize=self.settings.max_running)
         self.encoder_cache = LruBytes(self.settings.encoder_cache_mb * (1 << 20))
         self.prefix_cache = PrefixCache(self.settings.prefix_cache_mb * (1 << 20))
-        self.stats = EngineStats()
+        self.stats = SchedulerStats()
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self.failure: BaseException | None = None  # set when an engine thread died: every request fails at once
+        self.failure: BaseException | None = None  # set when a loop thread died: every request fails at once
         self.scheduler: Scheduler | None = None
         if not self.decoder.runs_own_loop:
             ctx = pipeline.max_context or DEFAULT_CONTEXT
@@ -132,7 +132,7 @@ class Engine:
         for admitted requests); without it `request.images` are used."""
         params.validate()
         if self.failure is not None or self.stopping.is_set():
-            raise EngineFault("the engine has stopped" + (" after a failure; restart the server" if self.failure else ""))
+            raise ServerFault("the engine has stopped" + (" after a failure; restart the server" if self.failure else ""))
         with self.lock:
             if self.stats.waiting >= self.settings.max_waiting + self.settings.max_running:
                 raise QueueFull(f"{self.stats.waiting} requests are waiting (limit {self.settings.max_waiting}); retry later")
@@ -146,26 +146,26 @@ class Engine:
         return self.failure is None and all(t.is_alive() for t in self.threads)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop both threads (bounded wait) and end every request still inside with an EngineFault."""
+        """Stop both threads (bounded wait) and end every request still inside with a ServerFault."""
         self.stopping.set()
         self.waiting.put(None)
         for t in self.threads:
             if t is not threading.current_thread():
                 t.join(timeout)
-        self._fail_everything(EngineFault("the server is shutting down"))
+        self._fail_everything(ServerFault("the server is shutting down"))
 
     # -- failure ----------------------------------------------------------------------------
     def _guard(self, loop: Callable[[], None]) -> None:
         try:
             loop()
-        except BaseException as exc:  # noqa: BLE001 - a dead engine thread must be loud and fail its requests
-            log.exception("engine thread %s died", threading.current_thread().name)
+        except BaseException as exc:  # noqa: BLE001 - a dead loop thread must be loud and fail its requests
+            log.exception("serving loop thread %s died", threading.current_thread().name)
             self.failure = exc
             self.stopping.set()
             self.waiting.put(None)
-            self._fail_everything(EngineFault("the engine stopped after an internal failure; restart the server"))
+            self._fail_everything(ServerFault("the engine stopped after an internal failure; restart the server"))
 
-    def _fail_everything(self, fault: EngineFault) -> None:
+    def _fail_everything(self, fault: ServerFault) -> None:
         for q in (self.waiting, self.ready):
             while True:
                 try:
@@ -212,7 +212,7 @@ class Engine:
                     except queue.Full:
                         continue
                 else:
-                    self._fail(job, EngineFault("the server is shutting down"))
+                    self._fail(job, ServerFault("the server is shutting down"))
 
     def _encode_misses(self, misses: dict[bytes, np.ndarray]) -> tuple[dict[bytes, np.ndarray], dict[bytes, BaseException]]:
         """Embeddings of the images no cache holds, images of one shape in one vision run. When
