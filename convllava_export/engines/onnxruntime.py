@@ -1,6 +1,6 @@
 """ONNX Runtime sessions for both engines: CPU and CUDA execution providers.
 
-TensorRT runs through its own engines (engines/tensorrt.py), not ORT's TensorRT execution
+TensorRT runs through its own engines (engines/tensorrt/), not ORT's TensorRT execution
 provider: one path to build, check and ship, with the engine's metadata and version gates.
 """
 

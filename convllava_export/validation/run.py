@@ -178,7 +178,7 @@ def validate(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Returns (report, images by item id).
 
-    `simulate`: formats ("fp8", "int4-awq", "int8-sq", "nvfp4") evaluated as simulated builds
+    `simulate`: formats (precisions.SIMULATED) evaluated as simulated builds
     named `simulated:FORMAT` after the real ones: the reference with ModelOpt fake quantization,
     on `device` (the reference's: nvfp4 needs "cuda"), calibrated on `calib` ('builtin', a folder of images or a `calibrate` set; at most
     `calib_limit` images, one multimodal prompt each, questions from `prompts`). `builds` may be
