@@ -150,6 +150,36 @@ def read_checkpoint(path: str | os.PathLike, vision_tower: str | os.PathLike | N
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint path is not a folder: {folder}")
     config = _read_json(folder / "config.json", "checkpoint config.json")
+    _check_llava_config(folder, config, vision_tower)
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"no tokenizer in {folder}: expected {' or '.join(TOKENIZER_FILES)} (the Vicuna "
+            "sentencepiece tokenizer ships with the released checkpoint)"
+        )
+    weight_files, weight_map = _find_weights(folder)
+    tower_path, looked = resolve_tower(folder, str(config.get("mm_vision_tower", "")), vision_tower)
+    tower_config = _read_json(tower_path / "config.json", "vision tower config.json")
+    _check_tower_config(tower_path, tower_config)
+    preproc = _read_json(tower_path / "preprocessor_config.json", "vision tower preprocessor_config.json")
+    has_tower_keys = any(k.startswith(TOWER_PREFIX) for k in weight_map)
+    if not weight_map:  # single file: we must peek at its keys
+        has_tower_keys = any(k.startswith(TOWER_PREFIX) for k in _read_keys(weight_files[0]))
+    return CheckpointInfo(
+        path=folder.resolve(),
+        config=config,
+        weight_files=weight_files,
+        weight_map=weight_map,
+        tower_path=tower_path,
+        tower_config=tower_config,
+        tower_weight_file=None if has_tower_keys else _tower_weight_file(tower_path),
+        preprocessor_config=preproc,
+        tower_weights_source="llava-shards" if has_tower_keys else "tower-folder",
+        tower_search=looked,
+    )
+
+
+def _check_llava_config(folder: Path, config: dict[str, Any], vision_tower: str | os.PathLike | None) -> None:
+    """A LLaVA model type, a projector ConvLLaVA uses, and a tower named (or given)."""
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_LLAVA_TYPES:
         raise CheckpointError(
@@ -164,14 +194,10 @@ def read_checkpoint(path: str | os.PathLike, vision_tower: str | os.PathLike | N
         )
     if "mm_vision_tower" not in config and vision_tower is None:
         raise CheckpointError(f"{folder / 'config.json'} has no 'mm_vision_tower'; pass --vision-tower PATH")
-    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        raise CheckpointError(
-            f"no tokenizer in {folder}: expected {' or '.join(TOKENIZER_FILES)} (the Vicuna "
-            "sentencepiece tokenizer ships with the released checkpoint)"
-        )
-    weight_files, weight_map = _find_weights(folder)
-    tower_path, looked = resolve_tower(folder, str(config.get("mm_vision_tower", "")), vision_tower)
-    tower_config = _read_json(tower_path / "config.json", "vision tower config.json")
+
+
+def _check_tower_config(tower_path: Path, tower_config: dict[str, Any]) -> None:
+    """A ConvNeXt tower whose stage count matches its depths."""
     tower_type = tower_config.get("model_type")
     if tower_type not in SUPPORTED_TOWER_TYPES:
         raise CheckpointError(
@@ -180,32 +206,16 @@ def read_checkpoint(path: str | os.PathLike, vision_tower: str | os.PathLike | N
         )
     if tower_config.get("num_stages", 4) != len(tower_config.get("depths", [])):
         raise CheckpointError(f"{tower_path / 'config.json'}: num_stages does not match the length of depths")
-    preproc = _read_json(tower_path / "preprocessor_config.json", "vision tower preprocessor_config.json")
-    has_tower_keys = any(k.startswith(TOWER_PREFIX) for k in weight_map)
-    if not weight_map:  # single file: we must peek at its keys
-        has_tower_keys = any(k.startswith(TOWER_PREFIX) for k in _read_keys(weight_files[0]))
-    tower_file = None
-    if not has_tower_keys:
-        for name in SINGLE_WEIGHT_NAMES:
-            if (tower_path / name).is_file():
-                tower_file = tower_path / name
-                break
-        if tower_file is None:
-            raise CheckpointError(
-                f"no vision tower weights: the LLaVA shards hold no '{TOWER_PREFIX}*' keys and "
-                f"{tower_path} has no {' or '.join(SINGLE_WEIGHT_NAMES)}"
-            )
-    return CheckpointInfo(
-        path=folder.resolve(),
-        config=config,
-        weight_files=weight_files,
-        weight_map=weight_map,
-        tower_path=tower_path,
-        tower_config=tower_config,
-        tower_weight_file=tower_file,
-        preprocessor_config=preproc,
-        tower_weights_source="llava-shards" if has_tower_keys else "tower-folder",
-        tower_search=looked,
+
+
+def _tower_weight_file(tower_path: Path) -> Path:
+    """The tower folder's own weight file, for LLaVA shards that hold no tower keys."""
+    for name in SINGLE_WEIGHT_NAMES:
+        if (tower_path / name).is_file():
+            return tower_path / name
+    raise CheckpointError(
+        f"no vision tower weights: the LLaVA shards hold no '{TOWER_PREFIX}*' keys and "
+        f"{tower_path} has no {' or '.join(SINGLE_WEIGHT_NAMES)}"
     )
 
 

@@ -102,14 +102,9 @@ def make_preprocess_cfg(base: dict, mode, resolution, max_tokens, size):
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def inspect(path: Path, vision_tower: Path | None, as_json: bool) -> None:
     """Describe a checkpoint folder or a build folder."""
-    if (path / "manifest.json").is_file():
-        from .build import inspect_build
+    from .inspect import inspect_path
 
-        report = inspect_build(path)
-    else:
-        from .inspect import inspect_checkpoint
-
-        report = inspect_checkpoint(path, vision_tower)
+    report = inspect_path(path, vision_tower)
     if as_json:
         out.print_json(json.dumps(report))
         return
@@ -139,29 +134,19 @@ def precisions_cmd(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable result on stdout")
 def verify_cmd(build_dir: Path, as_json: bool) -> None:
     """Hash every file of a build in full against its manifest (loading only samples large files)."""
-    import time
-
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-    from .errors import BuildError
-    from .manifest import read_file_list
-    from .runtime.build_loader import check_files
+    from .runtime.build_loader import BuildVerification
 
-    files, integrity = read_file_list(build_dir)
-    total = sum(entry.get("bytes", 0) for entry in files.values() if isinstance(entry, dict))
-    started = time.perf_counter()
+    check = BuildVerification.read(build_dir)
     columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("sha256", total=total)
-        result = check_files(build_dir, files, integrity, full=True, progress=lambda n: bar.advance(task, n))
-    seconds = time.perf_counter() - started
+        task = bar.add_task("sha256", total=check.total_bytes)
+        check.run(progress=lambda n: bar.advance(task, n))
     if as_json:
-        report = {"build": str(build_dir), "intact": not result.problems, "problems": result.problems, "files": len(files), "bytes": result.hashed_bytes, "seconds": round(seconds, 3)}
-        out.print_json(json.dumps(report))
-    if result.problems:
-        more = f"; and {len(result.problems) - 10} more" if len(result.problems) > 10 else ""
-        raise BuildError(f"{build_dir} differs from its manifest: {'; '.join(result.problems[:10])}{more}. Rebuild it or restore it from a copy.")
-    say(f"{build_dir}: intact ({len(files)} files, {result.hashed_bytes / 1e9:.2f} GB hashed in {seconds:.1f} s)")
+        out.print_json(json.dumps(check.report()))
+    check.raise_if_damaged()
+    say(check.summary())
 
 
 @cli.command()
@@ -175,40 +160,20 @@ def verify_cmd(build_dir: Path, as_json: bool) -> None:
 def generate(checkpoint, images, prompt, vision_tower, dtype, mode, resolution, max_tokens, size, **sampling) -> None:
     """Answer a prompt with the PyTorch reference model, streaming tokens to stdout."""
     from .model.reference import ReferenceModel
+    from .runtime.chat import stream_answer
     from .runtime.pipeline import Pipeline, Request
-    from .runtime.sampling import SamplingParams
 
     ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, dtype=dtype, progress=say)
     say(f"vision tower weights from {ref.info.tower_weights_source} ({ref.info.tower_path})")
     cfg = make_preprocess_cfg(ref.info.preprocessor_config, mode, resolution, max_tokens, size)
-    pipe = Pipeline.from_reference(ref, cfg)
-    _stream_to_stdout(pipe, Request(prompt, [str(i) for i in images]), SamplingParams(**_sampling(sampling)))
+    stream_answer(Pipeline.from_reference(ref, cfg), Request(prompt, [str(i) for i in images]), _sampling_params(sampling), say)
 
 
-def _sampling(opts: dict) -> dict:
-    return {
-        "max_new_tokens": opts["max_new_tokens"],
-        "temperature": opts["temperature"],
-        "top_p": opts["top_p"],
-        "seed": opts["seed"],
-        "stop": tuple(opts["stop"]),
-    }
+def _sampling_params(opts: dict):
+    """sampling_options' values → SamplingParams."""
+    from .runtime.sampling import SamplingParams
 
-
-def _stream_to_stdout(pipe, request, params) -> str:
-    from .runtime.generation import Timings
-
-    text, t = "", Timings()
-    for ev in pipe.stream(request, params, timings=[t]):
-        sys.stdout.write(ev.text)
-        sys.stdout.flush()
-        text += ev.text
-    sys.stdout.write("\n")
-    say(
-        f"preprocess {t.preprocess_s * 1e3:.1f} ms · vision {t.vision_s * 1e3:.1f} ms · "
-        f"TTFT {t.ttft_s * 1e3:.1f} ms · decode {t.decode_tokens_per_s:.1f} tok/s"
-    )
-    return text
+    return SamplingParams(max_new_tokens=opts["max_new_tokens"], temperature=opts["temperature"], top_p=opts["top_p"], seed=opts["seed"], stop=tuple(opts["stop"]))
 
 
 @cli.command("tiny")
@@ -343,14 +308,6 @@ def build_cmd(checkpoint: Path, output: Path, **kw) -> None:
     out.print(str(output))
 
 
-def _load_build(build_dir: Path, threads: int | None, vision_backend: str | None = None, llm_backend: str | None = None):
-    from .runtime.build_loader import load_pipeline
-    from .runtime.memory import return_freed_memory
-
-    return_freed_memory()  # before anything is loaded: freed KV rows and caches go back to the system
-    return load_pipeline(build_dir, threads=threads, vision_backend=vision_backend, llm_backend=llm_backend)
-
-
 def backend_options(f):
     """Run one part of a build on another backend: `torch` puts the source checkpoint's reference
     beside the other part, to find which part a difference comes from."""
@@ -368,12 +325,13 @@ def backend_options(f):
 @sampling_options
 def run_cmd(build_dir: Path, images, prompt: str, threads, vision_backend, llm_backend, **sampling) -> None:
     """Answer a prompt with a build's engines, streaming tokens."""
+    from .runtime.build_loader import open_build
+    from .runtime.chat import stream_answer
     from .runtime.pipeline import Request
-    from .runtime.sampling import SamplingParams
 
-    pipe = _load_build(build_dir, threads, vision_backend, llm_backend)
+    pipe = open_build(build_dir, threads, vision_backend, llm_backend)
     say(f"vision: {pipe.info.get('vision')}; LLM: {pipe.info.get('llm')}")
-    _stream_to_stdout(pipe, Request(prompt, [str(i) for i in images]), SamplingParams(**_sampling(sampling)))
+    stream_answer(pipe, Request(prompt, [str(i) for i in images]), _sampling_params(sampling), say)
 
 
 @cli.command("chat")
@@ -382,45 +340,11 @@ def run_cmd(build_dir: Path, images, prompt: str, threads, vision_backend, llm_b
 @sampling_options
 def chat_cmd(build_dir: Path, threads, **sampling) -> None:
     """Multi-turn chat. `/image PATH` attaches an image to your next message; `/reset`, `/quit`."""
-    from .errors import ImageError
-    from .preprocess import load_image
-    from .prompt import Conversation
-    from .runtime.pipeline import Request
-    from .runtime.sampling import SamplingParams
+    from .runtime.build_loader import open_build
+    from .runtime.chat import chat
 
-    pipe = _load_build(build_dir, threads)
-    params = SamplingParams(**_sampling(sampling))
-    conv, images, pending = Conversation(), [], []
-    say("chat: type a message; /image PATH adds an image, /reset clears, /quit exits")
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            break
-        if not line:
-            continue
-        if line in ("/quit", "/exit"):
-            break
-        if line == "/reset":
-            conv, images, pending = Conversation(), [], []
-            continue
-        if line.startswith("/image"):
-            path = line[len("/image"):].strip()
-            try:
-                load_image(path)
-            except ImageError as exc:
-                console.print(f"[red]{exc}[/]")
-                continue
-            pending.append(path)
-            say(f"attached {path}")
-            continue
-        conv.add_user(line, num_images=len(pending))
-        images += pending
-        pending = []
-        conv.add_assistant(None)
-        sys.stdout.write("assistant> ")
-        answer = _stream_to_stdout(pipe, Request(conv, list(images)), params)
-        conv.messages[-1] = (conv.roles[1], answer.strip())
+    pipe = open_build(build_dir, threads)
+    chat(pipe, _sampling_params(sampling), say, warn=lambda msg: console.print(f"[red]{msg}[/]"))
 
 
 @cli.command("demo")
@@ -428,28 +352,9 @@ def chat_cmd(build_dir: Path, threads, **sampling) -> None:
 @click.option("--threads", type=click.IntRange(1), default=None)
 def demo_cmd(workdir: Path, threads) -> None:
     """Train the tiny model, build it for CPU and ask it about a bundled image."""
-    from importlib import resources
+    from .demo import run_demo
 
-    from .build import BuildOptions, build
-    from .runtime.pipeline import Request
-    from .runtime.sampling import SamplingParams
-    from .tiny import LLAVA_DIR, write_tiny_checkpoint
-
-    ckpt = workdir / "checkpoint" / LLAVA_DIR
-    if not (ckpt / "config.json").is_file():
-        say("1/3 writing the tiny ConvLLaVA (trained ~40 s on a synthetic colour/shape task)")
-        write_tiny_checkpoint(workdir / "checkpoint", progress=say)
-    else:
-        say(f"1/3 reusing the tiny checkpoint in {ckpt}")
-    say("2/3 building it for CPU (ONNX Runtime: fp32 vision, int8 LLM)")
-    build(ckpt, workdir / "build", BuildOptions(target="cpu", vision_precision="fp32", llm_precision="int8", force=True, threads=threads), progress=say)
-    image = resources.files("convllava_export") / "data" / "demo_blue_wide.png"
-    question = "What is shown in this image?"
-    say(f"3/3 asking about {image.name} (a wide, mostly blue picture): {question}")
-    pipe = _load_build(workdir / "build", threads)
-    sys.stdout.write("answer: ")
-    _stream_to_stdout(pipe, Request(question, [image.read_bytes()]), SamplingParams(max_new_tokens=32))
-    say(f"next: convllava-export run {workdir / 'build'} --image YOUR.png --prompt '{question}'")
+    run_demo(workdir, threads, say)
 
 
 @cli.command("serve")
@@ -465,9 +370,9 @@ def demo_cmd(workdir: Path, threads) -> None:
 @click.option("--max-images", type=click.IntRange(1), default=None, help="images per request (default: the build's vision engine batch)")
 @click.option("--max-running", type=click.IntRange(1), default=32, show_default=True, help="sequences decoded together (in-flight batching; 1 turns batching off)")
 @click.option("--max-batched-tokens", type=click.IntRange(1), default=256, show_default=True, help="prefill chunk: the most a decode step waits for a new prompt")
-@click.option("--encoder-cache-mb", type=click.FloatRange(0), default=512.0, show_default=True, help="image embeddings kept by content hash (LRU)")
-@click.option("--prefix-cache-mb", type=click.FloatRange(0), default=1024.0, show_default=True, help="KV caches kept for prompt-prefix reuse (LRU)")
-@click.option("--kv-cache-mb", type=click.FloatRange(1), default=None, help="KV cache budget of the running requests; a request waits until its prompt + max_tokens fits, 400 when it never can (default: half the memory available after loading, at most what max_running full-context rows take)")
+@click.option("--encoder-cache-mb", type=click.FloatRange(0), default=256.0, show_default=True, help="image embeddings kept by content hash (LRU)")
+@click.option("--prefix-cache-mb", type=click.FloatRange(0), default=256.0, show_default=True, help="KV caches kept for prompt-prefix reuse (LRU)")
+@click.option("--kv-cache-mb", type=click.FloatRange(1), default=None, help="KV cache budget of the running requests; a request waits until its prompt + max_tokens fits, 400 when it never can (default: the smallest of 2048 MB, half the memory available after loading, and what max_running full-context rows take)")
 @click.option("--drain-s", type=click.FloatRange(0), default=30.0, show_default=True, help="on SIGTERM/Ctrl-C: how long running streams may finish before they are ended")
 @click.option("--threads", type=click.IntRange(1), default=None, help="intra-op threads (per replica with --engine ray)")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="one process, or a Ray Serve application")
@@ -483,58 +388,11 @@ def demo_cmd(workdir: Path, threads) -> None:
 @click.option("--batch-wait-ms", type=click.FloatRange(0), default=10.0, show_default=True, help="[ray] how long a vision batch waits to fill")
 @click.option("--address", default=None, help="[ray] existing cluster: auto or ray://HOST:PORT (default: start a local Ray instance)")
 @click.option("--write-config", type=click.Path(path_type=Path), default=None, help="[ray] write a Serve config YAML for `serve deploy` / KubeRay and exit")
-def serve_cmd(
-    build_dir: Path, host, port, model_name, allow_local_files, max_tokens_limit, max_queue, max_body_mb, max_image_pixels, max_images,
-    max_running, max_batched_tokens, encoder_cache_mb, prefix_cache_mb, kv_cache_mb, drain_s, threads, engine, replicas, min_replicas, max_replicas, target_ongoing_requests, vision_replicas, gpus_per_replica, vision_gpus, cpus_per_replica,
-    max_batch_size, batch_wait_ms, address, write_config,
-) -> None:
+def serve_cmd(build_dir: Path, **options) -> None:
     """OpenAI-compatible server: POST /v1/chat/completions, GET /v1/models, /health, /metrics."""
-    from .manifest import read_manifest
-    from .runtime.serving_loop import LoopSettings
-    from .runtime.netutil import bind_listen_socket, host_port
-    from .runtime.server import ServerLimits, serve
+    from .runtime.launch import serve_build
 
-    read_manifest(build_dir)  # a clear error for a folder that is not a build, before anything loads
-
-    settings = LoopSettings(
-        max_running=max_running, max_waiting=max_queue, max_batched_tokens=max_batched_tokens, encoder_cache_mb=encoder_cache_mb, prefix_cache_mb=prefix_cache_mb,
-        kv_cache_mb=kv_cache_mb,
-    )
-
-    limits = ServerLimits(
-        max_body_bytes=int(max_body_mb * (1 << 20)), max_image_pixels=max_image_pixels, max_images=max_images,
-        max_tokens=max_tokens_limit, max_queue=max_queue, allow_local_files=allow_local_files,
-    )
-    if engine == "local":
-        if write_config or address:
-            raise ConvLlavaError("--write-config and --address are for --engine ray")
-        sock = bind_listen_socket(host, port)  # a busy port fails now, not after loading the model
-        with sock:
-            pipe = _load_build(build_dir, threads)
-            where = host_port(host, sock.getsockname()[1])
-            say(f"serving {build_dir} as '{model_name}' on http://{where}/v1 ({pipe.info.get('vision')}, {pipe.info.get('llm')})")
-            serve(pipe, host, port, model_name, limits, sock=sock, loop_settings=settings, drain_s=drain_s)
-        return
-    from dataclasses import asdict
-
-    from .runtime import ray_serve
-
-    opts = ray_serve.RayServeOptions(
-        build_dir=str(build_dir.resolve()), model_name=model_name, replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
-        target_ongoing_requests=target_ongoing_requests, vision_replicas=vision_replicas, gpus_per_replica=gpus_per_replica,
-        vision_gpus=vision_gpus, cpus_per_replica=cpus_per_replica, threads=threads, max_batch_size=max_batch_size,
-        batch_wait_timeout_s=batch_wait_ms / 1000, limits=asdict(limits), engine=asdict(settings),
-    )
-    if write_config:
-        import yaml
-
-        config = ray_serve.serve_config(opts, host, port)
-        write_config.write_text(yaml.safe_dump(config, sort_keys=False))
-        say(f"wrote {write_config}: deploy it with `serve deploy {write_config}` (Ray cluster) or as a RayService's serveConfigV2 (KubeRay)")
-        return
-    if not address:  # a local Ray instance will bind host:port here; on a cluster the port is the head node's
-        bind_listen_socket(host, port).close()
-    ray_serve.run(opts, address, host, port, say=say)
+    serve_build(build_dir, say=say, **options)
 
 
 @cli.command("validate")
@@ -560,38 +418,20 @@ def serve_cmd(
 def validate_cmd(builds, reference, data, question, limit, max_new_tokens, output, min_cosine, min_agreement, max_kl, min_accuracy, vision_tower,
                  simulate, calib, calib_limit, prompts, awq_block_size, reference_dtype, device) -> None:
     """Measure builds (and simulated GPU formats) against the fp32 reference; JSON + HTML report; gates set the exit code."""
-    from .fsutil import writable_dir
-    from .validation.data import load_items
-    from .validation.report import write_reports
-    from .validation.run import Gates, validate
+    from .validation.report import SUMMARY_COLUMNS, describe_failure, summary_rows
+    from .validation.run import Gates, validate_to_folder
 
-    writable_dir(output)  # before minutes of validation
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConvLlavaError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu")
-    items = load_items(data, question, limit)
-    gates = Gates(min_cosine, min_agreement, max_kl, min_accuracy)
-    if not builds and not simulate:
-        raise ConvLlavaError("nothing to validate: give build folders and/or --simulate FORMAT")
-    report, images = validate(
-        [str(b) for b in builds], reference, items, gates, max_new_tokens, vision_tower, progress=say,
-        simulate=simulate, calib=calib, calib_limit=calib_limit, prompts=prompts, awq_block_size=awq_block_size, reference_dtype=reference_dtype, device=device,
+    report, json_path, html_path = validate_to_folder(
+        builds, reference, data, output, Gates(min_cosine, min_agreement, max_kl, min_accuracy), question, limit, progress=say, device=device, simulate=simulate,
+        max_new_tokens=max_new_tokens, vision_tower=vision_tower, calib=calib, calib_limit=calib_limit, prompts=prompts, awq_block_size=awq_block_size, reference_dtype=reference_dtype,
     )
-    json_path, html_path = write_reports(report, images, output)
-    table = Table(title=f"validation against the torch {report['reference']['dtype']} reference")
-    for col in ("build", "cosine mean/min", "KL", "top-1", "greedy exact", "accuracy", "TTFT ms", "tok/s"):
-        table.add_column(col)
-    for b in report["builds"]:
-        m = b["metrics"]
-        acc = "-" if m["task_accuracy"] is None else f"{m['task_accuracy']:.3f}"
-        table.add_row(b["name"] + (" (simulated)" if b.get("simulated") else ""), f"{m['vision_cosine']['mean']:.5f}/{m['vision_cosine']['min']:.5f}", f"{m['kl_mean']:.4f}", f"{m['top1_agreement']:.3f}",
-                      f"{m['greedy_exact_match']:.2f}", acc, f"{m['latency']['ttft_s'] * 1e3:.1f}", f"{m['latency']['decode_tokens_per_s']:.0f}")
+    table = Table(*SUMMARY_COLUMNS, title=f"validation against the torch {report['reference']['dtype']} reference")
+    for row in summary_rows(report):
+        table.add_row(*row)
     out.print(table)
     say(f"reports: {json_path} {html_path}")
     for f in report["failures"]:
-        console.print(f"[bold red]gate failed:[/] {f['build']}: {f['metric']} = {f['value']:.5f} (needs {f['op']} {f['threshold']}; worst item {f['worst_item']})", highlight=False)
+        console.print(f"[bold red]gate failed:[/] {describe_failure(f)}", highlight=False)
     if report["failures"]:
         sys.exit(1)
 
@@ -610,19 +450,18 @@ def validate_cmd(builds, reference, data, question, limit, max_new_tokens, outpu
 @click.option("--force", is_flag=True)
 def calibrate_cmd(checkpoint, images, prompts, output, limit, max_mb, mode, resolution, max_tokens, vision_tower, force) -> None:
     """Make a reusable calibration set: preprocessed images + spliced multimodal prompts."""
-    from .calibration.dataset import write_calibration_set
-    from .calibration.prompts import load_questions
-    from .fsutil import atomic_output_dir, check_destination
-    from .model.reference import ReferenceModel
+    from .calibration.dataset import make_calibration_set
 
-    check_destination(output, force)
-    questions = load_questions(prompts)
-    ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, dtype="auto", progress=say)
-    cfg = make_preprocess_cfg(ref.info.preprocessor_config, mode, resolution, max_tokens, None)
-    with atomic_output_dir(output, force) as tmp:
-        meta = write_calibration_set(ref, images, tmp, cfg, questions, limit, max_mb, progress=say)
+    meta = make_calibration_set(checkpoint, images, output, prompts, limit, max_mb, mode, resolution, max_tokens, vision_tower, force, progress=say)
     say(f"{len(meta['shapes'])} images ({meta['vision_bytes'] / 1e6:.1f} MB), {meta['llm_sequences']} multimodal prompts")
     out.print(str(output))
+
+
+def _report(result: dict, json_path: Path | None, markdown) -> None:
+    """A benchmark's result: as JSON to --json, as markdown to stdout."""
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+    out.print(markdown(result))
 
 
 @cli.group()
@@ -642,9 +481,7 @@ def bench_vision_cmd(reps, threads, shapes, workdir, json_path) -> None:
     from .engines.profiles import parse_hw
 
     result = bench_vision([parse_hw(s, "--shapes") for s in shapes.split(",")], reps, threads, str(workdir) if workdir else None, progress=say)
-    if json_path:
-        json_path.write_text(json.dumps(result, indent=2))
-    out.print(markdown(result))
+    _report(result, json_path, markdown)
 
 
 @bench.command("llm")
@@ -660,15 +497,11 @@ def bench_llm_cmd(shape, prompt_len, decode_steps, threads, workdir, with_llama_
     from .benchmarks.llm import bench_llm, markdown
 
     if with_llama_cpp:
-        from .engines.llama_cpp import WHY
-        from .extras import require
+        from .engines.llama_cpp import require_llama_cpp
 
-        require("llama_cpp", purpose=WHY)
-        require("gguf", purpose=WHY)
+        require_llama_cpp()
     result = bench_llm(shape, prompt_len, decode_steps, threads, str(workdir) if workdir else None, with_llama_cpp, progress=say)
-    if json_path:
-        json_path.write_text(json.dumps(result, indent=2))
-    out.print(markdown(result))
+    _report(result, json_path, markdown)
 
 
 @bench.command("e2e")
@@ -683,9 +516,7 @@ def bench_e2e_cmd(builds, clients, requests_per_client, max_new_tokens, threads,
     from .benchmarks.e2e import bench_e2e, markdown
 
     result = bench_e2e(list(builds), [int(c) for c in clients.split(",")], requests_per_client, max_new_tokens, threads, progress=say)
-    if json_path:
-        json_path.write_text(json.dumps(result, indent=2))
-    out.print(markdown(result))
+    _report(result, json_path, markdown)
 
 
 @bench.command("real-size")
@@ -701,19 +532,13 @@ def bench_e2e_cmd(builds, clients, requests_per_client, max_new_tokens, threads,
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 def bench_real_size_cmd(workdir, shape, resolutions, tokens, torch_tokens, with_llama_cpp, reuse_build, int4_block_size, steps, json_path) -> None:
     """The 7B sequence on this machine: build, run at 768/1024/1536, torch bf16 and llama.cpp side by side, validate, serve."""
-    from .benchmarks.real_size import real_size
+    from .benchmarks.real_size import parse_steps, real_size
 
     if with_llama_cpp:
-        from .engines.llama_cpp import WHY
-        from .extras import require
+        from .engines.llama_cpp import require_llama_cpp
 
-        require("llama_cpp", purpose=WHY)
-        require("gguf", purpose=WHY)
-    from .benchmarks.real_size import DEFAULT_STEPS, STEP_NAMES
-
-    chosen = DEFAULT_STEPS if steps is None else tuple(s.strip() for s in steps.split(",") if s.strip())
-    if set(chosen) - set(STEP_NAMES):
-        raise ConvLlavaError(f"unknown step(s) {', '.join(sorted(set(chosen) - set(STEP_NAMES)))} (use {', '.join(STEP_NAMES)})")
+        require_llama_cpp()
+    chosen = parse_steps(steps)
     result = real_size(workdir, shape, tuple(int(r) for r in resolutions.split(",")), tokens, torch_tokens, with_llama_cpp, reuse_build, progress=say,
                        block=int4_block_size, steps=chosen)
     if json_path:
@@ -757,9 +582,7 @@ def bench_serve_cmd(build, concurrency, max_tokens, prompts_per_level, requests_
     result = bench_serving(build, levels, max_tokens, prompts_per_level, configs, time_limit_s, progress=say, workloads=workloads or None, prompt_words=prompt_words,
                            serve_args=serve_args, against=against, against_model=against_model, against_cmd=against_cmd, against_start_timeout_s=against_start_timeout,
                            requests_per_client=requests_per_client)
-    if json_path:
-        json_path.write_text(json.dumps(result, indent=2))
-    out.print(markdown(result))
+    _report(result, json_path, markdown)
 
 
 @bench.command("ray")
@@ -777,9 +600,7 @@ def bench_ray_cmd(build, replicas, clients, requests_per_client, max_new_tokens,
 
     read_manifest(build)
     result = bench_serve(build, [int(r) for r in replicas.split(",")], clients, requests_per_client, max_new_tokens, not no_local, progress=say)
-    if json_path:
-        json_path.write_text(json.dumps(result, indent=2))
-    out.print(markdown(result))
+    _report(result, json_path, markdown)
 
 
 def main() -> None:

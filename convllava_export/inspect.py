@@ -1,9 +1,10 @@
-"""`inspect CHECKPOINT`: what a checkpoint holds, computed from configs and one mmap'd shard."""
+"""`inspect PATH`: what a checkpoint holds, computed from configs and one mmap'd shard, or what a build folder is."""
 
 from __future__ import annotations
 
 import os
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +13,15 @@ from .checkpoint import read_checkpoint, load_shard
 from .preprocess import native_size, visual_tokens
 
 COMMON_RESOLUTIONS = (768, 1024, 1536)
+
+
+def inspect_path(path: str | os.PathLike, vision_tower: str | os.PathLike | None = None) -> dict[str, Any]:
+    """A build folder (it has a manifest.json) or a checkpoint folder, described."""
+    if (Path(path) / "manifest.json").is_file():
+        from .build import inspect_build
+
+        return inspect_build(path)
+    return inspect_checkpoint(path, vision_tower)
 
 
 def inspect_checkpoint(path: str | os.PathLike, vision_tower: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -209,15 +209,14 @@ def write_tiny_checkpoint(
     progress: Callable[[str], None] | None = None,
     shape: ModelShape | None = None,
 ) -> Path:
-    """Train and write the tiny demo model (or another small `shape`); returns the LLaVA folder."""
+    """Train and write the tiny demo model (or another small `shape`); returns the LLaVA folder.
+
+    The tower is random and frozen (at bf16 values, what is stored); the projector and the LLM
+    learn to answer colour/shape questions about synthetic images (synthetic.py)."""
     from transformers import ConvNextConfig, LlamaConfig, LlamaForCausalLM
 
     from .model.config import llama_config
-    from .model.vision import ConvNextFeatures, VisionEncoder, build_projector
-    from .preprocess import PreprocessConfig, load_image, preprocess
-    from .prompt import build_prompt, tokenize_with_images
-    from .synthetic import colour_samples
-    from .tokenizer import load_tokenizer
+    from .model.vision import ConvNextFeatures, build_projector
 
     say = progress or (lambda m: None)
     dest = Path(dest)
@@ -233,6 +232,29 @@ def write_tiny_checkpoint(
     projector = build_projector("mlp2x_gelu", shape.tower_hidden[-1], shape.hidden)
     lcfg: LlamaConfig = llama_config(llava_config(shape, TOWER_DIR))
     llm = LlamaForCausalLM(lcfg)
+    data = _training_data(dest, shape, tower, projector, num_images, seed, say)
+    _train(projector, llm, data, train_steps, gen, say)
+    llava_state = {f"model.mm_projector.{k}": v.detach() for k, v in projector.state_dict().items()}
+    llava_state.update({k: v.detach() for k, v in llm.state_dict().items()})
+    return _write_layout(dest, shape, tower.state_dict(), llava_state, shards=2, dtype=torch.bfloat16)
+
+
+@dataclass
+class _TrainingData:
+    feats: torch.Tensor  # the frozen tower's features of every image [N, tokens, width]
+    prompt_ids: list[int]  # the one question's prompt, with the image placeholder (-200)
+    answers: list[list[int]]  # each image's answer ids, ending with EOS
+
+
+def _training_data(dest: Path, shape: ModelShape, tower: nn.Module, projector: nn.Module, num_images: int, seed: int, say: Callable[[str], None]) -> _TrainingData:
+    """Synthetic images through the frozen tower, once; the prompt and answers tokenized with
+    the tokenizer the checkpoint ships (written to a scratch folder under `dest` to load it)."""
+    from .model.vision import VisionEncoder
+    from .preprocess import PreprocessConfig, load_image, preprocess
+    from .prompt import build_prompt, tokenize_with_images
+    from .synthetic import colour_samples
+    from .tokenizer import load_tokenizer
+
     tmp_tok = dest / ".tokenizer"
     tmp_tok.mkdir(parents=True, exist_ok=True)
     _write_tokenizer(tmp_tok)
@@ -246,6 +268,13 @@ def write_tiny_checkpoint(
         feats = VisionEncoder(tower, projector).features(pixels)
     prompt_ids = tokenize_with_images(tokenizer, build_prompt(samples[0].question))
     answers = [tokenizer(s.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for s in samples]
+    return _TrainingData(feats, prompt_ids, answers)
+
+
+def _train(projector: nn.Module, llm: nn.Module, data: _TrainingData, train_steps: int, gen: torch.Generator, say: Callable[[str], None]) -> None:
+    """AdamW with a one-cycle schedule on the projector and the LLM, batches of 16 images drawn
+    in a shuffled order (reshuffled when it runs out); the loss is on the answer tokens only."""
+    num_images = len(data.answers)
     params = list(projector.parameters()) + list(llm.parameters())
     opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=max(1, train_steps), pct_start=0.1)
@@ -257,21 +286,7 @@ def write_tiny_checkpoint(
         if len(idx) < batch:
             order = torch.randperm(num_images, generator=gen)
             idx = order[:batch]
-        img_embeds = projector(feats[idx])
-        embed = llm.get_input_embeddings()
-        seqs, labels = [], []
-        for j, k in enumerate(idx.tolist()):
-            ans = torch.tensor(answers[k])
-            pre = torch.tensor(prompt_ids)
-            cut = prompt_ids.index(-200)
-            seq = torch.cat([embed(pre[:cut]), img_embeds[j], embed(pre[cut + 1 :]), embed(ans)])
-            lab = torch.cat([torch.full((len(seq) - len(ans),), -100), ans])
-            seqs.append(seq)
-            labels.append(lab)
-        length = max(len(s) for s in seqs)
-        x = torch.stack([nn.functional.pad(s, (0, 0, 0, length - len(s))) for s in seqs])
-        y = torch.stack([nn.functional.pad(lab, (0, length - len(lab)), value=-100) for lab in labels])
-        mask = (torch.arange(length)[None] < torch.tensor([len(s) for s in seqs])[:, None]).long()
+        x, mask, y = _batch(projector(data.feats[idx]), llm.get_input_embeddings(), data.prompt_ids, [data.answers[k] for k in idx.tolist()])
         loss = llm(inputs_embeds=x, attention_mask=mask, labels=y).loss
         opt.zero_grad()
         loss.backward()
@@ -281,9 +296,25 @@ def write_tiny_checkpoint(
         if step % 100 == 0 or step == train_steps - 1:
             say(f"training step {step + 1}/{train_steps}: loss {loss.item():.4f}")
     llm.eval()
-    llava_state = {f"model.mm_projector.{k}": v.detach() for k, v in projector.state_dict().items()}
-    llava_state.update({k: v.detach() for k, v in llm.state_dict().items()})
-    return _write_layout(dest, shape, tower.state_dict(), llava_state, shards=2, dtype=torch.bfloat16)
+
+
+def _batch(img_embeds: torch.Tensor, embed: nn.Module, prompt_ids: list[int], answers: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs_embeds, attention_mask, labels), right-padded: each prompt with its image's rows
+    spliced in at the placeholder, then its answer; labels -100 everywhere but the answer."""
+    seqs, labels = [], []
+    for j, answer in enumerate(answers):
+        ans = torch.tensor(answer)
+        pre = torch.tensor(prompt_ids)
+        cut = prompt_ids.index(-200)
+        seq = torch.cat([embed(pre[:cut]), img_embeds[j], embed(pre[cut + 1 :]), embed(ans)])
+        lab = torch.cat([torch.full((len(seq) - len(ans),), -100), ans])
+        seqs.append(seq)
+        labels.append(lab)
+    length = max(len(s) for s in seqs)
+    x = torch.stack([nn.functional.pad(s, (0, 0, 0, length - len(s))) for s in seqs])
+    y = torch.stack([nn.functional.pad(lab, (0, length - len(lab)), value=-100) for lab in labels])
+    mask = (torch.arange(length)[None] < torch.tensor([len(s) for s in seqs])[:, None]).long()
+    return x, mask, y
 
 
 def write_random_checkpoint(
@@ -299,22 +330,6 @@ def write_random_checkpoint(
     with torch.device("meta"):
         tower = ConvNextFeatures(ConvNextConfig(**tower_config(shape)))
     tower_state = {k: torch.randn(v.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(dtype) for k, v in tower.state_dict().items()}
-    h, inter, kv = shape.hidden, shape.intermediate, shape.hidden // shape.heads * shape.kv_heads
-
-    def rnd(*s: int) -> torch.Tensor:
-        return torch.randn(s, generator=gen, dtype=torch.float32).mul_(0.02).to(dtype)
-
-    layer_keys = lambda i: {  # noqa: E731
-        f"model.layers.{i}.self_attn.q_proj.weight": (h, h),
-        f"model.layers.{i}.self_attn.k_proj.weight": (kv, h),
-        f"model.layers.{i}.self_attn.v_proj.weight": (kv, h),
-        f"model.layers.{i}.self_attn.o_proj.weight": (h, h),
-        f"model.layers.{i}.mlp.gate_proj.weight": (inter, h),
-        f"model.layers.{i}.mlp.up_proj.weight": (inter, h),
-        f"model.layers.{i}.mlp.down_proj.weight": (h, inter),
-        f"model.layers.{i}.input_layernorm.weight": (h,),
-        f"model.layers.{i}.post_attention_layernorm.weight": (h,),
-    }
     tower_dir, llava_dir = dest / TOWER_DIR, dest / LLAVA_DIR
     tower_dir.mkdir(parents=True, exist_ok=True)
     llava_dir.mkdir(parents=True, exist_ok=True)
@@ -324,7 +339,29 @@ def write_random_checkpoint(
     del tower_state
     (llava_dir / "config.json").write_text(json.dumps(llava_config(shape, TOWER_DIR), indent=2))
     _write_tokenizer(llava_dir)
-    groups: list[dict[str, tuple[int, ...]]] = [
+    _save_random_shards(_llava_key_groups(shape), llava_dir, shards, dtype, gen)
+    return llava_dir
+
+
+def _llava_key_groups(shape: ModelShape) -> list[dict[str, tuple[int, ...]]]:
+    """The LLaVA shards' keys and shapes in groups that stay together: the embedding table, each
+    decoder layer, then the final norm, the LM head and the projector."""
+    h, inter, kv = shape.hidden, shape.intermediate, shape.hidden // shape.heads * shape.kv_heads
+
+    def layer_keys(i: int) -> dict[str, tuple[int, ...]]:
+        return {
+            f"model.layers.{i}.self_attn.q_proj.weight": (h, h),
+            f"model.layers.{i}.self_attn.k_proj.weight": (kv, h),
+            f"model.layers.{i}.self_attn.v_proj.weight": (kv, h),
+            f"model.layers.{i}.self_attn.o_proj.weight": (h, h),
+            f"model.layers.{i}.mlp.gate_proj.weight": (inter, h),
+            f"model.layers.{i}.mlp.up_proj.weight": (inter, h),
+            f"model.layers.{i}.mlp.down_proj.weight": (h, inter),
+            f"model.layers.{i}.input_layernorm.weight": (h,),
+            f"model.layers.{i}.post_attention_layernorm.weight": (h,),
+        }
+
+    return [
         {"model.embed_tokens.weight": (shape.vocab, h)},
         *[layer_keys(i) for i in range(shape.layers)],
         {
@@ -336,6 +373,15 @@ def write_random_checkpoint(
             "model.mm_projector.2.bias": (h,),
         },
     ]
+
+
+def _save_random_shards(groups: list[dict[str, tuple[int, ...]]], dest: Path, shards: int | None, dtype: torch.dtype, gen: torch.Generator) -> None:
+    """Norm weights 1, the rest N(0, 0.02²), drawn and saved one shard at a time (at most 8 by
+    default), with the weight index; only one shard is ever in memory."""
+
+    def rnd(*s: int) -> torch.Tensor:
+        return torch.randn(s, generator=gen, dtype=torch.float32).mul_(0.02).to(dtype)
+
     shards = shards or min(len(groups), 8)
     per = -(-len(groups) // shards)
     weight_map, total = {}, 0
@@ -345,11 +391,10 @@ def write_random_checkpoint(
         for g in groups[s * per : (s + 1) * per]:
             for k, shp in g.items():
                 part[k] = torch.ones(shp, dtype=dtype) if k.endswith("norm.weight") else rnd(*shp)
-        torch.save(part, llava_dir / name)
+        torch.save(part, dest / name)
         for k, v in part.items():
             weight_map[k] = name
             total += v.numel() * v.element_size()
         del part
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (llava_dir / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
-    return llava_dir
+    (dest / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))

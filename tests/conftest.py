@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -13,6 +16,32 @@ import torch
 FIXTURES = Path(__file__).parent / "fixtures" / "conformance"
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(2)
+
+
+# -- optional dependencies: skipped here when absent, never under CI ------------------------------
+def under_ci() -> bool:
+    """True when the CI variable is set (.ci/run exports CI=1 and installs every extra the tests use)."""
+    return os.environ.get("CI", "").lower() not in ("", "0", "false")
+
+
+def _missing_reason(module: str, extra: str) -> str:
+    return f"{module} is not installed: pip install -e '.[{extra}]' (with CI set this test fails instead)"
+
+
+def needs(module: str, extra: str) -> pytest.MarkDecorator:
+    """Mark a test that needs `module` (installed by the `extra` extra): skipped with the reason
+    when it is missing, except under CI, where the marker does nothing: CI installs the extra, so
+    a missing or broken install surfaces as the test's import error instead of a quiet skip."""
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None and not under_ci(), reason=_missing_reason(module, extra))
+
+
+def require(module: str, extra: str) -> None:
+    """`needs` from inside a test (one case of a parametrized test): skip when `module` is missing,
+    except under CI, where it is imported so that its import error fails the test."""
+    if under_ci():
+        importlib.import_module(module)
+    elif importlib.util.find_spec(module) is None:
+        pytest.skip(_missing_reason(module, extra))
 
 
 @pytest.fixture(scope="session")

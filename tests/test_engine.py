@@ -3,7 +3,6 @@ for every decoder backend; cancelled sequences leave; encoder cache and prefix r
 
 from __future__ import annotations
 
-import importlib.util
 import queue
 import threading
 import time
@@ -20,6 +19,8 @@ from convllava_export.model.reference import TorchVision
 from convllava_export.runtime.pipeline import Pipeline, Request
 from convllava_export.runtime.sampling import SamplingParams
 
+from conftest import require
+
 BACKENDS = ["torch", "dynamo", "gqa"]
 GREEDY = SamplingParams(max_new_tokens=20, ignore_eos=True)
 
@@ -30,8 +31,7 @@ def pipeline_for(kind: str, reference, request, mode: str = "pad") -> Pipeline:
     if kind == "torch":
         decoder = TorchDecoder(reference)
     elif kind == "gqa":
-        if importlib.util.find_spec("onnxruntime_genai") is None:
-            pytest.skip("onnxruntime-genai not installed: pip install -e '.[genai]'")
+        require("onnxruntime_genai", "genai")
         decoder = open_decoder(request.getfixturevalue("conformance_gqa"))
     else:
         decoder = open_decoder(request.getfixturevalue("conformance_decoder"))

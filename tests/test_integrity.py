@@ -239,9 +239,9 @@ def test_bind_listen_socket():
 
 
 def test_serve_on_a_busy_port_fails_before_loading(tiny_build, monkeypatch):
-    import convllava_export.cli as cli_mod
+    import convllava_export.runtime.launch as launch_mod
 
-    monkeypatch.setattr(cli_mod, "_load_build", lambda *a, **k: pytest.fail("the build was loaded before the port was checked"))
+    monkeypatch.setattr(launch_mod, "open_build", lambda *a, **k: pytest.fail("the build was loaded before the port was checked"))
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -20,6 +19,8 @@ from convllava_export.model.reference import TorchDecoder
 from convllava_export.runtime.scheduler import generate
 from convllava_export.runtime.sampling import SamplingParams
 from convllava_export.validation.metrics import first_divergence, logits_agreement, teacher_forced_logits
+
+from conftest import needs
 
 
 def test_greedy_parity_on_conformance(conformance_decoder, reference, conformance, manifest):
@@ -110,7 +111,7 @@ def test_trtllm_build_plan():
         check_precision("int4")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("modelopt") is None, reason="NVIDIA ModelOpt not installed (pip install 'convllava-export[quant]')")
+@needs("modelopt", "quant")
 @pytest.mark.parametrize("precision, algo, block", [("int8-sq", "W8A8_SQ_PER_CHANNEL", 128), ("int4-awq", "W4A16_AWQ", 32)])
 def test_modelopt_trtllm_checkpoint(tiny_checkpoint, tmp_path, precision, algo, block):
     from safetensors.numpy import load_file
@@ -134,7 +135,7 @@ def test_modelopt_trtllm_checkpoint(tiny_checkpoint, tmp_path, precision, algo, 
 
 # -- the fused GroupQueryAttention layout (onnxruntime-genai's model builder) --------------------
 
-needs_genai = pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None, reason="onnxruntime-genai not installed: pip install -e '.[genai]'")
+needs_genai = needs("onnxruntime_genai", "genai")
 
 
 @needs_genai

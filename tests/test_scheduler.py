@@ -4,7 +4,6 @@ on every decoder, and no single request can stop the engine or hurt another."""
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 import time
 
@@ -21,10 +20,11 @@ from convllava_export.runtime.pipeline import Request
 from convllava_export.runtime.sampling import SamplingParams
 from convllava_export.runtime.scheduler import Job, Scheduler, SchedulerSettings, generate
 
+from conftest import needs, require
 from test_engine import Collector, images, pipeline_for, requests
 
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
-needs_genai = pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None, reason="onnxruntime-genai not installed: pip install -e '.[genai]'")
+needs_genai = needs("onnxruntime_genai", "genai")
 
 
 def open_gqa(request, fixture: str):
@@ -141,8 +141,8 @@ def test_kv_budget_admits_what_fits_and_refuses_what_never_can(reference, confor
 
 @pytest.mark.parametrize("kind", ["torch", "dynamo", "gqa", "gqa-int4"])
 def test_generation_stops_at_the_context(kind, reference, conformance, request):
-    if kind.startswith("gqa") and importlib.util.find_spec("onnxruntime_genai") is None:
-        pytest.skip("onnxruntime-genai not installed")
+    if kind.startswith("gqa"):
+        require("onnxruntime_genai", "genai")
     pipe = pipeline_for("gqa" if kind.startswith("gqa") else kind, reference, request)
     if kind == "gqa-int4":
         pipe.decoder = open_gqa(request, "conformance_gqa_int4")

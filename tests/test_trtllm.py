@@ -39,7 +39,9 @@ from convllava_export.runtime.scheduler import generate
 from convllava_export.runtime.sampling import SamplingParams
 from convllava_export.validation.metrics import teacher_forced_logits
 
-needs_modelopt = pytest.mark.skipif(importlib.util.find_spec("modelopt") is None, reason="NVIDIA ModelOpt not installed (pip install 'convllava-export[quant]')")
+from conftest import needs
+
+needs_modelopt = needs("modelopt", "quant")
 
 
 @pytest.mark.parametrize("version", ["0.12.0", "0.12.0.dev2024073000", "1.0.0", "1.2.0rc6", "1.2.1"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 
@@ -17,6 +16,8 @@ from convllava_export.cli import cli
 from convllava_export.errors import ConvLlavaError
 from convllava_export.validation.data import builtin_items, load_items
 from convllava_export.validation.metrics import anls, exact_match
+
+from conftest import under_ci
 
 
 @pytest.fixture(scope="module")
@@ -119,11 +120,7 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-def _under_ci() -> bool:
-    return os.environ.get("CI", "").lower() not in ("", "0", "false")  # .ci/run exports CI=1
-
-
-@pytest.mark.skipif(_chromium() is None and not _under_ci(), reason="no headless Chromium (apt-get install chromium); with CI set this test fails instead")
+@pytest.mark.skipif(_chromium() is None and not under_ci(), reason="no headless Chromium (apt-get install chromium); with CI set this test fails instead")
 def test_html_report_in_headless_browser(quant_builds, tiny_checkpoint, tmp_path):
     assert _chromium() is not None, "CI is set and no headless Chromium is installed: .ci/run installs it (apt-get install chromium)"
     out = tmp_path / "val"

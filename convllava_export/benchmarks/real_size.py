@@ -268,6 +268,16 @@ STEP_NAMES = ("build", "run", "torch", "llama_cpp", "validate", "serve", "trtllm
 DEFAULT_STEPS = STEP_NAMES[:-1]
 
 
+def parse_steps(text: str | None) -> tuple[str, ...]:
+    """`--steps a,b`: the steps named (None: DEFAULT_STEPS); an unknown name is refused."""
+    from ..errors import ConvLlavaError
+
+    chosen = DEFAULT_STEPS if text is None else tuple(s.strip() for s in text.split(",") if s.strip())
+    if set(chosen) - set(STEP_NAMES):
+        raise ConvLlavaError(f"unknown step(s) {', '.join(sorted(set(chosen) - set(STEP_NAMES)))} (use {', '.join(STEP_NAMES)})")
+    return chosen
+
+
 def real_size(workdir: Path, shape: str = "vicuna-7b", resolutions: tuple[int, ...] = (768, 1024, 1536), tokens: int = 128, torch_tokens: int = 16,
               with_llama_cpp: bool = True, skip_build: bool = False, progress=print, block: int = 128, steps: tuple[str, ...] = DEFAULT_STEPS) -> dict[str, Any]:
     from ..tiny import ModelShape, write_random_checkpoint

@@ -56,6 +56,24 @@ def write_calibration_set(
     return meta
 
 
+def make_calibration_set(
+    checkpoint: str | os.PathLike, images: str | os.PathLike, dest: str | os.PathLike, prompts: str | os.PathLike | None = None, limit: int = 64, max_mb: float = 512.0,
+    mode: str = "pad", resolution: int | None = None, max_tokens: int | None = None, vision_tower: str | os.PathLike | None = None, force: bool = False,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """`convllava-export calibrate`: the checkpoint's reference model splices the prompts; the set
+    is written beside `dest` and moved into place when complete. Returns its calib.json."""
+    from ..fsutil import atomic_output_dir, check_destination
+    from ..model.reference import ReferenceModel
+
+    check_destination(dest, force)  # before the questions are read and the model loads
+    questions = load_questions(prompts)
+    ref = ReferenceModel.load(checkpoint, vision_tower=vision_tower, dtype="auto", progress=progress)
+    cfg = PreprocessConfig.from_preprocessor_config(ref.info.preprocessor_config, mode=mode, resolution=resolution, max_tokens=max_tokens)
+    with atomic_output_dir(dest, force) as tmp:
+        return write_calibration_set(ref, images, tmp, cfg, questions, limit, max_mb, progress=progress)
+
+
 def read_calibration_set(folder: str | os.PathLike, cfg: PreprocessConfig | None = None) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, Any]]:
     """(pixels, llm sequences, meta); refuses a set preprocessed differently from `cfg`."""
     folder = Path(folder)

@@ -21,6 +21,12 @@ from ..extras import require
 WHY = "--with-llama-cpp (llama-cpp-python compiles llama.cpp from source: several minutes)"
 
 
+def require_llama_cpp() -> None:
+    """One line naming the `bench` extra when llama-cpp-python or gguf is missing, before any work."""
+    require("llama_cpp", purpose=WHY)
+    require("gguf", purpose=WHY)
+
+
 def permute_for_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF's rotate-half q/k row order → llama.cpp's interleaved pairs (what convert_hf_to_gguf does)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

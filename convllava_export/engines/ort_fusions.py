@@ -23,78 +23,99 @@ def _scalar(value: np.ndarray | None) -> float | None:
     return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
 
 
-def fuse_gelu(model: onnx.ModelProto) -> int:
-    """Fuse every erf-GELU (with its bias Add when there is one) in place; returns how many."""
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    nodes = list(g.node)
-    producer = {o: n for n in nodes for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in nodes:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+class _GraphIndex:
+    """Who produces and who consumes each tensor of a graph, and its constant value when it has one."""
 
-    def const(name: str) -> np.ndarray | None:
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        p = producer.get(name)
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.inits = {i.name: i for i in graph.initializer}
+        self.nodes = list(graph.node)
+        self.producer = {o: n for n in self.nodes for o in n.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in self.nodes:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+
+    def const(self, name: str) -> np.ndarray | None:
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        p = self.producer.get(name)
         if p is not None and p.op_type == "Constant" and p.attribute:
             return numpy_helper.to_array(p.attribute[0].t)
         return None
 
-    def sole_consumer(name: str, op: str) -> onnx.NodeProto | None:
-        c = consumers.get(name, [])
+    def sole_consumer(self, name: str, op: str) -> onnx.NodeProto | None:
+        c = self.consumers.get(name, [])
         return c[0] if len(c) == 1 and c[0].op_type == op else None
 
-    def other_input(node: onnx.NodeProto, name: str) -> str:
-        return node.input[1] if node.input[0] == name else node.input[0]
 
+def _other_input(node: onnx.NodeProto, name: str) -> str:
+    return node.input[1] if node.input[0] == name else node.input[0]
+
+
+def _match_gelu(erf: onnx.NodeProto, g: _GraphIndex) -> list[onnx.NodeProto] | None:
+    """The five ops of `x · ½ · (1 + erf(x / √2))` around `erf` ([scale, erf, +1, ·½, ·x]), or
+    None when they do not match or x (or a middle result) feeds anything else."""
+    scale = g.producer.get(erf.input[0])
+    if scale is None or scale.op_type not in ("Div", "Mul"):
+        return None
+    s = _scalar(g.const(scale.input[1]))
+    if s is None or not np.isclose(s if scale.op_type == "Div" else 1 / s, SQRT2, rtol=1e-3):
+        return None
+    x = scale.input[0]
+    add_one = g.sole_consumer(erf.output[0], "Add")
+    if add_one is None or not np.isclose(_scalar(g.const(_other_input(add_one, erf.output[0]))) or 0.0, 1.0):
+        return None
+    half = g.sole_consumer(add_one.output[0], "Mul")
+    if half is None or not np.isclose(_scalar(g.const(_other_input(half, add_one.output[0]))) or 0.0, 0.5):
+        return None
+    times_x = g.sole_consumer(half.output[0], "Mul")
+    if times_x is None or _other_input(times_x, half.output[0]) != x:
+        return None
+    if {id(n) for n in g.consumers.get(x, [])} != {id(scale), id(times_x)}:
+        return None  # x feeds something else too: it must stay
+    return [scale, erf, add_one, half, times_x]
+
+
+def _fused_node(chain: list[onnx.NodeProto], g: _GraphIndex) -> onnx.NodeProto:
+    """BiasGelu over the Add that feeds x when it adds a constant 1-D bias (the Add joins the
+    front of `chain`), else Gelu over x."""
+    scale, erf, times_x = chain[0], chain[1], chain[-1]
+    x = scale.input[0]
+    bias_add = g.producer.get(x)
+    bias = None
+    if bias_add is not None and bias_add.op_type == "Add":
+        for k in (0, 1):
+            b = g.const(bias_add.input[k])
+            if b is not None and b.ndim == 1 and b.size > 1:
+                bias = (bias_add.input[1 - k], bias_add.input[k])
+    if bias is not None:
+        chain.insert(0, bias_add)
+        return helper.make_node("BiasGelu", list(bias), [times_x.output[0]], domain="com.microsoft", name=f"{erf.name}/BiasGelu")
+    return helper.make_node("Gelu", [x], [times_x.output[0]], domain="com.microsoft", name=f"{erf.name}/Gelu")
+
+
+def fuse_gelu(model: onnx.ModelProto) -> int:
+    """Fuse every erf-GELU (with its bias Add when there is one) in place; returns how many."""
+    g = _GraphIndex(model.graph)
     replaced: dict[int, onnx.NodeProto] = {}  # id(first node of a chain) → fused node
     removed: set[int] = set()
-    for erf in (n for n in nodes if n.op_type == "Erf"):
-        scale = producer.get(erf.input[0])
-        if scale is None or scale.op_type not in ("Div", "Mul"):
+    for erf in (n for n in g.nodes if n.op_type == "Erf"):
+        chain = _match_gelu(erf, g)
+        if chain is None:
             continue
-        s = _scalar(const(scale.input[1]))
-        if s is None or not np.isclose(s if scale.op_type == "Div" else 1 / s, SQRT2, rtol=1e-3):
-            continue
-        x = scale.input[0]
-        add_one = sole_consumer(erf.output[0], "Add")
-        if add_one is None or not np.isclose(_scalar(const(other_input(add_one, erf.output[0]))) or 0.0, 1.0):
-            continue
-        half = sole_consumer(add_one.output[0], "Mul")
-        if half is None or not np.isclose(_scalar(const(other_input(half, add_one.output[0]))) or 0.0, 0.5):
-            continue
-        times_x = sole_consumer(half.output[0], "Mul")
-        if times_x is None or other_input(times_x, half.output[0]) != x:
-            continue
-        if {id(n) for n in consumers.get(x, [])} != {id(scale), id(times_x)}:
-            continue  # x feeds something else too: it must stay
-        chain = [scale, erf, add_one, half, times_x]
-        bias_add = producer.get(x)
-        bias = None
-        if bias_add is not None and bias_add.op_type == "Add":
-            for k in (0, 1):
-                b = const(bias_add.input[k])
-                if b is not None and b.ndim == 1 and b.size > 1:
-                    bias = (bias_add.input[1 - k], bias_add.input[k])
-        if bias is not None:
-            fused = helper.make_node("BiasGelu", list(bias), [times_x.output[0]], domain="com.microsoft", name=f"{erf.name}/BiasGelu")
-            chain.insert(0, bias_add)
-        else:
-            fused = helper.make_node("Gelu", [x], [times_x.output[0]], domain="com.microsoft", name=f"{erf.name}/Gelu")
+        fused = _fused_node(chain, g)
         replaced[id(chain[0])] = fused
         removed.update(id(n) for n in chain)
     if not replaced:
         return 0
     kept = []
-    for n in nodes:  # the fused node takes the place of its chain's first node: topological order holds
+    for n in g.nodes:  # the fused node takes the place of its chain's first node: topological order holds
         if id(n) in replaced:
             kept.append(replaced[id(n)])
         if id(n) not in removed:
             kept.append(n)
-    del g.node[:]
-    g.node.extend(kept)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return len(replaced)

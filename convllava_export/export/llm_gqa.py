@@ -23,6 +23,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -153,32 +154,9 @@ def export_decoder_gqa(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".gqa-", dir=folder.parent) as tmp:
-        hf = Path(tmp) / "hf"
-        if checkpoint is not None:
-            progress("linking the checkpoint's language-model shards for the builder")
-            write_llm_folder(checkpoint, hf)
-            tokenizer_dir = tokenizer_dir or checkpoint.path
-        else:
-            progress("writing the language model as a transformers folder for the builder")
-            llm.save_pretrained(hf, safe_serialization=True)
-        if tokenizer_dir:  # the builder writes tokenizer files for genai; ours come from the checkpoint
-            for f in Path(tokenizer_dir).iterdir():
-                if f.name.startswith(("tokenizer", "special_tokens_map")) and f.is_file():
-                    shutil.copy(f, hf / f.name)
-        else:
-            shutil.copy(Path(__file__).parents[1] / "data" / "tiny_tokenizer.model", hf / "tokenizer.model")
-        out = Path(tmp) / "out"
-        cmd = [
-            sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", "fp32", "-e", "cpu", "-c", str(Path(tmp) / "cache"),
-            "--extra_options", "exclude_embeds=true", f"filename={GRAPH}",
-        ]
-        progress("building the fused fp32 graph (onnxruntime-genai model builder, tensor by tensor)")
-        log = Path(tmp) / "builder.log"
-        with log.open("w") as fh:
-            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
-        if rc != 0 or not (out / GRAPH).exists():
-            tail = log.read_text(errors="replace")[-1500:]
-            raise ExportError(f"onnxruntime-genai's model builder failed (exit {rc}):\n{tail}")
+        hf, out = Path(tmp) / "hf", Path(tmp) / "out"
+        _builder_input(hf, llm, checkpoint, tokenizer_dir, progress)
+        _run_builder(hf, out, Path(tmp), progress)
         shutil.rmtree(hf)
         genai_cfg = json.loads((out / "genai_config.json").read_text())
         if precision == "fp32":
@@ -192,17 +170,63 @@ def export_decoder_gqa(
     kv_dtype = "float32" if precision == "fp32" else "float16"  # fp32 stays exact against the reference
     if kv_dtype == "float16" and half_kv_cache(folder / GRAPH) == 0:
         raise ExportError(f"no GroupQueryAttention in {folder / GRAPH}: the builder's graph layout changed; rebuild without --graph gqa")
+    vocab = _save_embedding_table(folder, llm, checkpoint)
+    spec = _gqa_spec(folder, precision, block_size, genai_cfg["model"]["decoder"], vocab, kv_dtype)
+    spec.save(folder)
+    return spec
+
+
+def _builder_input(hf: Path, llm: nn.Module | None, checkpoint: CheckpointInfo | None, tokenizer_dir: Path | None, progress: Progress) -> None:
+    """The transformers folder the builder reads: links to the checkpoint's shards, or the loaded
+    model saved; with the checkpoint's tokenizer files (the bundled tiny tokenizer without any)."""
+    if checkpoint is not None:
+        progress("linking the checkpoint's language-model shards for the builder")
+        write_llm_folder(checkpoint, hf)
+        tokenizer_dir = tokenizer_dir or checkpoint.path
+    else:
+        assert llm is not None
+        progress("writing the language model as a transformers folder for the builder")
+        llm.save_pretrained(hf, safe_serialization=True)
+    if tokenizer_dir:  # the builder writes tokenizer files for genai; ours come from the checkpoint
+        for f in Path(tokenizer_dir).iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens_map")) and f.is_file():
+                shutil.copy(f, hf / f.name)
+    else:
+        shutil.copy(Path(__file__).parents[1] / "data" / "tiny_tokenizer.model", hf / "tokenizer.model")
+
+
+def _run_builder(hf: Path, out: Path, tmp: Path, progress: Progress) -> None:
+    """onnxruntime-genai's model builder, fp32 for CPU without the embedding table, in a child
+    process; its output goes to a log whose tail is the error when it fails."""
+    cmd = [
+        sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", "fp32", "-e", "cpu", "-c", str(tmp / "cache"),
+        "--extra_options", "exclude_embeds=true", f"filename={GRAPH}",
+    ]
+    progress("building the fused fp32 graph (onnxruntime-genai model builder, tensor by tensor)")
+    log = tmp / "builder.log"
+    with log.open("w") as fh:
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if rc != 0 or not (out / GRAPH).exists():
+        tail = log.read_text(errors="replace")[-1500:]
+        raise ExportError(f"onnxruntime-genai's model builder failed (exit {rc}):\n{tail}")
+
+
+def _save_embedding_table(folder: Path, llm: nn.Module | None, checkpoint: CheckpointInfo | None) -> int:
+    """embed_tokens.npy (the graph takes inputs_embeds); returns the vocabulary size."""
     if checkpoint is not None:  # an fp16 table stays fp16 (exact, half the bytes); bf16 goes to fp32
         t = read_tensor(checkpoint, EMBED_KEY)
         table = t.numpy() if t.dtype == torch.float16 else t.float().numpy()
     else:
+        assert llm is not None
         table = llm.get_input_embeddings().weight.detach().float().numpy()
     np.save(folder / EMBEDDINGS, table)
-    vocab = int(table.shape[0])
-    del table
-    dec = genai_cfg["model"]["decoder"]
+    return int(table.shape[0])
+
+
+def _gqa_spec(folder: Path, precision: str, block_size: int, dec: dict[str, Any], vocab: int, kv_dtype: str) -> PartSpec:
+    """decoder.json for the fused graph: its inputs and outputs, from the builder's genai_config decoder section."""
     layers, kv_heads, head_dim, hidden = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"], dec["hidden_size"]
-    spec = PartSpec(
+    return PartSpec(
         part="decoder",
         graph=GRAPH,
         precision=precision,
@@ -218,5 +242,3 @@ def export_decoder_gqa(
         ],
         attributes={"layout": "gqa", "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "hidden": hidden, "vocab": vocab, "builder": "onnxruntime-genai", "kv_dtype": kv_dtype, **({"block_size": block_size} if precision != "fp32" else {})},
     )
-    spec.save(folder)
-    return spec

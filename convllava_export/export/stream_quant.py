@@ -124,6 +124,26 @@ def _retype_graph(graph: onnx.GraphProto) -> int:
     return changed
 
 
+def _initializer_uses(graph: onnx.GraphProto, inits: dict[str, TensorProto]) -> dict[str, list[onnx.NodeProto]]:
+    """initializer name → the nodes that read it."""
+    uses: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name in inits:
+                uses.setdefault(name, []).append(node)
+    return uses
+
+
+def _matmul_weights(inits: dict[str, TensorProto], uses: dict[str, list[onnx.NodeProto]]) -> set[str]:
+    """The 2-D float initializers read only as the weight (second input) of MatMuls: what MatMulNBits replaces."""
+    targets = set()
+    for name, nodes in uses.items():
+        t = inits[name]
+        if len(t.dims) == 2 and t.data_type in FLOATS and all(n.op_type == "MatMul" and n.input[1] == name and n.input[0] != name for n in nodes):
+            targets.add(name)
+    return targets
+
+
 def rewrite_weights(src: Path, dest: Path, precision: str, block_size: int = BLOCK_SIZE, accuracy_level: int = 4, progress: Progress = print) -> dict[str, Any]:
     """src graph (+ external data) → dest graph + dest.data at `precision`, streaming.
 
@@ -140,17 +160,8 @@ def rewrite_weights(src: Path, dest: Path, precision: str, block_size: int = BLO
     model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    uses: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            if name in inits:
-                uses.setdefault(name, []).append(node)
-    targets = set()
-    if bits:
-        for name, nodes in uses.items():
-            t = inits[name]
-            if len(t.dims) == 2 and t.data_type in FLOATS and all(n.op_type == "MatMul" and n.input[1] == name and n.input[0] != name for n in nodes):
-                targets.add(name)
+    uses = _initializer_uses(graph, inits)
+    targets = _matmul_weights(inits, uses) if bits else set()
     retyped = _retype_graph(graph)
     data_path = dest.parent / (dest.name + ".data")
     tmp_graph, tmp_data = dest.parent / (dest.name + ".partial"), dest.parent / (dest.name + ".data.partial")

@@ -1,9 +1,10 @@
-"""Open a build folder as a Pipeline, after checking it is intact and usable here."""
+"""Open a build folder as a Pipeline, after checking it is intact and usable here; `verify`'s full check."""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -12,7 +13,7 @@ from typing import Any
 
 from ..errors import BuildError
 from ..fsutil import json_sha256, sha256_file, spot_sha256
-from ..manifest import Manifest, read_manifest
+from ..manifest import Manifest, read_file_list, read_manifest
 from ..preprocess import PreprocessConfig
 from .pipeline import Pipeline
 
@@ -166,3 +167,59 @@ def load_pipeline_from_manifest(
 def load_pipeline(folder: str | Path, verify: str | bool = True, threads: int | None = None, **kw: Any) -> Pipeline:
     folder = Path(folder)
     return load_pipeline_from_manifest(folder, read_manifest(folder), verify, threads, **kw)
+
+
+def open_build(folder: str | Path, threads: int | None = None, vision_backend: str | None = None, llm_backend: str | None = None) -> Pipeline:
+    """A build loaded for long-running generation (run, chat, serve, demo): the process hands
+    freed memory back to the system from the start (runtime/memory.py), then the pipeline loads.
+    `vision_backend`/`llm_backend` override the manifest's (torch: the source checkpoint)."""
+    from .memory import return_freed_memory
+
+    return_freed_memory()  # before anything is loaded: freed KV rows and caches go back to the system
+    return load_pipeline(folder, threads=threads, vision_backend=vision_backend, llm_backend=llm_backend)
+
+
+@dataclass
+class BuildVerification:
+    """`convllava-export verify`: every file of a build hashed in full against its manifest.
+
+    Made from the manifest's file list (`total_bytes` sizes a progress bar); `run` hashes.
+    """
+
+    folder: Path
+    files: dict[str, Any]
+    integrity: dict[str, Any] | None
+    result: FileCheck | None = None
+    seconds: float = 0.0
+
+    @classmethod
+    def read(cls, folder: str | Path) -> BuildVerification:
+        files, integrity = read_file_list(Path(folder))
+        return cls(Path(folder), files, integrity)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(entry.get("bytes", 0) for entry in self.files.values() if isinstance(entry, dict))
+
+    def run(self, progress: Callable[[int], None] | None = None) -> FileCheck:
+        """Hash every file; `progress(n)` per n bytes hashed."""
+        started = time.perf_counter()
+        self.result = check_files(self.folder, self.files, self.integrity, full=True, progress=progress)
+        self.seconds = time.perf_counter() - started
+        return self.result
+
+    def report(self) -> dict[str, Any]:
+        assert self.result is not None, "run() first"
+        return {"build": str(self.folder), "intact": not self.result.problems, "problems": self.result.problems, "files": len(self.files), "bytes": self.result.hashed_bytes,
+                "seconds": round(self.seconds, 3)}
+
+    def raise_if_damaged(self) -> None:
+        assert self.result is not None, "run() first"
+        problems = self.result.problems
+        if problems:
+            more = f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
+            raise BuildError(f"{self.folder} differs from its manifest: {'; '.join(problems[:10])}{more}. Rebuild it or restore it from a copy.")
+
+    def summary(self) -> str:
+        assert self.result is not None, "run() first"
+        return f"{self.folder}: intact ({len(self.files)} files, {self.result.hashed_bytes / 1e9:.2f} GB hashed in {self.seconds:.1f} s)"

@@ -40,7 +40,10 @@ from .kv import KVCache, SeqKV
 from .sampling import SamplingParams
 
 MB = 1 << 20
-KV_MEMORY_FRACTION = 0.5  # default KV budget: this share of the memory available when the loop starts
+KV_MEMORY_FRACTION = 0.5  # default KV budget: at most this share of the memory available when the loop starts
+# ... and at most this much: a 7B int4 server then stays within ~8 GB at 16 clients (BENCHMARKS.md),
+# as vLLM-CPU's KV space is a fixed size too; raise it with --kv-cache-mb on a larger machine
+KV_DEFAULT_MAX_MB = 2048
 
 
 class ServerFault(RuntimeError):
@@ -200,11 +203,11 @@ def memory_available_bytes() -> int:
 
 
 def kv_budget_bytes(kv_cache_mb: float | None, position_bytes: int, max_rows: int, max_context: int) -> float:
-    """The KV budget: as asked, else the smaller of what every row at full context would take and
-    KV_MEMORY_FRACTION of the memory available now (after the model is loaded)."""
+    """The KV budget: as asked, else the smallest of what every row at full context would take,
+    KV_MEMORY_FRACTION of the memory available now (after the model is loaded) and KV_DEFAULT_MAX_MB."""
     if kv_cache_mb is not None:
         return kv_cache_mb * MB
-    return float(min(max_rows * max_context * position_bytes, KV_MEMORY_FRACTION * memory_available_bytes()))
+    return float(min(max_rows * max_context * position_bytes, KV_MEMORY_FRACTION * memory_available_bytes(), KV_DEFAULT_MAX_MB * MB))
 
 
 @dataclass(frozen=True)

@@ -55,8 +55,8 @@ class LoopSettings:
     max_running: int = 32  # sequences decoded together
     max_waiting: int = 64  # submitted but not yet running; QueueFull beyond
     max_batched_tokens: int = 256  # prefill chunk: the most a decode step waits for a prefill
-    encoder_cache_mb: float = 512.0  # image embeddings kept, LRU (a 576-token 4096-wide image is 9 MB)
-    prefix_cache_mb: float = 1024.0  # KV caches of finished sequences kept for prefix reuse, LRU
+    encoder_cache_mb: float = 256.0  # image embeddings kept, LRU (a 576-token 4096-wide image is 9 MB)
+    prefix_cache_mb: float = 256.0  # KV caches of finished sequences kept for prefix reuse, LRU (~500 positions at 7B fp16)
     kv_cache_mb: float | None = None  # KV budget of the running rows; None: from the memory available at start
 
     def validate(self) -> None:

@@ -97,65 +97,87 @@ def _thumb(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def render_html(report: dict[str, Any], images: dict[str, Any], worst: int = 4) -> str:
+def _build_row(b: dict[str, Any], failures: list[dict[str, Any]], note: str, latency_note: str) -> str:
+    """One build's row of the summary table; metrics whose gate it missed are marked."""
     e = html.escape
-    rows = []
-    simulated = [b for b in report["builds"] if is_simulated(b)]
-    device = report.get("reference", {}).get("device", "cpu")
-    note, latency_note = simulated_note(device), simulated_latency(device)
-    for b in report["builds"]:
-        m = b["metrics"]
-        failed = {f["metric"] for f in report["failures"] if f["build"] == b["name"]}
-        cls = lambda k: ' class="fail"' if k in failed else ""  # noqa: E731
-        acc = "–" if m["task_accuracy"] is None else f"{m['task_accuracy']:.3f}"
-        sim = is_simulated(b)
-        name = e(b["name"]) + (f' <span class="sim-badge" title="{e(note)}">simulated*</span>' if sim else "")
-        lat = [f"{m['latency']['vision_s'] * 1e3:.1f}", f"{m['latency']['ttft_s'] * 1e3:.1f}", f"{m['latency']['decode_tokens_per_s']:.1f}"]
-        if sim:
-            lat = [f'<span class="sim-latency" title="{e(latency_note)}">{v}†</span>' for v in lat]
-        row_cls = ' class="simulated"' if sim else ""
-        rows.append(
-            f"<tr{row_cls}><td>{name}</td><td>{e(str(b['info'].get('vision', '')))}</td><td>{e(str(b['info'].get('llm', '')))}</td>"
-            f"<td{cls('vision_cosine_mean')}>{m['vision_cosine']['mean']:.6f} / {m['vision_cosine']['min']:.6f}</td>"
-            f"<td{cls('kl_mean')}>{m['kl_mean']:.5f}</td><td{cls('top1_agreement')}>{m['top1_agreement']:.4f}</td>"
-            f"<td>{m['greedy_exact_match']:.3f}</td><td>{m['token_agreement']:.3f}</td><td{cls('task_accuracy')}>{acc}</td>"
-            f"<td>{lat[0]}</td><td>{lat[1]}</td><td>{lat[2]}</td></tr>"
-        )
-    ref = report["reference"]
+    m = b["metrics"]
+    failed = {f["metric"] for f in failures if f["build"] == b["name"]}
+    cls = lambda k: ' class="fail"' if k in failed else ""  # noqa: E731
+    acc = "–" if m["task_accuracy"] is None else f"{m['task_accuracy']:.3f}"
+    sim = is_simulated(b)
+    name = e(b["name"]) + (f' <span class="sim-badge" title="{e(note)}">simulated*</span>' if sim else "")
+    lat = [f"{m['latency']['vision_s'] * 1e3:.1f}", f"{m['latency']['ttft_s'] * 1e3:.1f}", f"{m['latency']['decode_tokens_per_s']:.1f}"]
+    if sim:
+        lat = [f'<span class="sim-latency" title="{e(latency_note)}">{v}†</span>' for v in lat]
+    row_cls = ' class="simulated"' if sim else ""
+    return (
+        f"<tr{row_cls}><td>{name}</td><td>{e(str(b['info'].get('vision', '')))}</td><td>{e(str(b['info'].get('llm', '')))}</td>"
+        f"<td{cls('vision_cosine_mean')}>{m['vision_cosine']['mean']:.6f} / {m['vision_cosine']['min']:.6f}</td>"
+        f"<td{cls('kl_mean')}>{m['kl_mean']:.5f}</td><td{cls('top1_agreement')}>{m['top1_agreement']:.4f}</td>"
+        f"<td>{m['greedy_exact_match']:.3f}</td><td>{m['token_agreement']:.3f}</td><td{cls('task_accuracy')}>{acc}</td>"
+        f"<td>{lat[0]}</td><td>{lat[1]}</td><td>{lat[2]}</td></tr>"
+    )
+
+
+def _reference_row(ref: dict[str, Any]) -> str:
+    """The reference's row: exact against itself, with its own accuracy and latency."""
+    e = html.escape
     ref_acc = "–" if ref.get("task_accuracy") is None else f"{ref['task_accuracy']:.3f}"
     ref_lat = ref.get("latency") or {}
-    rows.append(
+    return (
         f"<tr class='ref'><td>reference</td><td>torch {e(ref.get('dtype', 'fp32'))}</td><td>torch {e(ref.get('dtype', 'fp32'))}</td><td>1</td><td>0</td><td>1</td><td>1</td><td>1</td><td>{ref_acc}</td>"
         f"<td>{ref_lat.get('vision_s', 0) * 1e3:.1f}</td><td>{ref_lat.get('ttft_s', 0) * 1e3:.1f}</td><td>{ref_lat.get('decode_tokens_per_s', 0):.1f}</td></tr>"
     )
-    hists = "".join(cosine_histogram(b, COLOURS[i % len(COLOURS)]) for i, b in enumerate(report["builds"]))
+
+
+def _worst_cases(b: dict[str, Any], images: dict[str, Any], worst: int) -> list[str]:
+    """A build's `worst` items (lowest token agreement, then cosine): image, question, and the reference's, the build's and the true answers."""
+    e = html.escape
     cases = []
-    for b in report["builds"]:
-        worst_items = sorted(b["items"], key=lambda r: (r["token_agreement"], r["cosine"]))[:worst]
-        for r in worst_items:
-            img = images.get(r["id"])
-            src = _thumb(img) if img is not None else ""
-            cases.append(
-                f"<div class='case'><img alt='{e(r['id'])}' src='{src}'/><div><b>{e(b['name'])}</b> · {e(r['id'])} · cosine {r['cosine']:.5f} · "
-                f"token agreement {r['token_agreement']:.2f}<br/><i>{e(r['question'])}</i>"
-                f"<table><tr><th>reference</th><td>{e(r['reference_answer'])}</td></tr><tr><th>build</th><td>{e(r['answer'])}</td></tr>"
-                + (f"<tr><th>truth</th><td>{e(' | '.join(r['answers']))}</td></tr>" if r["answers"] else "")
-                + "</table></div></div>"
-            )
-    sim_note = ""
-    if simulated:
-        cal = (report.get("simulation") or {}).get("calibration") or {}
-        cal_text = f" Calibration: {cal.get('images')} images and {cal.get('prompts')} multimodal prompts from {e(str(cal.get('source')))}." if cal else ""
-        detail = "; ".join(
-            f"<b>{e(b['name'])}</b>: ModelOpt {e(str(b['info'].get('modelopt', '')))} {e(str(b['info'].get('modelopt_config', '')))}"
-            + (f", block {b['info']['awq_block_size']}" if b["info"].get("awq_block_size") else "")
-            for b in simulated
+    for r in sorted(b["items"], key=lambda r: (r["token_agreement"], r["cosine"]))[:worst]:
+        img = images.get(r["id"])
+        src = _thumb(img) if img is not None else ""
+        cases.append(
+            f"<div class='case'><img alt='{e(r['id'])}' src='{src}'/><div><b>{e(b['name'])}</b> · {e(r['id'])} · cosine {r['cosine']:.5f} · "
+            f"token agreement {r['token_agreement']:.2f}<br/><i>{e(r['question'])}</i>"
+            f"<table><tr><th>reference</th><td>{e(r['reference_answer'])}</td></tr><tr><th>build</th><td>{e(r['answer'])}</td></tr>"
+            + (f"<tr><th>truth</th><td>{e(' | '.join(r['answers']))}</td></tr>" if r["answers"] else "")
+            + "</table></div></div>"
         )
-        sim_note = (
-            f'<p class="sim-note" id="simulated-note">* {e(note)}. The reference model with its weights (and activations, where the format '
-            f"quantizes them) rounded to the format and back, fp32 arithmetic otherwise; same inputs and metrics as the real builds.{cal_text} {detail}.<br/>† {e(latency_note)}; "
-            f"simulated builds are not in the latency plot.</p>"
-        )
+    return cases
+
+
+def _simulation_note(report: dict[str, Any], simulated: list[dict[str, Any]], note: str, latency_note: str) -> str:
+    """What the simulated builds are and how they were calibrated ("" without any)."""
+    if not simulated:
+        return ""
+    e = html.escape
+    cal = (report.get("simulation") or {}).get("calibration") or {}
+    cal_text = f" Calibration: {cal.get('images')} images and {cal.get('prompts')} multimodal prompts from {e(str(cal.get('source')))}." if cal else ""
+    detail = "; ".join(
+        f"<b>{e(b['name'])}</b>: ModelOpt {e(str(b['info'].get('modelopt', '')))} {e(str(b['info'].get('modelopt_config', '')))}"
+        + (f", block {b['info']['awq_block_size']}" if b["info"].get("awq_block_size") else "")
+        for b in simulated
+    )
+    return (
+        f'<p class="sim-note" id="simulated-note">* {e(note)}. The reference model with its weights (and activations, where the format '
+        f"quantizes them) rounded to the format and back, fp32 arithmetic otherwise; same inputs and metrics as the real builds.{cal_text} {detail}.<br/>† {e(latency_note)}; "
+        f"simulated builds are not in the latency plot.</p>"
+    )
+
+
+def render_html(report: dict[str, Any], images: dict[str, Any], worst: int = 4) -> str:
+    """The whole page: verdict, summary table, plots and worst cases."""
+    e = html.escape
+    simulated = [b for b in report["builds"] if is_simulated(b)]
+    device = report.get("reference", {}).get("device", "cpu")
+    note, latency_note = simulated_note(device), simulated_latency(device)
+    rows = [_build_row(b, report["failures"], note, latency_note) for b in report["builds"]]
+    ref = report["reference"]
+    rows.append(_reference_row(ref))
+    hists = "".join(cosine_histogram(b, COLOURS[i % len(COLOURS)]) for i, b in enumerate(report["builds"]))
+    cases = [case for b in report["builds"] for case in _worst_cases(b, images, worst)]
+    sim_note = _simulation_note(report, simulated, note, latency_note)
     verdict = "PASSED" if report["passed"] else "FAILED"
     fails = "".join(
         f"<li><b>{e(f['build'])}</b>: {e(f['metric'])} = {f['value']:.5f}, needs {f['op']} {f['threshold']} (worst item: {e(str(f['worst_item']))})</li>" for f in report["failures"]
@@ -179,6 +201,26 @@ greedy decoding, at most {report['data']['max_new_tokens']} new tokens. Generate
 <h2>Worst cases</h2>{''.join(cases)}
 </body></html>
 """
+
+
+SUMMARY_COLUMNS = ("build", "cosine mean/min", "KL", "top-1", "greedy exact", "accuracy", "TTFT ms", "tok/s")
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One row of SUMMARY_COLUMNS per build, as the terminal shows them."""
+    rows = []
+    for b in report["builds"]:
+        m = b["metrics"]
+        acc = "-" if m["task_accuracy"] is None else f"{m['task_accuracy']:.3f}"
+        rows.append((b["name"] + (" (simulated)" if b.get("simulated") else ""), f"{m['vision_cosine']['mean']:.5f}/{m['vision_cosine']['min']:.5f}", f"{m['kl_mean']:.4f}",
+                     f"{m['top1_agreement']:.3f}", f"{m['greedy_exact_match']:.2f}", acc, f"{m['latency']['ttft_s'] * 1e3:.1f}", f"{m['latency']['decode_tokens_per_s']:.0f}"))
+    return rows
+
+
+def describe_failure(failure: dict[str, Any]) -> str:
+    """A missed gate (run.check_gates) in one line."""
+    f = failure
+    return f"{f['build']}: {f['metric']} = {f['value']:.5f} (needs {f['op']} {f['threshold']}; worst item {f['worst_item']})"
 
 
 def write_reports(report: dict[str, Any], images: dict[str, Any], folder: str | Path) -> tuple[Path, Path]:

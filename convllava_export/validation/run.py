@@ -185,14 +185,7 @@ def validate(
     empty when `simulate` is not. `awq_block_size` (int4-awq): None picks the largest of
     128/64/32/16/8 that divides the LLM's hidden and intermediate sizes.
     """
-    formats: list[str] = []
-    if simulate:
-        from .simulate import check_cpu_support, parse_formats
-
-        formats = parse_formats(simulate)
-        for f in formats:  # fail before minutes of loading and calibration
-            if device == "cpu":
-                check_cpu_support(f)
+    formats = _simulated_formats(simulate, device)
     if not builds and not formats:
         raise ConvLlavaError("nothing to validate: give build folders and/or formats to simulate")
     progress(f"loading the reference {reference}")
@@ -203,14 +196,7 @@ def validate(
     if not formats:
         # every reference answer first, then the reference goes: a 7B reference and a build
         # are never in memory together
-        from ..runtime.build_loader import preprocess_config
-        from ..manifest import read_manifest
-
-        for cfg in {repr(c): c for c in (preprocess_config(read_manifest(Path(b))) for b in builds)}.values():
-            for n, item in enumerate(items, 1):
-                ref.get(item, images[item.id], cfg)
-                if n % 8 == 0 or n == len(items):
-                    progress(f"reference: {n}/{len(items)} items")
+        _reference_answers(ref, builds, items, images, progress)
         ref.release()
         del model
         release_memory()
@@ -221,21 +207,21 @@ def validate(
         results.append(evaluate_build(Path(b).name, pipe, items, images, ref, progress))
     simulation: dict[str, Any] | None = None
     if formats:
-        from .report import simulated_note
-        from .simulate import calibration_data, simulate_build
+        simulation = _evaluate_simulated(model, formats, items, images, ref, results, calib, calib_limit, prompts, awq_block_size, device, progress)
+    report = _report(reference, ref_dtype, device, ref, items, max_new_tokens, results, gates)
+    if simulation is not None:
+        report["simulation"] = simulation
+    return report, images
 
-        cfg = PreprocessConfig.from_preprocessor_config(model.info.preprocessor_config)
-        calibration = calibration_data(model, cfg, calib, calib_limit, prompts, progress)
-        simulation = {"note": simulated_note(device), "formats": formats, "calibration": calibration.info}
-        for f in formats:
-            sim = simulate_build(model, f, calibration, awq_block_size, progress)
-            progress(f"validating {sim.name}")
-            results.append(evaluate_build(sim.name, sim.pipeline(cfg), items, images, ref, progress))
-            del sim
+
+def _report(
+    reference: str | Path, ref_dtype: str, device: str, ref: _ReferenceCache, items: Sequence[Item], max_new_tokens: int, results: list[dict[str, Any]], gates: Gates
+) -> dict[str, Any]:
+    """The report: the reference's accuracy and latency, the data, each build's results, and the gates they miss."""
     ref_rows = [c for c in ref.cache.values()]
     ref_acc = [r["reference_accuracy"] for r in results[0]["items"] if r["reference_accuracy"] is not None] if results else []
     failures = check_gates(results, gates)
-    report = {
+    return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "reference": {"checkpoint": str(reference), "dtype": ref_dtype, "backend": "torch", "device": device, "task_accuracy": float(np.mean(ref_acc)) if ref_acc else None,
                       "latency": _latency([r["answer"].timings for r in ref_rows])},
@@ -245,6 +231,84 @@ def validate(
         "failures": failures,
         "passed": not failures,
     }
-    if simulation is not None:
-        report["simulation"] = simulation
-    return report, images
+
+
+def _simulated_formats(simulate: Sequence[str], device: str) -> list[str]:
+    """The formats to simulate, each checked to run on this device before minutes of loading and calibration."""
+    if not simulate:
+        return []
+    from .simulate import check_cpu_support, parse_formats
+
+    formats = parse_formats(simulate)
+    for f in formats:  # fail before minutes of loading and calibration
+        if device == "cpu":
+            check_cpu_support(f)
+    return formats
+
+
+def _reference_answers(ref: _ReferenceCache, builds: Sequence[str | Path], items: Sequence[Item], images: dict[str, Any], progress: Progress) -> None:
+    """The reference's outputs for every item, once per distinct preprocessing among the builds."""
+    from ..manifest import read_manifest
+    from ..runtime.build_loader import preprocess_config
+
+    for cfg in {repr(c): c for c in (preprocess_config(read_manifest(Path(b))) for b in builds)}.values():
+        for n, item in enumerate(items, 1):
+            ref.get(item, images[item.id], cfg)
+            if n % 8 == 0 or n == len(items):
+                progress(f"reference: {n}/{len(items)} items")
+
+
+def _evaluate_simulated(
+    model: ReferenceModel, formats: Sequence[str], items: Sequence[Item], images: dict[str, Any], ref: _ReferenceCache, results: list[dict[str, Any]],
+    calib: str | Path | None, calib_limit: int, prompts: str | Path | None, awq_block_size: int | None, device: str, progress: Progress,
+) -> dict[str, Any]:
+    """Each format as a simulated build of the reference (simulate.py), evaluated like a real one
+    and appended to `results`; returns the report's "simulation" section."""
+    from .report import simulated_note
+    from .simulate import calibration_data, simulate_build
+
+    cfg = PreprocessConfig.from_preprocessor_config(model.info.preprocessor_config)
+    calibration = calibration_data(model, cfg, calib, calib_limit, prompts, progress)
+    simulation = {"note": simulated_note(device), "formats": list(formats), "calibration": calibration.info}
+    for f in formats:
+        sim = simulate_build(model, f, calibration, awq_block_size, progress)
+        progress(f"validating {sim.name}")
+        results.append(evaluate_build(sim.name, sim.pipeline(cfg), items, images, ref, progress))
+        del sim
+    return simulation
+
+
+def validate_to_folder(
+    builds: Sequence[str | Path],
+    reference: str | Path,
+    data: str | Path,
+    output: str | Path,
+    gates: Gates,
+    question: str | None = None,
+    limit: int | None = None,
+    progress: Progress = print,
+    device: str = "cpu",
+    simulate: Sequence[str] = (),
+    **options: Any,
+) -> tuple[dict[str, Any], Path, Path]:
+    """`convllava-export validate`: (report, report.json, report.html) written under `output`.
+
+    Refuses an unwritable `output`, a CUDA device torch cannot see, and nothing to validate
+    before any model loads; `data` as validation/data.load_items reads it; `options`: `validate`'s.
+    """
+    from ..fsutil import writable_dir
+    from .data import load_items
+    from .report import write_reports
+
+    writable_dir(output)  # before minutes of validation
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConvLlavaError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu")
+    items = load_items(data, question, limit)
+    if not builds and not simulate:
+        raise ConvLlavaError("nothing to validate: give build folders and/or --simulate FORMAT")
+    report, images = validate([str(b) for b in builds], reference, items, gates, progress=progress, simulate=simulate, device=device, **options)
+    json_path, html_path = write_reports(report, images, output)
+    return report, json_path, html_path

@@ -198,46 +198,12 @@ def simulate_build(model, fmt: str, calibration: Calibration, awq_block_size: in
     spec = FORMATS[fmt]
     lcfg = model.llm.config
     block = resolve_awq_block_size(lcfg.hidden_size, lcfg.intermediate_size, awq_block_size) if fmt == "int4-awq" else None
-    config = format_config(fmt, block or 128)
     name = PREFIX + fmt
-
-    llm = copy.deepcopy(model.llm).eval()
-    seqs = calibration.sequences
-    passes = [0]  # AWQ and SmoothQuant run the loop more than once
-
-    def llm_loop(m: torch.nn.Module) -> None:
-        passes[0] += 1
-        label = f" (pass {passes[0]})" if passes[0] > 1 else ""
-        with torch.no_grad():
-            for i, seq in enumerate(seqs, 1):
-                m(inputs_embeds=torch.from_numpy(np.asarray(seq, np.float32))[None].to(device))
-                if i % 8 == 0 or i == len(seqs):
-                    progress(f"{name}: calibrating the LLM{label} {i}/{len(seqs)} multimodal prompts")
-
-    progress(f"{name}: ModelOpt {spec.config} on the LLM")
-    llm = _quantize(llm, config, llm_loop).eval()
-    counts = {"llm": quantizer_counts(llm)}
-    if counts["llm"]["enabled"] == 0:
-        raise ConvLlavaError(f"{name}: ModelOpt enabled no quantizer in the LLM; the simulation would be the fp32 model")
-
+    counts: dict[str, dict[str, int]] = {}
+    llm = _simulate_llm(model.llm, format_config(fmt, block or 128), name, spec.config, calibration.sequences, device, counts, progress)
     vision = model.vision
     if spec.vision:
-        vision = copy.deepcopy(model.vision).eval()
-        pixels = calibration.pixels
-
-        def vision_loop(m: torch.nn.Module) -> None:
-            with torch.no_grad():
-                for i, px in enumerate(pixels, 1):
-                    m(torch.from_numpy(np.asarray(px, np.float32)).to(device))
-                    if i % 8 == 0 or i == len(pixels):
-                        progress(f"{name}: calibrating the vision tower {i}/{len(pixels)} images")
-
-        progress(f"{name}: ModelOpt {spec.config} on the vision tower + projector (Conv, Linear)")
-        vision = _quantize(vision, format_config(fmt), vision_loop).eval()
-        counts["vision"] = quantizer_counts(vision)
-        if counts["vision"]["enabled"] == 0:
-            raise ConvLlavaError(f"{name}: ModelOpt enabled no quantizer in the vision tower")
-
+        vision = _simulate_vision(model.vision, format_config(fmt), name, spec.config, calibration.pixels, device, counts, progress)
     sim_model = dataclasses.replace(model, llm=llm, vision=vision)
     info = {
         "backend": f"torch {device.type.upper()} + ModelOpt fake quantization",
@@ -256,3 +222,51 @@ def simulate_build(model, fmt: str, calibration: Calibration, awq_block_size: in
         info["awq_block_size"] = block
     progress(f"{name}: {counts['llm']['enabled']} LLM quantizers enabled" + (f", {counts['vision']['enabled']} vision" if "vision" in counts else ""))
     return SimulatedBuild(name, fmt, sim_model, info)
+
+
+def _simulate_llm(
+    llm: torch.nn.Module, config: dict[str, Any], name: str, config_name: str, seqs: Sequence[np.ndarray], device: torch.device, counts: dict[str, dict[str, int]], progress: Progress
+) -> torch.nn.Module:
+    """A fake-quantized copy of the LLM, calibrated on the multimodal prompts' embeddings; its
+    quantizer counts go to counts["llm"]; refused when ModelOpt enabled none."""
+    llm = copy.deepcopy(llm).eval()
+    passes = [0]  # AWQ and SmoothQuant run the loop more than once
+
+    def llm_loop(m: torch.nn.Module) -> None:
+        passes[0] += 1
+        label = f" (pass {passes[0]})" if passes[0] > 1 else ""
+        with torch.no_grad():
+            for i, seq in enumerate(seqs, 1):
+                m(inputs_embeds=torch.from_numpy(np.asarray(seq, np.float32))[None].to(device))
+                if i % 8 == 0 or i == len(seqs):
+                    progress(f"{name}: calibrating the LLM{label} {i}/{len(seqs)} multimodal prompts")
+
+    progress(f"{name}: ModelOpt {config_name} on the LLM")
+    llm = _quantize(llm, config, llm_loop).eval()
+    counts["llm"] = quantizer_counts(llm)
+    if counts["llm"]["enabled"] == 0:
+        raise ConvLlavaError(f"{name}: ModelOpt enabled no quantizer in the LLM; the simulation would be the fp32 model")
+    return llm
+
+
+def _simulate_vision(
+    vision: torch.nn.Module, config: dict[str, Any], name: str, config_name: str, pixels: Sequence[np.ndarray], device: torch.device, counts: dict[str, dict[str, int]],
+    progress: Progress,
+) -> torch.nn.Module:
+    """A fake-quantized copy of the tower + projector (Conv, Linear), calibrated on the images;
+    its quantizer counts go to counts["vision"]; refused when ModelOpt enabled none."""
+    vision = copy.deepcopy(vision).eval()
+
+    def vision_loop(m: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for i, px in enumerate(pixels, 1):
+                m(torch.from_numpy(np.asarray(px, np.float32)).to(device))
+                if i % 8 == 0 or i == len(pixels):
+                    progress(f"{name}: calibrating the vision tower {i}/{len(pixels)} images")
+
+    progress(f"{name}: ModelOpt {config_name} on the vision tower + projector (Conv, Linear)")
+    vision = _quantize(vision, config, vision_loop).eval()
+    counts["vision"] = quantizer_counts(vision)
+    if counts["vision"]["enabled"] == 0:
+        raise ConvLlavaError(f"{name}: ModelOpt enabled no quantizer in the vision tower")
+    return vision
