@@ -256,3 +256,15 @@ def test_torch_decoder_cache_shape_matches_its_arrays(reference):
     dec = TorchDecoder(reference)
     logits, kv = dec.extend(np.zeros((3, reference.llm.config.hidden_size), np.float32))
     assert kv.nbytes == 3 * dec.cache_shape.position_bytes
+
+
+def test_default_kv_budget_is_capped():
+    """The default KV budget is the smallest of the rows at full context, half the memory
+    available and KV_DEFAULT_MAX_MB (a 7B int4 server stays within 8 GB at 16 clients);
+    --kv-cache-mb is taken as given."""
+    from convllava_export.runtime.scheduler import KV_DEFAULT_MAX_MB, MB, kv_budget_bytes
+
+    seven_b = 32 * 2 * 8 * 128 * 2 * 4  # layers x (k, v) x kv heads x head dim x fp16, 4x wider heads: 0.5 MB a position
+    assert kv_budget_bytes(None, seven_b, 16, 2048) <= KV_DEFAULT_MAX_MB * MB
+    assert kv_budget_bytes(None, 1024, 2, 64) == 2 * 64 * 1024  # small: what the rows need
+    assert kv_budget_bytes(3000, seven_b, 16, 2048) == 3000 * MB
