@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -535,131 +536,201 @@ def bench_serving(
     """Every config of ours (name → --max-running) through every workload and concurrency level;
     without `against` the configs are compared with the last one (default: batching on vs off), with
     it every config is compared with the peer at `against` on the same requests."""
-    from .e2e import _free_port
-
     workloads = tuple(dict.fromkeys(workloads or (WORKLOADS if against else ("image",))))
     for w in workloads:
         if w not in WORKLOADS:
             raise ValueError(f"unknown workload {w!r} (use {', '.join(WORKLOADS)})")
     configs = configs or ({"convllava": max(concurrencies)} if against else {"batching": max(concurrencies), "batching off": 1})
-    threads = os.cpu_count() or 1
     base = peer_base(against) if against else None
-    if base and against_cmd and peer_models(base) is not None:
-        raise ConvLlavaError(f"{base}/v1/models already answers: something is serving there, and --against-cmd would start a second server "
-                           "(stop it, or drop --against-cmd to measure it as it is)")
-    if base and not against_cmd:
-        models = peer_models(base, timeout_s=30)
-        if models is None:
-            raise ConvLlavaError(f"nothing answers at {base}/v1/models (start the peer first, or give --against-cmd)")
-        against_model = against_model or (models[0] if models else None)
-        if not against_model:
-            raise ConvLlavaError(f"{base}/v1/models lists no model; give --against-model")
-    levels = _levels(workloads, concurrencies, prompts_per_level, prompt_words, requests_per_client)
-    rows: list[dict[str, Any]] = []
-    follow_up, fits = None, {}
-    ours_prompt_tokens: dict[int, dict[int, int]] = {}  # image level → request index → our prompt_tokens
+    if base:
+        against_model = _check_peer(base, against_cmd, against_model)
+    plan = _Plan(build, concurrencies, max_tokens, time_limit_s, workloads, prompt_words, tuple(serve_args),
+                 _levels(workloads, concurrencies, prompts_per_level, prompt_words, requests_per_client), base, progress)
+    ours = _measure_ours(plan, configs, stop_before_peer=bool(base and against_cmd))
+    result: dict[str, Any] = {"machine": machine_info(), "build": str(build), "max_tokens": max_tokens, "configs": configs, "workloads": list(workloads),
+                              "prompt_words": prompt_words, "serve_args": list(serve_args)}
+    rows = ours.rows
+    if base:
+        result["peer"], peer_rows = _measure_peer(plan, ours, against_model, against_cmd, against_start_timeout_s)
+        rows = rows + peer_rows
+        result["comparison"] = _compare_with_peer(rows)
+    else:
+        _compare_with_last(rows, list(configs)[-1])
+    result["results"] = rows
+    result["multi_turn"] = ours.follow_up
+    return result
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What every level of one `bench serve` run shares."""
+
+    build: str | Path
+    concurrencies: list[int]
+    max_tokens: int
+    time_limit_s: float
+    workloads: tuple[str, ...]
+    prompt_words: int
+    serve_args: tuple[str, ...]
+    levels: dict[tuple[str, int], list[dict[str, Any]]]
+    base: str | None  # the peer's base URL, when comparing
+    progress: Any
+
+
+@dataclass
+class _Ours:
+    rows: list[dict[str, Any]]
+    follow_up: dict[str, Any] | None
+    fits: dict[str, Any]  # "ours": our prompt fit (image stand-ins for the peer)
+    prompt_tokens: dict[int, dict[int, int]]  # image level → request index → our prompt_tokens
+
+
+def _check_peer(base: str, against_cmd: str | None, against_model: str | None) -> str | None:
+    """Refuse a peer URL that is already taken (with --against-cmd) or that answers nothing
+    (without); returns the model name to ask for."""
+    if against_cmd:
+        if peer_models(base) is not None:
+            raise ConvLlavaError(f"{base}/v1/models already answers: something is serving there, and --against-cmd would start a second server "
+                                 "(stop it, or drop --against-cmd to measure it as it is)")
+        return against_model
+    models = peer_models(base, timeout_s=30)
+    if models is None:
+        raise ConvLlavaError(f"nothing answers at {base}/v1/models (start the peer first, or give --against-cmd)")
+    against_model = against_model or (models[0] if models else None)
+    if not against_model:
+        raise ConvLlavaError(f"{base}/v1/models lists no model; give --against-model")
+    return against_model
+
+
+def _measure_ours(plan: _Plan, configs: dict[str, int], stop_before_peer: bool) -> _Ours:
+    """Each config: start our server, run every workload and level, stop it (and, before a peer is
+    started beside it, wait until its port is closed)."""
+    from .e2e import _free_port
+
+    ours = _Ours([], None, {}, {})
+    threads = os.cpu_count() or 1
     for name, max_running in configs.items():
         port = _free_port()
-        progress(f"{name} (--max-running {max_running}{' ' + ' '.join(serve_args) if serve_args else ''}): starting our server on http://127.0.0.1:{port}")
-        proc = start_server(build, port, max_running, max_tokens, threads, tuple(serve_args))
+        extra = " " + " ".join(plan.serve_args) if plan.serve_args else ""
+        plan.progress(f"{name} (--max-running {max_running}{extra}): starting our server on http://127.0.0.1:{port}")
+        proc = start_server(plan.build, port, max_running, plan.max_tokens, threads, plan.serve_args)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         try:
-            if base and "image" in workloads and "ours" not in fits:
-                fits["ours"] = prompt_fit(url, None)
-            for w in workloads:
-                _warm_up(url, w, prompt_words, max_tokens, None, time_limit_s)
-                for c in concurrencies:
-                    bodies = [{**b, **request_options(max_tokens)} for b in levels[w, c]]
-                    progress(f"{name}, {w}: {c} concurrent clients, {len(bodies)} requests x {max_tokens} tokens")
-                    with PeakRss(proc) as mem:
-                        row = run_level(url, bodies, c, time_limit_s, keep=bool(base) and w == "image")
-                    row["server_peak_rss_gb"] = mem.peak_gb
-                    if "per_request" in row:
-                        per = row.pop("per_request")
-                        ours_prompt_tokens.setdefault(c, {r["index"]: r.get("prompt_tokens", 0) for r in per if r["status"] == 200})
-                    rows.append({"server": "ours", "config": name, "max_running": max_running, "workload": w, **row})
-            if follow_up is None and not base and "image" in workloads:
-                progress(f"{name}: multi-turn follow-ups about one image")
-                follow_up = {"config": name, **multi_turn(url, max_tokens=min(32, max_tokens))}
+            if plan.base and "image" in plan.workloads and "ours" not in ours.fits:
+                ours.fits["ours"] = prompt_fit(url, None)
+            for w in plan.workloads:
+                _measure_workload(plan, ours, proc, url, name, max_running, w)
+            if ours.follow_up is None and not plan.base and "image" in plan.workloads:
+                plan.progress(f"{name}: multi-turn follow-ups about one image")
+                ours.follow_up = {"config": name, **multi_turn(url, max_tokens=min(32, plan.max_tokens))}
         finally:
             stop_group(proc)
             proc.log.unlink(missing_ok=True)  # type: ignore[attr-defined]
-        if base and against_cmd:
-            deadline = time.time() + 30
-            while port_open("127.0.0.1", port) and time.time() < deadline:
-                time.sleep(0.2)
-            if port_open("127.0.0.1", port):
-                raise ConvLlavaError(f"our server on port {port} still accepts connections after being stopped; not starting --against-cmd beside it")
-    result: dict[str, Any] = {"machine": machine_info(), "build": str(build), "max_tokens": max_tokens, "configs": configs, "workloads": list(workloads),
-                              "prompt_words": prompt_words, "serve_args": list(serve_args)}
-    if base:
-        peer: dict[str, Any] = {"url": base, "model": against_model, "cmd": against_cmd}
-        proc, log = None, None
-        try:
-            if against_cmd:
-                log = Path(tempfile.mkstemp(prefix="bench-serve-peer-", suffix=".log")[1])
-                progress(f"peer: our server is stopped; starting --against-cmd (output in {log}), waiting up to {against_start_timeout_s:.0f} s for {base}/v1/models")
-                t0 = time.perf_counter()
-                proc = start_peer(against_cmd, base, against_start_timeout_s, log)
-                peer["start_s"] = time.perf_counter() - t0
-                models = peer_models(base) or []
-                against_model = against_model or (models[0] if models else None)
-                if not against_model:
-                    raise ConvLlavaError(f"{base}/v1/models lists no model; give --against-model")
-                peer["model"] = against_model
-            url = f"{base}/v1/chat/completions"
-            progress(f"peer: {base} serving {against_model!r}")
-            if "image" in workloads:
-                known = [t for level in ours_prompt_tokens.values() for t in level.values() if t]
-                fit = prompt_fit(url, against_model, int(np.median(known)) if known else None)
-                fits["peer"] = fit
-                peer["prompt_fit"] = {"source": "peer" if fit else "ours", **(fit or fits.get("ours") or {})}
-                if not (fit or fits.get("ours")):
-                    raise ConvLlavaError("neither server reported usage.prompt_tokens: cannot size the text stand-in for the image workload")
-            for w in workloads:
-                _warm_up(url, "text", prompt_words, max_tokens, against_model, time_limit_s)
-                for c in concurrencies:
-                    if w == "image":
-                        fit = fits.get("peer") or fits["ours"]
-                        bodies = stand_in_bodies(levels[w, c], ours_prompt_tokens.get(c, {}), fit, seed=c)
-                    else:
-                        bodies = levels[w, c]
-                    bodies = [{**b, **request_options(max_tokens, against_model)} for b in bodies]
-                    progress(f"peer, {w}{' (text stand-in)' if w == 'image' else ''}: {c} concurrent clients, {len(bodies)} requests x {max_tokens} tokens")
-                    with PeakRss(proc) as mem:
-                        row = run_level(url, bodies, c, time_limit_s)
-                    row["server_peak_rss_gb"] = mem.peak_gb  # None for a peer this run did not start
-                    rows.append({"server": "peer", "config": "peer", "workload": w, **({"note": STAND_IN} if w == "image" else {}), **row})
-        finally:
-            if proc is not None:
-                progress("peer: ending the process group of --against-cmd")
-                stop_group(proc)
-                peer["log"] = str(log)
-        result["peer"] = peer
-        peers = {(r["workload"], r["concurrency"]): r for r in rows if r["server"] == "peer"}
-        result["comparison"] = []
-        for r in rows:
-            p = peers.get((r["workload"], r["concurrency"]))
-            if r["server"] != "ours" or p is None:
-                continue
-            r["token_throughput_vs_peer"] = _ratio(r["output_token_throughput"], p["output_token_throughput"])
-            r["p99_ttft_vs_peer"] = _ratio(r["ttft"]["p99_ms"], p["ttft"]["p99_ms"])
-            result["comparison"].append({
-                "config": r["config"], "workload": r["workload"], "concurrency": r["concurrency"], **({"note": STAND_IN} if r["workload"] == "image" else {}),
-                "ours_token_throughput": r["output_token_throughput"], "peer_token_throughput": p["output_token_throughput"],
-                "token_throughput_ours_over_peer": r["token_throughput_vs_peer"],
-                "ours_p99_ttft_ms": r["ttft"]["p99_ms"], "peer_p99_ttft_ms": p["ttft"]["p99_ms"], "p99_ttft_ours_over_peer": r["p99_ttft_vs_peer"],
-                "ours_prompt_tokens_mean": r["prompt_tokens_mean"], "peer_prompt_tokens_mean": p["prompt_tokens_mean"],
-            })
-    else:
-        last = {(r["workload"], r["concurrency"]): r for r in rows if r["config"] == list(configs)[-1]}
-        for r in rows:
-            b = last[r["workload"], r["concurrency"]]
-            r["token_throughput_vs_last_config"] = _ratio(r["output_token_throughput"], b["output_token_throughput"])
-            r["p99_ttft_vs_last_config"] = _ratio(r["ttft"]["p99_ms"], b["ttft"]["p99_ms"])
-    result["results"] = rows
-    result["multi_turn"] = follow_up
-    return result
+        if stop_before_peer:
+            _wait_port_closed(port)
+    return ours
+
+
+def _measure_workload(plan: _Plan, ours: _Ours, proc: Any, url: str, name: str, max_running: int, w: str) -> None:
+    _warm_up(url, w, plan.prompt_words, plan.max_tokens, None, plan.time_limit_s)
+    for c in plan.concurrencies:
+        bodies = [{**b, **request_options(plan.max_tokens)} for b in plan.levels[w, c]]
+        plan.progress(f"{name}, {w}: {c} concurrent clients, {len(bodies)} requests x {plan.max_tokens} tokens")
+        with PeakRss(proc) as mem:
+            row = run_level(url, bodies, c, plan.time_limit_s, keep=bool(plan.base) and w == "image")
+        row["server_peak_rss_gb"] = mem.peak_gb
+        if "per_request" in row:
+            per = row.pop("per_request")
+            ours.prompt_tokens.setdefault(c, {r["index"]: r.get("prompt_tokens", 0) for r in per if r["status"] == 200})
+        ours.rows.append({"server": "ours", "config": name, "max_running": max_running, "workload": w, **row})
+
+
+def _wait_port_closed(port: int, timeout_s: float = 30.0) -> None:
+    deadline = time.time() + timeout_s
+    while port_open("127.0.0.1", port) and time.time() < deadline:
+        time.sleep(0.2)
+    if port_open("127.0.0.1", port):
+        raise ConvLlavaError(f"our server on port {port} still accepts connections after being stopped; not starting --against-cmd beside it")
+
+
+def _measure_peer(
+    plan: _Plan, ours: _Ours, against_model: str | None, against_cmd: str | None, start_timeout_s: float
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The same levels against the peer (started by `against_cmd` once ours has stopped, and ended
+    afterwards); image requests become text stand-ins of our prompt lengths."""
+    base, progress = plan.base, plan.progress
+    peer: dict[str, Any] = {"url": base, "model": against_model, "cmd": against_cmd}
+    rows: list[dict[str, Any]] = []
+    proc, log = None, None
+    try:
+        if against_cmd:
+            log = Path(tempfile.mkstemp(prefix="bench-serve-peer-", suffix=".log")[1])
+            progress(f"peer: our server is stopped; starting --against-cmd (output in {log}), waiting up to {start_timeout_s:.0f} s for {base}/v1/models")
+            t0 = time.perf_counter()
+            proc = start_peer(against_cmd, base, start_timeout_s, log)
+            peer["start_s"] = time.perf_counter() - t0
+            models = peer_models(base) or []
+            against_model = against_model or (models[0] if models else None)
+            if not against_model:
+                raise ConvLlavaError(f"{base}/v1/models lists no model; give --against-model")
+            peer["model"] = against_model
+        url = f"{base}/v1/chat/completions"
+        progress(f"peer: {base} serving {against_model!r}")
+        fits = dict(ours.fits)
+        if "image" in plan.workloads:
+            known = [t for level in ours.prompt_tokens.values() for t in level.values() if t]
+            fit = prompt_fit(url, against_model, int(np.median(known)) if known else None)
+            fits["peer"] = fit
+            peer["prompt_fit"] = {"source": "peer" if fit else "ours", **(fit or fits.get("ours") or {})}
+            if not (fit or fits.get("ours")):
+                raise ConvLlavaError("neither server reported usage.prompt_tokens: cannot size the text stand-in for the image workload")
+        for w in plan.workloads:
+            _warm_up(url, "text", plan.prompt_words, plan.max_tokens, against_model, plan.time_limit_s)
+            for c in plan.concurrencies:
+                if w == "image":
+                    bodies = stand_in_bodies(plan.levels[w, c], ours.prompt_tokens.get(c, {}), fits.get("peer") or fits["ours"], seed=c)
+                else:
+                    bodies = plan.levels[w, c]
+                bodies = [{**b, **request_options(plan.max_tokens, against_model)} for b in bodies]
+                progress(f"peer, {w}{' (text stand-in)' if w == 'image' else ''}: {c} concurrent clients, {len(bodies)} requests x {plan.max_tokens} tokens")
+                with PeakRss(proc) as mem:
+                    row = run_level(url, bodies, c, plan.time_limit_s)
+                row["server_peak_rss_gb"] = mem.peak_gb  # None for a peer this run did not start
+                rows.append({"server": "peer", "config": "peer", "workload": w, **({"note": STAND_IN} if w == "image" else {}), **row})
+    finally:
+        if proc is not None:
+            progress("peer: ending the process group of --against-cmd")
+            stop_group(proc)
+            peer["log"] = str(log)
+    return peer, rows
+
+
+def _compare_with_peer(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each of our rows against the peer's at the same workload and clients (ratios added to our rows)."""
+    peers = {(r["workload"], r["concurrency"]): r for r in rows if r["server"] == "peer"}
+    comparison = []
+    for r in rows:
+        p = peers.get((r["workload"], r["concurrency"]))
+        if r["server"] != "ours" or p is None:
+            continue
+        r["token_throughput_vs_peer"] = _ratio(r["output_token_throughput"], p["output_token_throughput"])
+        r["p99_ttft_vs_peer"] = _ratio(r["ttft"]["p99_ms"], p["ttft"]["p99_ms"])
+        comparison.append({
+            "config": r["config"], "workload": r["workload"], "concurrency": r["concurrency"], **({"note": STAND_IN} if r["workload"] == "image" else {}),
+            "ours_token_throughput": r["output_token_throughput"], "peer_token_throughput": p["output_token_throughput"],
+            "token_throughput_ours_over_peer": r["token_throughput_vs_peer"],
+            "ours_p99_ttft_ms": r["ttft"]["p99_ms"], "peer_p99_ttft_ms": p["ttft"]["p99_ms"], "p99_ttft_ours_over_peer": r["p99_ttft_vs_peer"],
+            "ours_prompt_tokens_mean": r["prompt_tokens_mean"], "peer_prompt_tokens_mean": p["prompt_tokens_mean"],
+        })
+    return comparison
+
+
+def _compare_with_last(rows: list[dict[str, Any]], last_config: str) -> None:
+    last = {(r["workload"], r["concurrency"]): r for r in rows if r["config"] == last_config}
+    for r in rows:
+        b = last[r["workload"], r["concurrency"]]
+        r["token_throughput_vs_last_config"] = _ratio(r["output_token_throughput"], b["output_token_throughput"])
+        r["p99_ttft_vs_last_config"] = _ratio(r["ttft"]["p99_ms"], b["ttft"]["p99_ms"])
 
 
 def _ms3(s: dict[str, float]) -> str:
