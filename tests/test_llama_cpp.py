@@ -1,25 +1,19 @@
 """The llama.cpp comparison path: our GGUF writer, checked against transformers.
 
-The GGUF layout tests need only `gguf` (in the `test` extra, so CI runs them). The llama.cpp test
-is opt-in: llama-cpp-python has no wheel on PyPI and compiles llama.cpp (more than 8 minutes on
-2 cores, not finished then), so CI does not install it. It runs wherever llama-cpp-python is
-installed; CONVLLAVA_TEST_LLAMA_CPP=1 makes it fail instead of skip when it is missing, and
-`CONVLLAVA_TEST_LLAMA_CPP=1 .ci/run` installs the `bench` extra first.
+The GGUF layout tests need only `gguf` (in the `test` extra). The llama.cpp test needs
+llama-cpp-python (the `bench` extra; it compiles llama.cpp, ~4 minutes on 2 cores): CI installs
+it, so under CI a missing or broken install fails the test; elsewhere it skips with the reason.
 """
 
 from __future__ import annotations
-
-import importlib.util
-import os
 
 import gguf
 import numpy as np
 import pytest
 import torch
 
+from conftest import needs
 from convllava_export.engines.llama_cpp import permute_for_rope, write_gguf
-
-LLAMA_CPP_OPT_IN = os.environ.get("CONVLLAVA_TEST_LLAMA_CPP", "") == "1"
 
 
 def small_llama(seed: int = 0):
@@ -53,13 +47,8 @@ def test_permute_for_rope_pairs_the_rotary_halves():
     assert permute_for_rope(w, 1)[:, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("llama_cpp") is None and not LLAMA_CPP_OPT_IN,
-    reason="opt-in, llama-cpp-python not installed (it compiles llama.cpp): pip install -e '.[bench]', "
-    "then CONVLLAVA_TEST_LLAMA_CPP=1 python -m pytest tests/test_llama_cpp.py (or CONVLLAVA_TEST_LLAMA_CPP=1 .ci/run)",
-)
+@needs("llama_cpp", "bench")
 def test_f16_gguf_greedy_matches_transformers(tmp_path):
-    assert importlib.util.find_spec("llama_cpp") is not None, "CONVLLAVA_TEST_LLAMA_CPP=1 but llama-cpp-python is not installed: pip install -e '.[bench]'"
     from convllava_export.engines.llama_cpp import LlamaCppTimer
 
     model = small_llama()
