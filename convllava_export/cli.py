@@ -136,13 +136,14 @@ def verify_cmd(build_dir: Path, as_json: bool) -> None:
     """Hash every file of a build in full against its manifest (loading only samples large files)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-    from .runtime.build_loader import BuildVerification
+    from .manifest import read_file_list
+    from .runtime.build_loader import listed_bytes, verify_build
 
-    check = BuildVerification.read(build_dir)
+    files, integrity = read_file_list(build_dir)
     columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("sha256", total=check.total_bytes)
-        check.run(progress=lambda n: bar.advance(task, n))
+        task = bar.add_task("sha256", total=listed_bytes(files))
+        check = verify_build(build_dir, files, integrity, progress=lambda n: bar.advance(task, n))
     if as_json:
         out.print_json(json.dumps(check.report()))
     check.raise_if_damaged()

@@ -18,17 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import GateError
-from .precisions import backends, precision
-
-
-def smoke_gates(part: str) -> dict[str, float]:
-    """{precision: default threshold} of every backend of `part`, as the precision rows set them
-    (for help text; a backend's own rows win where two backends share a name)."""
-    out: dict[str, float] = {}
-    for b in backends(part):
-        for p in b.precisions:
-            out.setdefault(p.name, p.gate)
-    return out
+from .precisions import precision
 
 
 def thresholds(

@@ -26,11 +26,9 @@ from .errors import BuildError
 
 PARTS = ("vision", "llm")
 DEVICES = ("cpu", "cuda")  # where ONNX Runtime and the torch reference run
-CPU_TARGETS = ("cpu",)
-ORT_GPU_TARGETS = ("cuda",)
+# target names (targets.TARGETS defines them; this leaf cannot import it, tests/test_architecture.py checks they agree)
 TRT_TARGETS = ("tensorrt", "orin", "thor", "jetson")
-ALL_TARGETS = CPU_TARGETS + ORT_GPU_TARGETS + TRT_TARGETS
-GPU_TARGETS = ORT_GPU_TARGETS + TRT_TARGETS
+GPU_TARGETS = ("cuda",) + TRT_TARGETS
 
 # the torch reference's dtype (`auto`: fp32 when it fits in memory, else the checkpoint's; sizing.py)
 REFERENCE_DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -211,19 +209,11 @@ def refuse(part: str, backend: str, name: str, **where: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # the lists other modules name (derived, never written out)
 
-VISION = names("vision")  # every vision precision, whichever backend
-CALIBRATED_VISION = names("vision", calibrated=True)
-ORT_LLM = names("llm", "onnxruntime")
-GQA_LLM = names("llm", "onnxruntime", graph="gqa")
 LLM_GRAPHS = part_backend("llm", "onnxruntime").options["graph"]
-LLM_BACKENDS = backend_names("llm")
-TRTLLM_ENGINE = names("llm", "tensorrt-llm", format="engine")
 TRTLLM_HF = names("llm", "tensorrt-llm", format="hf")
 TRTLLM_FORMATS = part_backend("llm", "tensorrt-llm").options["format"]
-LLM_PRECISIONS = names("llm")  # `build --llm-precision` choices, every backend
 MODELOPT: dict[str, ModelOptFormat] = {p.name: p.modelopt for p in part_backend("llm", "tensorrt-llm").precisions if p.modelopt}
 AWQ = tuple(n for n in MODELOPT if n.endswith("-awq"))  # formats with an AWQ group size
-TRTLLM_MIN_CC = {p.name: p.min_cc for p in part_backend("llm", "tensorrt-llm").precisions if p.min_cc}
 SIMULATED = names("llm", simulated=True)  # `validate --simulate` formats (ModelOpt fake quantization)
 SIMULATED_VISION = names("vision", simulated=True)  # ... that quantize the tower too
 # runtime backends a manifest can name: the build backends, plus torch (the source checkpoint)

@@ -22,7 +22,7 @@ NVIDIA JetPack 7.2.2 or later on Jetson AGX Orin and Jetson Thor" (not Orin on J
 
 nvfp4: TensorRT has the E2M1 FP4 type from 10.8 ("Added support for E2M1 FP4 data type on NVIDIA
 Blackwell GPUs using explicit quantization", TensorRT 10.8.0 release notes), but this tool's
-vision export writes no nvfp4 graph (see `precisions.VISION`), so nvfp4 is refused
+vision export writes no nvfp4 graph (see the vision rows in `precisions.BACKENDS`), so nvfp4 is refused
 on every target with the reason that applies first.
 """
 

@@ -101,6 +101,13 @@ def test_the_cycle_check_finds_a_cycle():
     assert "convllava_export.precisions" in graph["convllava_export.gates"]  # function and top-level imports are read
 
 
+def test_target_names_agree():
+    from convllava_export import targets
+
+    assert precisions.TRT_TARGETS == targets.TRT_TARGETS and precisions.GPU_TARGETS == targets.GPU_TARGETS
+    assert {t for b in precisions.BACKENDS for p in b.precisions for t in p.targets} <= set(targets.TARGET_NAMES)
+
+
 def test_precisions_is_a_leaf():
     assert import_graph()["convllava_export.precisions"] <= {"convllava_export.errors"}
 

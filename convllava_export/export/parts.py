@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,6 @@ class Built:
     reference_embeds: np.ndarray | None = None
     target: str | None = None
     jetson: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,10 +170,9 @@ class TrtLlm:
         return cfg
 
     def check(self, resolved: ResolvedBuild) -> None:
-        from ..options import check_llm, check_trtllm_here
+        from ..options import check_trtllm_here
 
-        row, opts = resolved.llm.row, resolved.opts
-        check_llm("tensorrt-llm", row.name)
+        row, opts = resolved.llm.row, resolved.opts  # the row and its format were checked by settings()
         if resolved.target.ort_device != "cuda":
             raise BuildError(f"--llm-backend tensorrt-llm runs on an NVIDIA GPU; target '{opts.target}' is the CPU (use --target tensorrt, orin or cuda)")
         self.engine_config(resolved)  # the engine's shapes, checked before minutes of work

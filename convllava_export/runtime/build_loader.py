@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import BuildError
 from ..fsutil import json_sha256, sha256_file, spot_sha256
-from ..manifest import Manifest, read_file_list, read_manifest
+from ..manifest import Manifest, read_manifest
 from ..preprocess import PreprocessConfig
 from .pipeline import Pipeline
 
@@ -179,47 +179,36 @@ def open_build(folder: str | Path, threads: int | None = None, vision_backend: s
     return load_pipeline(folder, threads=threads, vision_backend=vision_backend, llm_backend=llm_backend)
 
 
-@dataclass
-class BuildVerification:
-    """`convllava-export verify`: every file of a build hashed in full against its manifest.
+def listed_bytes(files: dict[str, Any]) -> int:
+    """Bytes of every file a manifest lists (what a full verification hashes: a progress total)."""
+    return sum(entry.get("bytes", 0) for entry in files.values() if isinstance(entry, dict))
 
-    Made from the manifest's file list (`total_bytes` sizes a progress bar); `run` hashes.
-    """
+
+@dataclass(frozen=True)
+class Verification:
+    """`convllava-export verify`'s result: every listed file hashed in full."""
 
     folder: Path
-    files: dict[str, Any]
-    integrity: dict[str, Any] | None
-    result: FileCheck | None = None
-    seconds: float = 0.0
-
-    @classmethod
-    def read(cls, folder: str | Path) -> BuildVerification:
-        files, integrity = read_file_list(Path(folder))
-        return cls(Path(folder), files, integrity)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(entry.get("bytes", 0) for entry in self.files.values() if isinstance(entry, dict))
-
-    def run(self, progress: Callable[[int], None] | None = None) -> FileCheck:
-        """Hash every file; `progress(n)` per n bytes hashed."""
-        started = time.perf_counter()
-        self.result = check_files(self.folder, self.files, self.integrity, full=True, progress=progress)
-        self.seconds = time.perf_counter() - started
-        return self.result
+    files: int
+    result: FileCheck
+    seconds: float
 
     def report(self) -> dict[str, Any]:
-        assert self.result is not None, "run() first"
-        return {"build": str(self.folder), "intact": not self.result.problems, "problems": self.result.problems, "files": len(self.files), "bytes": self.result.hashed_bytes,
+        return {"build": str(self.folder), "intact": not self.result.problems, "problems": self.result.problems, "files": self.files, "bytes": self.result.hashed_bytes,
                 "seconds": round(self.seconds, 3)}
 
     def raise_if_damaged(self) -> None:
-        assert self.result is not None, "run() first"
         problems = self.result.problems
         if problems:
             more = f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
             raise BuildError(f"{self.folder} differs from its manifest: {'; '.join(problems[:10])}{more}. Rebuild it or restore it from a copy.")
 
     def summary(self) -> str:
-        assert self.result is not None, "run() first"
-        return f"{self.folder}: intact ({len(self.files)} files, {self.result.hashed_bytes / 1e9:.2f} GB hashed in {self.seconds:.1f} s)"
+        return f"{self.folder}: intact ({self.files} files, {self.result.hashed_bytes / 1e9:.2f} GB hashed in {self.seconds:.1f} s)"
+
+
+def verify_build(folder: str | Path, files: dict[str, Any], integrity: dict[str, Any] | None, progress: Callable[[int], None] | None = None) -> Verification:
+    """Hash every file of `files` (manifest.read_file_list) in full; `progress(n)` per n bytes hashed."""
+    started = time.perf_counter()
+    result = check_files(Path(folder), files, integrity, full=True, progress=progress)
+    return Verification(Path(folder), len(files), result, time.perf_counter() - started)

@@ -242,11 +242,7 @@ def _simulate_llm(
                     progress(f"{name}: calibrating the LLM{label} {i}/{len(seqs)} multimodal prompts")
 
     progress(f"{name}: ModelOpt {config_name} on the LLM")
-    llm = _quantize(llm, config, llm_loop).eval()
-    counts["llm"] = quantizer_counts(llm)
-    if counts["llm"]["enabled"] == 0:
-        raise ConvLlavaError(f"{name}: ModelOpt enabled no quantizer in the LLM; the simulation would be the fp32 model")
-    return llm
+    return _quantize_counted(llm, config, llm_loop, counts, "llm", f"{name}: ModelOpt enabled no quantizer in the LLM; the simulation would be the fp32 model")
 
 
 def _simulate_vision(
@@ -265,8 +261,13 @@ def _simulate_vision(
                     progress(f"{name}: calibrating the vision tower {i}/{len(pixels)} images")
 
     progress(f"{name}: ModelOpt {config_name} on the vision tower + projector (Conv, Linear)")
-    vision = _quantize(vision, config, vision_loop).eval()
-    counts["vision"] = quantizer_counts(vision)
-    if counts["vision"]["enabled"] == 0:
-        raise ConvLlavaError(f"{name}: ModelOpt enabled no quantizer in the vision tower")
-    return vision
+    return _quantize_counted(vision, config, vision_loop, counts, "vision", f"{name}: ModelOpt enabled no quantizer in the vision tower")
+
+
+def _quantize_counted(model: torch.nn.Module, config: dict[str, Any], loop, counts: dict[str, dict[str, int]], part: str, none_enabled: str) -> torch.nn.Module:
+    """ModelOpt on `model`, its quantizer counts recorded under `part`; refused when none is enabled."""
+    model = _quantize(model, config, loop).eval()
+    counts[part] = quantizer_counts(model)
+    if counts[part]["enabled"] == 0:
+        raise ConvLlavaError(none_enabled)
+    return model

@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ...errors import ExportError
-from ...precisions import VISION
 from ...targets import FP8_MIN_CC, TARGETS, Target, check_target, get_target, jetson_target_for, parse_trt_version
 from ..profiles import VisionProfile
 from .versions import VERSION_COMPAT_MIN, trt_major
@@ -71,9 +70,7 @@ def plan_build(
             f"fp8 needs compute capability >= 8.9 (Ada/Hopper); this GPU is sm_{''.join(map(str, cc))} "
             "(Jetson Orin is 8.7): use --vision-precision int8 with calibration instead"
         )
-    chosen = check_target(chosen, precision, trt_version, cc, jetson)
-    if precision not in VISION:
-        raise ExportError(f"unknown TensorRT precision '{precision}'")
+    chosen = check_target(chosen, precision, trt_version, cc, jetson)  # refuses a precision the target's rows lack
     notes: list[str] = [f"target {chosen.name}: {chosen.description}"] if chosen.jetson else []
     strongly_typed, flags, typing_note = _typing_and_flags(precision, trt_major(trt_version))
     notes.append(typing_note)
