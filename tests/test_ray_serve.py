@@ -209,13 +209,19 @@ def test_two_replicas_answer_exactly_like_the_local_server(ray_server, local_ans
     assert max(stats["batch_sizes"]) >= 2, stats
 
 
+def stats_of_replicas(handle, calls: int = 16) -> list[dict]:
+    """LLMWorker.stats from the replicas: the calls are all sent before any is awaited, so the
+    router, which picks by queue length, spreads them over the replicas."""
+    return [r.result() for r in [handle.stats.remote() for _ in range(calls)]]
+
+
 def test_disconnected_client_frees_its_engine_slot(ray_server):
     """A client that goes away mid-stream: the ingress cancels the replica's call, and its engine
     drops the sequence (it would otherwise decode all 1000 tokens)."""
     from ray import serve
 
     handle = serve.get_deployment_handle("LLMWorker", app_name=ray_serve.APP_NAME)
-    before = {s["replica"]: s["decoded_rows"] for s in (handle.stats.remote().result() for _ in range(8))}
+    before = {s["replica"]: s["decoded_rows"] for s in stats_of_replicas(handle)}
     body = {"messages": [{"role": "user", "content": "Describe it."}], "max_tokens": 1000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{ray_server['url']}/v1/chat/completions", json=body, timeout=60) as res:
         lines = res.iter_lines()
@@ -223,7 +229,7 @@ def test_disconnected_client_frees_its_engine_slot(ray_server):
             next(lines)
     deadline = time.time() + 20
     while True:
-        stats = [handle.stats.remote().result() for _ in range(6)]  # the calls spread over the replicas
+        stats = stats_of_replicas(handle)
         if all(s["running"] == 0 for s in stats) or time.time() > deadline:
             break
         time.sleep(0.2)
