@@ -246,6 +246,22 @@ def export_llm_cmd(checkpoint, output, backend, fmt, precision, int4_block_size,
     out.print(str(output))
 
 
+@export.command("vllm")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
+@click.option("--mode", type=click.Choice(["pad", "native"]), default=None, help="preprocessing served (default: the checkpoint's, pad); a request may pick the other with mm_processor_kwargs")
+@click.option("--max-image-tokens", type=click.IntRange(1), default=None, help="visual tokens per image (pad: the resolution's; native: 2048): native images are scaled to fit, embeddings past it refused")
+@click.option("--max-images", type=click.IntRange(1), default=8, show_default=True, help="images per prompt")
+@click.option("--vision-tower", type=click.Path(path_type=Path), default=None)
+@click.option("--force", is_flag=True)
+def export_vllm_cmd(checkpoint, output, mode, max_image_tokens, max_images, vision_tower, force) -> None:
+    """The whole model as one folder for vLLM (plugin: pip install 'convllava-export[vllm]') and TensorRT-LLM's PyTorch backend."""
+    from .export.hf_folder import export_hf_folder
+
+    export_hf_folder(checkpoint, output, vision_tower, mode, max_image_tokens, max_images, force, say)
+    out.print(str(output))
+
+
 def _print_vision_report(report: dict) -> None:
     held = report.get("heldout")
     if held:
