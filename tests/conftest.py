@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# tests/vllm_env runs in vLLM's own venv (.ci/vllm): vLLM pins its torch and transformers
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm_env"]
+
 FIXTURES = Path(__file__).parent / "fixtures" / "conformance"
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(2)

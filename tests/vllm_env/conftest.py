@@ -1,0 +1,84 @@
+"""Fixtures for the tests that run inside vLLM's own environment (`.ci/vllm`).
+
+vLLM pins its torch and transformers, so these run in a separate venv; the main suite does not
+collect this folder (tests/conftest.py). Every engine runs with a 1 GiB KV cache: vLLM-CPU
+otherwise sizes it to the machine's free memory and spends a minute allocating it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "conformance"
+CHECKPOINT = FIXTURES / "convllava-tiny-a"
+
+
+def export(tmp: Path, *args: str) -> Path:
+    out = tmp / "folder"
+    subprocess.run([sys.executable, "-m", "convllava_export.cli", "export", "vllm", str(CHECKPOINT), "-o", str(out), *args], check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def pad_folder(tmp_path_factory) -> Path:
+    return export(tmp_path_factory.mktemp("pad"))
+
+
+@pytest.fixture(scope="session")
+def native_folder(tmp_path_factory) -> Path:
+    return export(tmp_path_factory.mktemp("native"), "--mode", "native", "--max-image-tokens", "64")
+
+
+@pytest.fixture(scope="session")
+def pad_llm(pad_folder):
+    from vllm import LLM
+
+    return LLM(model=str(pad_folder), enforce_eager=True, max_model_len=512, enable_prefix_caching=True, enable_mm_embeds=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(pad_folder, tmp_path_factory):
+    """vLLM's OpenAI server on the exported folder: the plugin is its only addition."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(pad_folder), "--host", "127.0.0.1",
+             "--port", str(port), "--max-model-len", "512", "--enforce-eager"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    import httpx
+
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM's server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    else:
+        proc.kill()
+        raise RuntimeError(f"vLLM's server did not start in 600 s:\n{log.read_text()[-4000:]}")
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
