@@ -11,7 +11,11 @@
    smoke test measures the built engine's cosine (needs TensorRT and onnxruntime-gpu).
 6. trtllm_build: `build --llm-backend tensorrt-llm --llm-precision int4-awq`, then `run`
    (needs TensorRT-LLM 0.12-1.2.x and TensorRT).
-7. vision_latency: torch eager latency of the full-size ConvNeXt†+projector (fp32 / fp16 /
+7. trtllm_custom_module: `export vllm` of the tiny model, then TensorRT-LLM's LLM API (PyTorch
+   backend) with our custom module (`convllava_export/plugins/trtllm`) on one conformance image:
+   greedy ids against the golden `gen_ids_16`, from pixels and from precomputed embeddings
+   (needs TensorRT-LLM 1.2.x / 1.3.x).
+8. vision_latency: torch eager latency of the full-size ConvNeXt†+projector (fp32 / fp16 /
    bf16), and the fp16 range check (activations above 65504) at 1536².
 
 A check whose requirements are missing is recorded as skipped with the reason (`skip_reason`);
@@ -179,6 +183,43 @@ def trtllm_build(results: dict, workdir: Path) -> None:
     _build(results, "trtllm_build", workdir, ["--vision-precision", "fp16", "--llm-backend", "tensorrt-llm", "--llm-precision", "int4-awq", "--awq-block-size", "32"])
 
 
+def trtllm_custom_module(results: dict, workdir: Path) -> None:
+    from PIL import Image
+    from tensorrt_llm import LLM, SamplingParams
+
+    import convllava_export.plugins.trtllm  # noqa: F401 - registers ConvLLaVA with TensorRT-LLM
+    from convllava_export.export.hf_folder import export_hf_folder
+    from convllava_export.prompt import build_prompt
+
+    try:
+        from tensorrt_llm.llmapi import KvCacheConfig
+    except ImportError:  # pragma: no cover
+        KvCacheConfig = None
+    import tensorrt_llm
+
+    folder = workdir / "convllava-hf"
+    export_hf_folder(FIX / "convllava-tiny-a", folder, vision_tower=FIX / "convnext-tiny-a", force=True, progress=lambda m: None)
+    name = "square_256x256.png"
+    g = np.load(FIX / "golden" / json.loads((FIX / "manifest.json").read_text())["images"][name]["npz"])
+    want = g["gen_ids_16"].tolist()
+    kw = {"kv_cache_config": KvCacheConfig(enable_block_reuse=False, free_gpu_memory_fraction=0.3)} if KvCacheConfig else {}
+    t = time.perf_counter()
+    llm = LLM(model=str(folder), max_batch_size=2, max_seq_len=512, **kw)
+    params = SamplingParams(max_tokens=16, temperature=0.0, top_k=1, ignore_eos=True)
+    prompt = build_prompt(json.loads((FIX / "manifest.json").read_text())["prompt"]["question"])
+    row: dict = {"tensorrt_llm": tensorrt_llm.__version__, "load_seconds": time.perf_counter() - t, "golden": want}
+    got = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": [Image.open(FIX / "images" / name).convert("RGB")]}}], params)
+    row["pixels_ids"] = list(got[0].outputs[0].token_ids)
+    try:
+        emb = torch.from_numpy(g["projected_features"][0])
+        got = llm.generate([{"prompt": prompt, "multi_modal_embeddings": {"image": [emb]}}], params)
+        row["embeddings_ids"] = list(got[0].outputs[0].token_ids)
+    except Exception:  # noqa: BLE001 - recorded: the pixel path is the main check
+        row["embeddings_error"] = traceback.format_exc()[-1500:]
+    row["passed"] = row["pixels_ids"] == want and row.get("embeddings_ids") == want
+    results["trtllm_custom_module"] = row
+
+
 def _has(module: str) -> bool:
     import importlib.util
 
@@ -205,6 +246,17 @@ def skip_reason(name: str) -> str | None:
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             return "onnxruntime-gpu (CUDAExecutionProvider) not installed"
+    if name == "trtllm_custom_module":
+        if not _has("tensorrt_llm"):
+            return "tensorrt_llm not installed"
+        from importlib import metadata
+
+        from convllava_export.plugins.trtllm_core import TrtLlmVersionError, check_version
+
+        try:
+            check_version(metadata.version("tensorrt_llm"))
+        except TrtLlmVersionError as exc:
+            return str(exc)
     if name == "trtllm_build":
         if not _has("tensorrt_llm"):
             return "TensorRT-LLM not installed (engine flow: 0.12-1.2.x)"
@@ -227,6 +279,7 @@ CHECKS = {
     "simulate": simulate,
     "tensorrt_vision": tensorrt_vision,
     "trtllm_build": trtllm_build,
+    "trtllm_custom_module": trtllm_custom_module,
     "vision_latency": lambda r, w: vision_latency(r),
 }
 

@@ -252,13 +252,14 @@ def export_llm_cmd(checkpoint, output, backend, fmt, precision, int4_block_size,
 @click.option("--mode", type=click.Choice(["pad", "native"]), default=None, help="preprocessing served (default: the checkpoint's, pad); a request may pick the other with mm_processor_kwargs")
 @click.option("--max-image-tokens", type=click.IntRange(1), default=None, help="visual tokens per image (pad: the resolution's; native: 2048): native images are scaled to fit, embeddings past it refused")
 @click.option("--max-images", type=click.IntRange(1), default=8, show_default=True, help="images per prompt")
+@click.option("--resolution", type=click.IntRange(64), default=None, help="short side images are resized to (default: the tower's, e.g. 1536); 768 / 1024 are the released variants")
 @click.option("--vision-tower", type=click.Path(path_type=Path), default=None)
 @click.option("--force", is_flag=True)
-def export_vllm_cmd(checkpoint, output, mode, max_image_tokens, max_images, vision_tower, force) -> None:
+def export_vllm_cmd(checkpoint, output, mode, max_image_tokens, max_images, resolution, vision_tower, force) -> None:
     """The whole model as one folder for vLLM (plugin: pip install 'convllava-export[vllm]') and TensorRT-LLM's PyTorch backend."""
     from .export.hf_folder import export_hf_folder
 
-    export_hf_folder(checkpoint, output, vision_tower, mode, max_image_tokens, max_images, force, say)
+    export_hf_folder(checkpoint, output, vision_tower, mode, max_image_tokens, max_images, force, say, resolution)
     out.print(str(output))
 
 
@@ -579,9 +580,10 @@ def bench_real_size_cmd(workdir, shape, resolutions, tokens, torch_tokens, with_
 @click.option("--against-model", default=None, help="the model name the peer serves (default: the first id of URL/v1/models)")
 @click.option("--against-cmd", default=None, metavar="CMD", help="shell command that starts the peer, run only after our server has stopped; its process group is ended afterwards")
 @click.option("--against-start-timeout", type=click.FloatRange(1), default=900.0, show_default=True, help="seconds to wait for URL/v1/models after --against-cmd")
+@click.option("--against-images", is_flag=True, help="the peer takes images (vLLM with our plugin): send it the image requests themselves, not text stand-ins")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 def bench_serve_cmd(build, concurrency, max_tokens, prompts_per_level, requests_per_client, time_limit_s, max_running, workloads, prompt_words, serve_args, against, against_model, against_cmd,
-                    against_start_timeout, json_path) -> None:
+                    against_start_timeout, against_images, json_path) -> None:
     """Concurrency sweep against `serve` (vllm bench serve's metrics): batching on vs off, or beside a peer server (--against) on the same workload."""
     from .benchmarks.serving import bench_serving, markdown
     from .manifest import read_manifest
@@ -597,7 +599,7 @@ def bench_serve_cmd(build, concurrency, max_tokens, prompts_per_level, requests_
         raise click.BadParameter("client counts must be at least 1", param_hint="--concurrency")
     configs = {f"max-running {n}": n for n in max_running} if max_running else None
     result = bench_serving(build, levels, max_tokens, prompts_per_level, configs, time_limit_s, progress=say, workloads=workloads or None, prompt_words=prompt_words,
-                           serve_args=serve_args, against=against, against_model=against_model, against_cmd=against_cmd, against_start_timeout_s=against_start_timeout,
+                           serve_args=serve_args, against=against, against_model=against_model, against_cmd=against_cmd, against_start_timeout_s=against_start_timeout, against_images=against_images,
                            requests_per_client=requests_per_client)
     _report(result, json_path, markdown)
 

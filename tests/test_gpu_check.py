@@ -27,7 +27,7 @@ def _load():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible: run benchmarks/gpu_check.py itself")
 def test_every_check_skips_with_a_reason_without_a_gpu(tmp_path):
     gc = _load()
-    assert list(gc.CHECKS) == ["conformance", "trtllm_checkpoint", "hf_checkpoints", "simulate", "tensorrt_vision", "trtllm_build", "vision_latency"]
+    assert list(gc.CHECKS) == ["conformance", "trtllm_checkpoint", "hf_checkpoints", "simulate", "tensorrt_vision", "trtllm_build", "trtllm_custom_module", "vision_latency"]
     for name in gc.CHECKS:  # each is named in the docstring a person reads before running it
         assert f"{name}:" in gc.__doc__
     results = gc.main(tmp_path / "out.json")

@@ -532,6 +532,7 @@ def bench_serving(
     against_cmd: str | None = None,
     against_start_timeout_s: float = 900.0,
     requests_per_client: int | None = None,
+    against_images: bool = False,
 ) -> dict[str, Any]:
     """Every config of ours (name → --max-running) through every workload and concurrency level;
     without `against` the configs are compared with the last one (default: batching on vs off), with
@@ -551,7 +552,7 @@ def bench_serving(
                               "prompt_words": prompt_words, "serve_args": list(serve_args)}
     rows = ours.rows
     if base:
-        result["peer"], peer_rows = _measure_peer(plan, ours, against_model, against_cmd, against_start_timeout_s)
+        result["peer"], peer_rows = _measure_peer(plan, ours, against_model, against_cmd, against_start_timeout_s, against_images)
         rows = rows + peer_rows
         result["comparison"] = _compare_with_peer(rows)
     else:
@@ -654,12 +655,14 @@ def _wait_port_closed(port: int, timeout_s: float = 30.0) -> None:
 
 
 def _measure_peer(
-    plan: _Plan, ours: _Ours, against_model: str | None, against_cmd: str | None, start_timeout_s: float
+    plan: _Plan, ours: _Ours, against_model: str | None, against_cmd: str | None, start_timeout_s: float, images: bool = False
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The same levels against the peer (started by `against_cmd` once ours has stopped, and ended
-    afterwards); image requests become text stand-ins of our prompt lengths."""
+    afterwards); image requests become text stand-ins of our prompt lengths unless the peer takes
+    images (`images`: e.g. vLLM with our plugin), which then gets the very same requests."""
     base, progress = plan.base, plan.progress
-    peer: dict[str, Any] = {"url": base, "model": against_model, "cmd": against_cmd}
+    peer: dict[str, Any] = {"url": base, "model": against_model, "cmd": against_cmd, "images": images}
+    stand_in = "image" in plan.workloads and not images
     rows: list[dict[str, Any]] = []
     proc, log = None, None
     try:
@@ -677,7 +680,7 @@ def _measure_peer(
         url = f"{base}/v1/chat/completions"
         progress(f"peer: {base} serving {against_model!r}")
         fits = dict(ours.fits)
-        if "image" in plan.workloads:
+        if stand_in:
             known = [t for level in ours.prompt_tokens.values() for t in level.values() if t]
             fit = prompt_fit(url, against_model, int(np.median(known)) if known else None)
             fits["peer"] = fit
@@ -687,16 +690,16 @@ def _measure_peer(
         for w in plan.workloads:
             _warm_up(url, "text", plan.prompt_words, plan.max_tokens, against_model, plan.time_limit_s)
             for c in plan.concurrencies:
-                if w == "image":
+                if w == "image" and stand_in:
                     bodies = stand_in_bodies(plan.levels[w, c], ours.prompt_tokens.get(c, {}), fits.get("peer") or fits["ours"], seed=c)
                 else:
                     bodies = plan.levels[w, c]
                 bodies = [{**b, **request_options(plan.max_tokens, against_model)} for b in bodies]
-                progress(f"peer, {w}{' (text stand-in)' if w == 'image' else ''}: {c} concurrent clients, {len(bodies)} requests x {plan.max_tokens} tokens")
+                progress(f"peer, {w}{' (text stand-in)' if w == 'image' and stand_in else ''}: {c} concurrent clients, {len(bodies)} requests x {plan.max_tokens} tokens")
                 with PeakRss(proc) as mem:
                     row = run_level(url, bodies, c, plan.time_limit_s)
                 row["server_peak_rss_gb"] = mem.peak_gb  # None for a peer this run did not start
-                rows.append({"server": "peer", "config": "peer", "workload": w, **({"note": STAND_IN} if w == "image" else {}), **row})
+                rows.append({"server": "peer", "config": "peer", "workload": w, **({"note": STAND_IN} if w == "image" and stand_in else {}), **row})
     finally:
         if proc is not None:
             progress("peer: ending the process group of --against-cmd")
@@ -716,7 +719,7 @@ def _compare_with_peer(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         r["token_throughput_vs_peer"] = _ratio(r["output_token_throughput"], p["output_token_throughput"])
         r["p99_ttft_vs_peer"] = _ratio(r["ttft"]["p99_ms"], p["ttft"]["p99_ms"])
         comparison.append({
-            "config": r["config"], "workload": r["workload"], "concurrency": r["concurrency"], **({"note": STAND_IN} if r["workload"] == "image" else {}),
+            "config": r["config"], "workload": r["workload"], "concurrency": r["concurrency"], **({"note": p["note"]} if "note" in p else {}),
             "ours_token_throughput": r["output_token_throughput"], "peer_token_throughput": p["output_token_throughput"],
             "token_throughput_ours_over_peer": r["token_throughput_vs_peer"],
             "ours_p99_ttft_ms": r["ttft"]["p99_ms"], "peer_p99_ttft_ms": p["ttft"]["p99_ms"], "p99_ttft_ours_over_peer": r["p99_ttft_vs_peer"],
@@ -753,7 +756,7 @@ def markdown(result: dict[str, Any]) -> str:
                   "", "| server | config | workload | clients | ok / failed | req/s | out tok/s | TTFT mean / median / p99 ms | TPOT mean / median / p99 ms | "
                   "ITL mean / median / p99 ms | prompt tokens (mean) | timed by |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["results"]:
-            w = r["workload"] + (" (text stand-in)" if r["server"] == "peer" and r["workload"] == "image" else "")
+            w = r["workload"] + (" (text stand-in)" if r.get("note") == STAND_IN else "")
             lines.append(f"| {r['server']} | {r['config']} | {w} | {r['concurrency']} | {r['completed']} / {r['failed']} | {r['request_throughput']:.2f} | "
                          f"{r['output_token_throughput']:.1f} | {_ms3(r['ttft'])} | {_ms3(r['tpot'])} | {_ms3(r['itl'])} | {r['prompt_tokens_mean']:.0f} | {r['timed_by']} |")
         lines += ["", "| config | workload | clients | out tok/s ours / peer | ours / peer | p99 TTFT ms ours / peer | ours / peer | prompt tokens ours / peer (mean) |",

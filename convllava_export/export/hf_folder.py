@@ -4,7 +4,8 @@ and TensorRT-LLM's PyTorch backend (with our custom module) serve as it is.
 The weights keep their released names and dtype, tower included, re-sharded to safetensors one
 source shard at a time (peak memory: one shard, mapped). The config names the plugin's
 architecture and carries the preprocessing; the tokenizer gains `<image>` as a special token
-past the vocabulary (the model masks it out of the text embedding); the chat template is
+at the first id past the tokenizer's (Vicuna: 32000, past the vocabulary; vLLM masks it out of the
+text embedding); the chat template is
 vicuna_v1. Written whole or not at all.
 """
 
@@ -49,23 +50,23 @@ CHAT_TEMPLATE = (
 )
 
 
-def folder_spec(info: CheckpointInfo, mode: str | None, max_image_tokens: int | None, max_images: int) -> FolderSpec:
+def folder_spec(info: CheckpointInfo, mode: str | None, max_image_tokens: int | None, max_images: int, resolution: int | None = None) -> FolderSpec:
     """The preprocessing the folder serves with: the checkpoint's resolution and mode (pad unless
     asked), native images bounded to `max_image_tokens` (scaled down to fit, as our runtime does)."""
     mode = mode or ("native" if info.image_aspect_ratio == "native" else "pad")
     if mode not in MODES:
         raise ExportError(f"--mode {mode} is not one of {', '.join(MODES)}")
-    res = info.native_resolution
-    if res % STRIDE:
-        raise ExportError(f"the tower's resolution {res} ({info.tower_path}/preprocessor_config.json) is not a multiple of {STRIDE}")
+    res = resolution or info.native_resolution
+    if res % STRIDE or res <= 0:
+        raise ExportError(f"resolution {res} (--resolution, or {info.tower_path}/preprocessor_config.json) is not a positive multiple of {STRIDE}")
     square = (res // STRIDE) ** 2
     bound = max_image_tokens or (square if mode == "pad" else DEFAULT_MAX_TOKENS)
     if mode == "pad" and bound < square:
         raise ExportError(f"--max-image-tokens {bound} is below the {square} tokens every padded {res}x{res} image makes")
     if max_images < 1:
         raise ExportError(f"--max-images must be at least 1, got {max_images}")
-    pre = PreprocessConfig.from_preprocessor_config(info.preprocessor_config, mode=mode, max_tokens=bound if mode == "native" else None)
-    return FolderSpec(pre, image_token_id=int(info.config["vocab_size"]), max_images=max_images, max_image_tokens=bound,
+    pre = PreprocessConfig.from_preprocessor_config(info.preprocessor_config, resolution=res, mode=mode, max_tokens=bound if mode == "native" else None)
+    return FolderSpec(pre, image_token_id=len(load_tokenizer(info.path)), max_images=max_images, max_image_tokens=bound,
                       projector=info.projector_type)
 
 
@@ -91,19 +92,58 @@ def hf_config(info: CheckpointInfo, spec: FolderSpec) -> dict[str, Any]:
     }
 
 
+METASPACE = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+STRIP_MARKER = {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+# text as prompts hold it (sentencepiece and transformers differ on leading runs of spaces, by design)
+PROBES = ("A chat between a curious user", "What is shown in this image? ASSISTANT:", "digits 12345 and ünïcode\nnew line")
+
+
+def _fix_sentencepiece_json(path: Path) -> None:
+    """transformers < 5.20 (what vLLM 0.32 pins) converts a sentencepiece Llama tokenizer without
+    its Metaspace pre-tokenizer, so the first word loses its marker ("A" instead of "▁A"); 5.25
+    writes it. Put it (and the matching decoder strip) in whichever wrote the file."""
+    data = json.loads(path.read_text())
+    if data.get("pre_tokenizer") is None:
+        data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [METASPACE]}
+        decoder = data.get("decoder") or {"type": "Sequence", "decoders": []}
+        if decoder.get("type") == "Sequence" and STRIP_MARKER not in decoder["decoders"]:
+            decoder["decoders"].append(STRIP_MARKER)
+        data["decoder"] = decoder
+        path.write_text(json.dumps(data, ensure_ascii=False))
+
+
+def _check_tokenizer(info: CheckpointInfo, dest: Path) -> None:
+    """The folder's tokenizer must encode text as the checkpoint's sentencepiece model does."""
+    model = info.path / "tokenizer.model"
+    if not model.is_file():
+        return
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model))
+    tok = AutoTokenizer.from_pretrained(str(dest))
+    for text in PROBES:
+        want, got = sp.encode(text), tok(text, add_special_tokens=False).input_ids
+        if want != got:
+            raise ExportError(f"the folder's tokenizer encodes {text!r} as {got[:8]}…, the checkpoint's sentencepiece model as {want[:8]}…: "
+                              "this transformers converts the tokenizer differently; export with transformers >= 5.25")
+
+
 def _tokenizer(info: CheckpointInfo, dest: Path, image_token_id: int) -> None:
-    """The checkpoint's tokenizer plus `<image>` as a special token at `image_token_id`, saved as
-    tokenizer.json by this transformers: the sentencepiece conversion of the transformers vLLM 0.32
-    pins (< 5.20) drops the word marker of the first word ("A" instead of "▁A")."""
+    """The checkpoint's tokenizer plus `<image>` as a special token at `image_token_id`, as a
+    tokenizer.json checked against the checkpoint's sentencepiece model."""
     from tokenizers import AddedToken
 
     tok = load_tokenizer(info.path)
     tok.add_special_tokens({"additional_special_tokens": [AddedToken(IMAGE_TOKEN, special=True, normalized=False)]})
     got = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    if got != image_token_id:
-        raise ExportError(f"the tokenizer in {info.path} already has {len(tok) - 1} tokens: <image> landed at {got}, not {image_token_id} (vocab_size)")
+    if got != image_token_id:  # e.g. the tokenizer already had an <image> token
+        raise ExportError(f"the tokenizer in {info.path} gives <image> the id {got}, not the next free one ({image_token_id}): remove its <image> token")
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(str(dest))
+    if (dest / "tokenizer.json").is_file():
+        _fix_sentencepiece_json(dest / "tokenizer.json")
+    _check_tokenizer(info, dest)
     if (info.path / "generation_config.json").is_file():
         shutil.copyfile(info.path / "generation_config.json", dest / "generation_config.json")
 
@@ -199,9 +239,10 @@ def write_weights(info: CheckpointInfo, dest: Path, progress: Progress, head_dim
 def export_hf_folder(
     checkpoint: Path, output: Path, vision_tower: Path | None = None, mode: str | None = None,
     max_image_tokens: int | None = None, max_images: int = DEFAULT_MAX_IMAGES, force: bool = False, progress: Progress = print,
+    resolution: int | None = None,
 ) -> FolderSpec:
     info = read_checkpoint(checkpoint, vision_tower)
-    spec = folder_spec(info, mode, max_image_tokens, max_images)
+    spec = folder_spec(info, mode, max_image_tokens, max_images, resolution)
     check_destination(output, force)
     config = hf_config(info, spec)
     text = llama_config(info.config).to_dict()

@@ -40,5 +40,15 @@ def export_llm_folder(
             from .trtllm import export_llm_tensorrt
 
             meta = export_llm_tensorrt(checkpoint, tmp, precision, fmt, awq_block_size, calib_images, prompts, calib_limit, vision_tower, progress)
-            nxt = meta["next"].replace(str(tmp), str(output)) if "next" in meta else f"trtllm-serve {output} (docs/tensorrt-llm.md)"
+            if "next" in meta:
+                nxt = meta["next"].replace(str(tmp), str(output))
+            else:  # the PyTorch backend: recorded beside the checkpoint, with the route for images
+                import json
+
+                from ..engines.tensorrt_llm import META
+                from .trtllm import serve_notes
+
+                meta["serve"] = serve_notes(output, checkpoint)
+                (tmp / META).write_text(json.dumps(meta, indent=2))
+                nxt = f"{meta['serve']['text']} (text; docs/tensorrt-llm.md). For images: {meta['serve']['images']}"
             progress(f"quant_algo {meta['quant_algo']}; next, on the GPU: {nxt}")

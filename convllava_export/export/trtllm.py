@@ -68,6 +68,21 @@ def export_llm_tensorrt(
     return meta
 
 
+def serve_notes(folder: Path | str, checkpoint: Path | str = "CHECKPOINT") -> dict[str, str]:
+    """How the PyTorch-backend checkpoint in `folder` is served: the LLM alone, on text; images
+    through the whole model written by `export vllm` and our custom module
+    (`convllava_export/plugins/trtllm`, TensorRT-LLM 1.2.x / 1.3.x, not yet run on a GPU)."""
+    from ..plugins.trtllm_core import MODULE_DIR_SHELL, serve_shell
+
+    return {
+        "text": f"trtllm-serve {folder}",
+        "images": f"convllava-export export vllm {checkpoint} -o FOLDER && {serve_shell('FOLDER')}",
+        "custom_module_dirs": MODULE_DIR_SHELL,
+        "note": "this checkpoint is the quantized LLM alone and serves text; images need the tower and projector, "
+                "which the `export vllm` folder holds (unquantized) and the custom module registers (docs/tensorrt-llm.md)",
+    }
+
+
 def _cpu_dtype(checkpoint: str | Path, vision_tower: str | Path | None, precision: str, progress: Progress) -> str:
     """The LLM's dtype for a CPU export: fp32 where it fits, else the checkpoint's; refused (exit 2)
     before anything loads when its phases would not fit in the memory available."""

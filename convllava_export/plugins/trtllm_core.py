@@ -26,7 +26,14 @@ import torch
 from PIL import Image
 
 from ..preprocess import STRIDE, PreprocessConfig, preprocess
-from .common import FolderError, FolderSpec, check_embeds, image_tokens, module_name, official_prompt_ids
+from .common import (
+    FolderError,
+    FolderSpec,
+    check_embeds,
+    image_tokens,
+    module_name,
+    official_prompt_ids,
+)
 
 MODULE_DIR = Path(__file__).resolve().parent / "trtllm"  # the package trtllm-serve imports (--custom_module_dirs)
 MODEL_TYPE = "llava"  # config.json's model_type: TensorRT-LLM keys the placeholder metadata by it
@@ -69,6 +76,15 @@ def custom_module_dir() -> Path:
 def serve_command(folder: str | os.PathLike, *extra: str) -> list[str]:
     """`trtllm-serve` on a folder written by `export vllm`, with the custom module registering ConvLLaVA."""
     return ["trtllm-serve", str(folder), "--custom_module_dirs", str(custom_module_dir()), *extra]
+
+
+# the same directory on whichever machine runs it (convllava-export installed there too)
+MODULE_DIR_SHELL = "\"$(python -c 'from convllava_export.plugins.trtllm_core import custom_module_dir; print(custom_module_dir())')\""
+
+
+def serve_shell(folder: str | os.PathLike) -> str:
+    """`serve_command` as a shell line for another machine: the module dir is looked up there."""
+    return f"trtllm-serve {folder} --custom_module_dirs {MODULE_DIR_SHELL}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,13 +167,14 @@ def pack_pixels(pixels: Sequence[np.ndarray | torch.Tensor]) -> dict[str, torch.
 
 def unpack_pixels(flat: torch.Tensor, sizes: torch.Tensor) -> list[torch.Tensor]:
     """`pack_pixels` undone: [3,H,W] per image."""
+    hw = [(int(h), int(w)) for h, w in sizes.tolist()]
+    total = sum(3 * h * w for h, w in hw)
+    if total != flat.numel():
+        raise FolderError(f"packed pixels hold {flat.numel()} values, the sizes account for {total}")
     out, start = [], 0
-    for h, w in sizes.tolist():
-        n = 3 * h * w
-        out.append(flat[start:start + n].reshape(3, h, w))
-        start += n
-    if start != flat.numel():
-        raise FolderError(f"packed pixels hold {flat.numel()} values, the sizes account for {start}")
+    for h, w in hw:
+        out.append(flat[start:start + 3 * h * w].reshape(3, h, w))
+        start += 3 * h * w
     return out
 
 
@@ -183,11 +200,13 @@ def expand_images(ids: Sequence[int], counts: Sequence[int], image_token_id: int
     return out
 
 
-def prompt_ids(tokenizer: Any, text: str, image_token_id: int) -> list[int]:
-    """The official ids of a prompt string (one BOS, `<image>` as `image_token_id`), whether it is
-    the raw text of an LLM API call or the chat template's rendering (which writes "<s> " itself)."""
+def prompt_ids(tokenizer: Any, prompt: str | Sequence[int], image_token_id: int) -> list[int]:
+    """The official ids of a prompt (one BOS, `<image>` as `image_token_id`), whether it is the raw
+    text of an LLM API call, the chat template's rendering (which writes "<s> " itself) or token ids
+    a client tokenized (`prompt_token_ids`)."""
     tok = hf_tokenizer(tokenizer)
-    return official_prompt_ids(tok, tok(text, add_special_tokens=False).input_ids, image_token_id)
+    ids = tok(prompt, add_special_tokens=False).input_ids if isinstance(prompt, str) else [int(t) for t in prompt]
+    return official_prompt_ids(tok, ids, image_token_id)
 
 
 @dataclass
@@ -199,7 +218,7 @@ class Request:
     counts: list[int]
 
 
-def process_request(tokenizer: Any, spec: FolderSpec, text: str, images: Any, overrides: Mapping[str, object] | None = None) -> Request:
+def process_request(tokenizer: Any, spec: FolderSpec, text: str | Sequence[int], images: Any, overrides: Mapping[str, object] | None = None) -> Request:
     """A text prompt and its images (`multi_modal_data["image"]`, one or a list) with the folder's
     preprocessing (`mm_processor_kwargs={"mode": "pad"|"native"}` may choose per request)."""
     imgs = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
@@ -211,7 +230,7 @@ def process_request(tokenizer: Any, spec: FolderSpec, text: str, images: Any, ov
     return Request(expand_images(prompt_ids(tokenizer, text, spec.image_token_id), counts, spec.image_token_id), [p for p, _ in done], counts)
 
 
-def embeddings_request(tokenizer: Any, spec: FolderSpec, hidden: int, text: str, embeds: Any) -> tuple[list[int], list[torch.Tensor]]:
+def embeddings_request(tokenizer: Any, spec: FolderSpec, hidden: int, text: str | Sequence[int], embeds: Any) -> tuple[list[int], list[torch.Tensor]]:
     """A text prompt with precomputed image embeddings ([tokens, hidden] per image, e.g. from our
     TensorRT vision engine): each image's rows become its placeholders."""
     rows = list(embeds) if isinstance(embeds, (list, tuple)) else [embeds]

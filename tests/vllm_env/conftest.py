@@ -52,13 +52,14 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def server(pad_folder, tmp_path_factory):
-    """vLLM's OpenAI server on the exported folder: the plugin is its only addition."""
+    """vLLM's OpenAI server on the exported folder: the plugin is its only addition (besides the
+    test's port, context and `--enable-mm-embeds`, which image embeddings need)."""
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(pad_folder), "--host", "127.0.0.1",
-             "--port", str(port), "--max-model-len", "512", "--enforce-eager"],
+             "--port", str(port), "--max-model-len", "512", "--enforce-eager", "--enable-mm-embeds"],
             stdout=out, stderr=subprocess.STDOUT,
         )
     import httpx

@@ -60,19 +60,19 @@ def test_image_embeds_skip_the_tower(pad_llm):
     ref = ReferenceModel.load(CHECKPOINT, dtype="fp32", load_llm=False)
     cfg = PreprocessConfig.from_preprocessor_config(ref.info.preprocessor_config)
     for name in IMAGES[:2]:
-        embeds = torch.from_numpy(ref.encode_images(preprocess(image(name), cfg)[None])[0])
+        embeds = torch.from_numpy(ref.encode_images(preprocess(image(name), cfg)[None]))  # [1 image, 16, 64]
         out = pad_llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": embeds}}, greedy(), use_tqdm=False)[0]
         assert list(out.outputs[0].token_ids) == golden(name), name
 
 
 def test_embeds_past_the_bound_are_refused(pad_llm):
     with pytest.raises(ValueError, match="at most 16|1 to 16"):
-        pad_llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": torch.zeros(17, 64)}}, greedy(), use_tqdm=False)
+        pad_llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": torch.zeros(1, 17, 64)}}, greedy(), use_tqdm=False)
 
 
-def test_native_mode_matches_the_torch_reference(native_folder):
-    """Mixed aspect ratios, each at its own (H/64)x(W/64) grid: vLLM's greedy ids equal our
-    reference pipeline's in native mode (the official code has no native mode to record)."""
+@pytest.fixture(scope="module")
+def native(native_folder):
+    """vLLM (fp32) and our torch reference pipeline, both in native mode with the folder's bound."""
     from transformers import AutoTokenizer
     from vllm import LLM
 
@@ -85,6 +85,13 @@ def test_native_mode_matches_the_torch_reference(native_folder):
     # the folder's tokenizer: this venv's transformers (< 5.20) converts the checkpoint's own wrongly
     pipe = Pipeline(TorchVision(ref), TorchDecoder(ref), AutoTokenizer.from_pretrained(native_folder), cfg)
     llm = LLM(model=str(native_folder), enforce_eager=True, max_model_len=512, dtype="float32")
+    return llm, pipe
+
+
+def test_native_mode_matches_the_torch_reference(native):
+    """Mixed aspect ratios, each at its own (H/64)x(W/64) grid: vLLM's greedy ids equal our
+    reference pipeline's in native mode (the official code has no native mode to record)."""
+    llm, pipe = native
     lengths = set()
     for name in IMAGES:
         want = pipe.generate(image(name), QUESTION, max_new_tokens=16).token_ids
@@ -92,6 +99,15 @@ def test_native_mode_matches_the_torch_reference(native_folder):
         lengths.add(len(out.prompt_token_ids))
         assert list(out.outputs[0].token_ids) == want, name
     assert len(lengths) > 1, "native mode gave every image the same token count"
+
+
+def test_several_images_of_different_sizes_in_one_prompt(native):
+    llm, pipe = native
+    names = ["wide_512x192.png", "tall_160x448.png", "small_100x60.png"]
+    want = pipe.generate([image(n) for n in names], QUESTION, max_new_tokens=16).token_ids
+    prompt = PROMPT.replace("<image>\n", "<image>\n" * len(names))
+    out = llm.generate({"prompt": prompt, "multi_modal_data": {"image": [image(n) for n in names]}}, greedy(), use_tqdm=False)[0]
+    assert list(out.outputs[0].token_ids) == want
 
 
 def _data_url(name: str) -> str:
@@ -118,11 +134,18 @@ def test_openai_server_image_url_equals_the_official_recordings(server):
         assert reply.choices[0].token_ids == golden(name), name
 
 
-def test_openai_server_refuses_an_image_past_the_bound_and_keeps_serving(server):
-    """A native-mode request on this pad folder (bound 16): the wide image makes 44 tokens -> 400."""
+def test_openai_server_refuses_embeddings_past_the_bound_and_keeps_serving(server):
+    """17 image tokens on a folder whose bound is 16: vLLM's 400 with our reason, then the next
+    request is answered as before."""
     from openai import BadRequestError, OpenAI
 
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((17, 64), dtype=np.float32))
     client = OpenAI(base_url=server + "/v1", api_key="none")
-    with pytest.raises(BadRequestError, match="at most 16"):
-        _ask(client, "wide_512x192.png", mm_processor_kwargs={"mode": "native"})
+    with pytest.raises(BadRequestError, match="1 to 16"):
+        client.chat.completions.create(
+            model=client.models.list().data[0].id, max_tokens=4,
+            messages=[{"role": "user", "content": [{"type": "image_embeds", "image_embeds": base64.b64encode(buf.getvalue()).decode()},
+                                                   {"type": "text", "text": QUESTION}]}],
+        )
     assert _ask(client, "square_256x256.png").choices[0].token_ids == golden("square_256x256.png")
