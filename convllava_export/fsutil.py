@@ -69,6 +69,7 @@ _MARKERS: dict[str, Callable[[dict], bool]] = {
     "decoder.json": lambda d: d.get("part") == "decoder" and {"graph", "opset", "inputs"} <= d.keys(),  # export llm (onnxruntime)
     "convllava_trtllm.json": lambda d: {"quant_algo", "prompt_table_base"} <= d.keys(),  # export llm (tensorrt-llm)
     "calib.json": lambda d: {"schema", "checkpoint_fingerprint", "shapes"} <= d.keys(),  # calibrate
+    "config.json": lambda d: isinstance(d.get("convllava"), dict) and "image_token_id" in d["convllava"],  # export vllm
 }
 
 

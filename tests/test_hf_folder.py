@@ -58,6 +58,10 @@ def test_folder_holds_every_released_weight_under_its_name_and_dtype(folder, con
         module_name(k)  # raises on a name outside the tree
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["ConvLlavaForConditionalGeneration"] and config["text_config"]["head_dim"] == 32
+    from transformers import AutoConfig
+
+    loaded = AutoConfig.from_pretrained(folder)  # engines take the dtype from here: the checkpoint's
+    assert loaded.dtype == loaded.text_config.dtype == loaded.vision_config.dtype == torch.bfloat16
 
 
 def test_padded_heads_compute_the_same_logits(folder, conformance, reference, manifest):
@@ -149,3 +153,11 @@ def test_bad_request_exits_2_and_keeps_the_previous_folder(conformance, tmp_path
     r = subprocess.run(cmd + ["--mode", "pad", "--max-image-tokens", "4"], capture_output=True, text=True)
     assert r.returncode == 2 and "below the 16 tokens" in r.stderr + r.stdout and "Traceback" not in r.stderr
     assert (out / "config.json").read_bytes() == before
+    # --force replaces its own earlier export (known by its config), never a stranger's folder
+    assert subprocess.run(cmd + ["--mode", "native"], capture_output=True).returncode == 0
+    assert json.loads((out / "config.json").read_text())["convllava"]["preprocess"]["mode"] == "native"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    r = subprocess.run(cmd[:-3] + ["-o", str(other), "--force"], capture_output=True, text=True)
+    assert r.returncode == 2 and "not a build or export" in r.stderr + r.stdout and (other / "notes.txt").read_text() == "mine"

@@ -77,7 +77,11 @@ def hf_config(info: CheckpointInfo, spec: FolderSpec) -> dict[str, Any]:
     text.update(model_type="llama", architectures=["LlamaForCausalLM"], head_dim=padded_head_dim(text))
     vision = {k: v for k, v in info.tower_config.items() if k not in ("architectures", "_name_or_path", "transformers_version")}
     vision["model_type"] = "convnext"
-    dtype = dtype_name(weights_dtype(info))
+    dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype_name(weights_dtype(info))]
+    # `dtype` everywhere (transformers 5 reads it; engines pick it from the root or the text part):
+    # without it vLLM took the text config's default fp32 and "downcast" it to fp16 on CPU
+    for part in (text, vision):
+        part["dtype"] = part["torch_dtype"] = dtype
     return {
         "architectures": [ARCHITECTURE],
         "model_type": "llava",
@@ -87,7 +91,8 @@ def hf_config(info: CheckpointInfo, spec: FolderSpec) -> dict[str, Any]:
         "projector_hidden_act": "gelu",
         "vision_feature_select_strategy": "full",
         "vision_feature_layer": -1,
-        "torch_dtype": {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype],
+        "dtype": dtype,
+        "torch_dtype": dtype,
         SECTION: spec.to_dict(),
     }
 

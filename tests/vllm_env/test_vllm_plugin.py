@@ -44,7 +44,9 @@ def greedy(max_tokens: int = 16):
 def test_offline_generate_equals_the_official_recordings(pad_llm):
     """Every conformance image, one after another with prefix caching on: the prompt ids are the
     official ones (16 placeholders for the image), and the greedy ids equal the recordings. The
-    prompts share all text, so an image hash that prefix caching ignored would repeat one answer."""
+    prompts share all text, so an image hash that prefix caching ignored would repeat one answer.
+    vLLM runs the checkpoint's dtype (bf16), not a cast of its choosing."""
+    assert pad_llm.llm_engine.model_config.dtype == torch.bfloat16
     for name in IMAGES:
         out = pad_llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": image(name)}}, greedy(), use_tqdm=False)[0]
         assert list(out.prompt_token_ids) == official_prompt(16), name
