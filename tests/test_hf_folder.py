@@ -161,3 +161,22 @@ def test_bad_request_exits_2_and_keeps_the_previous_folder(conformance, tmp_path
     (other / "notes.txt").write_text("mine")
     r = subprocess.run(cmd[:-3] + ["-o", str(other), "--force"], capture_output=True, text=True)
     assert r.returncode == 2 and "not a build or export" in r.stderr + r.stdout and (other / "notes.txt").read_text() == "mine"
+
+
+def test_text_only_chat_tokenizes_as_the_official_code(folder, conformance):
+    """A request without images never reaches the plugin's processor: vLLM's own rendering and
+    tokenization must already give the official ids (single and multi-turn)."""
+    from transformers import AutoTokenizer
+
+    from convllava_export.prompt import tokenize_with_images
+    from convllava_export.tokenizer import load_tokenizer
+
+    tok, official = AutoTokenizer.from_pretrained(folder), load_tokenizer(conformance / "convllava-tiny-a")
+    turns = [{"role": "user", "content": "Name three colours."}]
+    for messages in (turns, turns + [{"role": "assistant", "content": "Red, green, blue."}, {"role": "user", "content": "And one more?"}]):
+        conv = Conversation()
+        for m in messages:
+            (conv.add_user if m["role"] == "user" else conv.add_assistant)(m["content"])
+        conv.add_assistant(None)
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert tok(text, add_special_tokens=False).input_ids == tokenize_with_images(official, conv.render())
