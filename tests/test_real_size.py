@@ -215,6 +215,9 @@ def test_7b_estimate(tmp_path):
 def test_build_refuses_a_short_machine_before_writing(tmp_path, monkeypatch):
     llava = _fake_7b(tmp_path)
     dest = tmp_path / "out"
+    import convllava_export.sizing as sizing
+
+    monkeypatch.setattr(sizing, "free_disk", lambda path: 10**15)  # the memory refusal, whatever this disk holds
     monkeypatch.setenv("CONVLLAVA_EXPORT_MEMORY_GB", "24")
     res = CliRunner().invoke(cli, ["build", str(llava), "-o", str(dest), "--llm-precision", "fp32", "--llm-graph", "dynamo"])
     assert res.exit_code == 2, res.output
