@@ -215,12 +215,9 @@ def stats_of_replicas(handle, calls: int = 16) -> list[dict]:
     return [r.result() for r in [handle.stats.remote() for _ in range(calls)]]
 
 
-def test_disconnected_client_frees_its_engine_slot(ray_server):
-    """A client that goes away mid-stream: the ingress cancels the replica's call, and its engine
-    drops the sequence (it would otherwise decode all 1000 tokens)."""
-    from ray import serve
-
-    handle = serve.get_deployment_handle("LLMWorker", app_name=ray_serve.APP_NAME)
+def _disconnect_mid_stream(ray_server, handle) -> tuple[list[dict], int]:
+    """Read three chunks of a 1000-token stream, hang up, wait for the replicas to go idle; the rows
+    decoded meanwhile."""
     before = {s["replica"]: s["decoded_rows"] for s in stats_of_replicas(handle)}
     body = {"messages": [{"role": "user", "content": "Describe it."}], "max_tokens": 1000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{ray_server['url']}/v1/chat/completions", json=body, timeout=60) as res:
@@ -235,7 +232,26 @@ def test_disconnected_client_frees_its_engine_slot(ray_server):
         time.sleep(0.2)
     assert all(s["running"] == 0 and s["kv_bytes"] == 0 for s in stats), stats
     assert set(before) == {s["replica"] for s in stats} and len(before) == 2
-    assert sum(s["decoded_rows"] - before[s["replica"]] for s in {s["replica"]: s for s in stats}.values()) < 900, stats  # stopped early
+    return stats, sum(s["decoded_rows"] - before[s["replica"]] for s in {s["replica"]: s for s in stats}.values())
+
+
+def test_disconnected_client_frees_its_engine_slot(ray_server):
+    """A client that goes away mid-stream: the ingress cancels the replica's call, and its engine
+    drops the sequence (it would otherwise decode all 1000 tokens).
+
+    The tiny model decodes 1000 tokens in about a second, so on a loaded 2-core CI machine the
+    cancel can arrive after the end (seen once in three full-suite runs). Up to three tries: the
+    test still fails if no try stops early, i.e. if cancelling does nothing."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LLMWorker", app_name=ray_serve.APP_NAME)
+    decoded = []
+    for _ in range(3):
+        stats, rows = _disconnect_mid_stream(ray_server, handle)
+        decoded.append(rows)
+        if rows < 900:  # stopped early
+            return
+    raise AssertionError(f"every try decoded (nearly) all 1000 tokens after the client left: {decoded}; {stats}")
 
 
 def llm_replicas() -> list[str]:
