@@ -20,7 +20,14 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import PROJECTOR_PREFIX, TOWER_PREFIX, CheckpointInfo, dtype_name, load_shard, read_checkpoint, weights_dtype
+from ..checkpoint import (
+    PROJECTOR_PREFIX,
+    TOWER_PREFIX,
+    CheckpointInfo,
+    load_shard,
+    read_checkpoint,
+    weights_dtype,
+)
 from ..errors import ExportError
 from ..fsutil import atomic_output_dir, check_destination
 from ..model.config import llama_config
@@ -77,7 +84,7 @@ def hf_config(info: CheckpointInfo, spec: FolderSpec) -> dict[str, Any]:
     text.update(model_type="llama", architectures=["LlamaForCausalLM"], head_dim=padded_head_dim(text))
     vision = {k: v for k, v in info.tower_config.items() if k not in ("architectures", "_name_or_path", "transformers_version")}
     vision["model_type"] = "convnext"
-    dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype_name(weights_dtype(info))]
+    dtype = str(weights_dtype(info)).removeprefix("torch.")  # float32 | float16 | bfloat16
     # `dtype` everywhere (transformers 5 reads it; engines pick it from the root or the text part):
     # without it vLLM took the text config's default fp32 and "downcast" it to fp16 on CPU
     for part in (text, vision):
@@ -153,9 +160,13 @@ def _tokenizer(info: CheckpointInfo, dest: Path, image_token_id: int) -> None:
         shutil.copyfile(info.path / "generation_config.json", dest / "generation_config.json")
 
 
+def model_head_dim(text: dict[str, Any]) -> int:
+    return int(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
+
+
 def padded_head_dim(text: dict[str, Any]) -> int:
     """The head size the folder is written with: the model's, or MIN_HEAD_DIM for smaller heads."""
-    d = int(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
+    d = model_head_dim(text)
     if d >= MIN_HEAD_DIM:
         return d
     if MIN_HEAD_DIM % d:
@@ -250,8 +261,7 @@ def export_hf_folder(
     spec = folder_spec(info, mode, max_image_tokens, max_images, resolution)
     check_destination(output, force)
     config = hf_config(info, spec)
-    text = llama_config(info.config).to_dict()
-    heads = (int(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]), config["text_config"]["head_dim"])
+    heads = (model_head_dim(llama_config(info.config).to_dict()), config["text_config"]["head_dim"])
     if heads[0] != heads[1]:
         progress(f"attention heads padded from {heads[0]} to {heads[1]} dims (exact; vLLM-CPU's smallest head size)")
     with atomic_output_dir(output, force) as tmp:

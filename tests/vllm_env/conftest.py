@@ -11,7 +11,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -54,32 +53,14 @@ def free_port() -> int:
 def server(pad_folder, tmp_path_factory):
     """vLLM's OpenAI server on the exported folder: the plugin is its only addition (besides the
     test's port, context and `--enable-mm-embeds`, which image embeddings need)."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(pad_folder), "--host", "127.0.0.1",
-             "--port", str(port), "--max-model-len", "512", "--enforce-eager", "--enable-mm-embeds"],
-            stdout=out, stderr=subprocess.STDOUT,
-        )
-    import httpx
+    import shlex
 
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM's server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    else:
-        proc.kill()
-        raise RuntimeError(f"vLLM's server did not start in 600 s:\n{log.read_text()[-4000:]}")
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    from convllava_export.benchmarks.serving import start_peer, stop_group
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(pad_folder), "--host", "127.0.0.1",
+           "--port", str(port), "--max-model-len", "512", "--enforce-eager", "--enable-mm-embeds"]
+    proc = start_peer(shlex.join(cmd), base, 600, tmp_path_factory.mktemp("server") / "server.log")
+    yield base
+    stop_group(proc)
