@@ -6,5 +6,9 @@ import os as _os
 _os.environ.setdefault("HF_HUB_OFFLINE", "1")
 _os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 _os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# torch's OpenMP workers sleep at once after a parallel region instead of spinning: the bf16 prompt
+# kernel unpacks weights on its own threads between GEMMs, and spinning workers halved that on 2
+# cores (engines/bf16_prefill.py). Read when torch loads, so it only takes effect before that.
+_os.environ.setdefault("GOMP_SPINCOUNT", "0")
 
 __version__ = "0.1.0"

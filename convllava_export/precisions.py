@@ -32,6 +32,9 @@ GPU_TARGETS = ("cuda",) + TRT_TARGETS
 
 # the torch reference's dtype (`auto`: fp32 when it fits in memory, else the checkpoint's; sizing.py)
 REFERENCE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+# How a gqa int4/int8 graph runs prompt chunks: ONNX Runtime's MatMulNBits, or unpacked to bf16 for
+# the CPU's matrix units (engines/bf16_prefill.py); auto picks bf16 where the CPU has AMX-BF16.
+PREFILL_KERNELS = ("auto", "onnxruntime", "bf16")
 # activation-range calibration of int8 vision graphs (calibration/ranges.py)
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 

@@ -85,7 +85,7 @@ def test_gqa_decodes_all_rows_in_one_run_in_place(fixture, reference, request):
         sched.add(Job(None, GREEDY, lambda ev, i=i: got[i].append(ev), seq=s, index=i))
     pointers, decode_runs = set(), []
     while not sched.idle:
-        before, rows, prefilling = len(counting.runs), len(sched.running), sched.pending is not None or bool(sched.queue)
+        before, rows, prefilling = len(counting.runs), len(sched.running), bool(sched.pending) or bool(sched.queue)
         sched.step()
         if rows == 4 and not prefilling:
             decode_runs.append(len(counting.runs) - before)
@@ -166,9 +166,10 @@ class PoisonOnLength:
         self.dec, self.length = dec, length
         self.runs_own_loop = False
 
-    def prefill(self, cache, embeds):
-        logits = self.dec.prefill(cache, embeds)
-        return np.full_like(logits, np.nan) if cache.lengths[cache.rows] == self.length else logits
+    def prefill_rows(self, cache, chunks):
+        out = self.dec.prefill_rows(cache, chunks)
+        n = cache.rows
+        return [np.full_like(lg, np.nan) if lg is not None and cache.lengths[n + k] == self.length else lg for k, lg in enumerate(out)]
 
     def __getattr__(self, name):
         return getattr(self.dec, name)
@@ -268,3 +269,24 @@ def test_default_kv_budget_is_capped():
     assert kv_budget_bytes(None, seven_b, 16, 2048) <= KV_DEFAULT_MAX_MB * MB
     assert kv_budget_bytes(None, 1024, 2, 64) == 2 * 64 * 1024  # small: what the rows need
     assert kv_budget_bytes(3000, seven_b, 16, 2048) == 3000 * MB
+
+
+@needs_genai
+def test_one_prefill_pass_takes_several_pending_rows(reference, request):
+    """A pass holds the next chunk of pending rows up to max_batched_tokens positions in all, the
+    rows join in order, and each request's tokens are the ones it gets alone."""
+    dec = open_gqa(request, "conformance_gqa")
+    seqs = sequences(dec, (20, 50, 12, 7), seed=3)
+    alone = [generate(dec, reference.tokenizer, [s], GREEDY)[0].token_ids for s in seqs]
+    passes = []
+    real = dec.prefill_rows
+    dec.prefill_rows = lambda cache, chunks: passes.append([len(c) for c in chunks]) or real(cache, chunks)
+    sched = Scheduler(dec, reference.tokenizer, SchedulerSettings(max_running=4, max_batched_tokens=32, kv_budget_bytes=1 << 30, max_context=512))
+    got = [[] for _ in seqs]
+    for i, s in enumerate(seqs):
+        sched.add(Job(None, GREEDY, lambda ev, i=i: got[i].append(ev), seq=s, index=i))
+    while not sched.idle:
+        sched.step()
+    assert [[e.token_id for e in g if hasattr(e, "token_id")] for g in got] == alone
+    # chunks start at multiples of 32 from each row's start; a row joins a pass while it fits
+    assert passes == [[20], [32], [18, 12], [7]]

@@ -6,13 +6,19 @@ provider: one path to build, check and ship, with the engine's metadata and vers
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import BuildError
+from ..errors import BuildError, ConvLlavaError
+from ..precisions import PREFILL_KERNELS
 from ..runtime.kv import CacheShape, DenseDecoder, SeqKV, SlotCache
 from .profiles import VisionProfile
+
+# Below this many positions a chunk is cheaper on MatMulNBits than unpacking every weight once (7B,
+# AMX Xeon: the unpacking costs ~1.3 s a pass, MatMulNBits ~33 ms a position; BENCHMARKS.md).
+BF16_MIN_TOKENS = 96
 
 TARGET_PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -113,10 +119,12 @@ class OrtDecoder(DenseDecoder):
     """LLM engine on ONNX Runtime (our dynamo graph): pure functions over an explicit KV cache
     (runtime/kv.py), so one session serves any number of sequences and batches."""
 
+    prefill_kernel = "onnxruntime"
+
     def __init__(self, folder: Path, target: str = "cpu", threads: int | None = None) -> None:
         from ..export.spec import PartSpec
 
-        folder = Path(folder)
+        folder = self.folder = Path(folder)
         self.spec = PartSpec.load(folder / "decoder.json")
         self.session = create_session(folder / self.spec.graph, target, threads)
         self.table = np.load(folder / "embed_tokens.npy", mmap_mode="r")
@@ -161,6 +169,30 @@ class OrtGqaDecoder(OrtDecoder):
     is copied. Logits come back for the last position of each row.
     """
 
+    def __init__(self, folder: Path, target: str = "cpu", threads: int | None = None, prefill: str = "auto") -> None:
+        super().__init__(folder, target, threads)
+        self.bf16 = self._bf16_prefill(prefill, target, threads)
+        self.prefill_tokens = 512 if self.bf16 is not None else 256  # a bf16 pass unpacks every weight: fewer, longer chunks
+        self.prefill_kernel = "bf16" if self.bf16 is not None else "onnxruntime"
+        self.bf16_min_tokens = BF16_MIN_TOKENS
+
+    def _bf16_prefill(self, prefill: str, target: str, threads: int | None):
+        from .bf16_prefill import Bf16Prefill, cpu_has_bf16_matrix_units
+
+        if prefill not in PREFILL_KERNELS:
+            raise BuildError(f"unknown prefill kernel '{prefill}' (use {', '.join(PREFILL_KERNELS)})")
+        eligible = target == "cpu" and self.spec.precision != "fp32"
+        if prefill == "onnxruntime" or (prefill == "auto" and not (eligible and cpu_has_bf16_matrix_units())):
+            return None
+        if not eligible:
+            raise BuildError(f"--prefill bf16 runs int4/int8 gqa graphs on the CPU; this one is {self.spec.precision} on {target}: use --prefill onnxruntime")
+        try:
+            return Bf16Prefill(self.folder, threads)
+        except ConvLlavaError:
+            if prefill == "auto":  # a graph this kernel cannot read still serves, on ORT's kernel
+                return None
+            raise
+
     def new_cache(self, budget_bytes: float, max_rows: int, max_width: int) -> SlotCache:  # type: ignore[override]
         return SlotCache(self.cache_shape, budget_bytes, max_rows, max_width)
 
@@ -178,11 +210,30 @@ class OrtGqaDecoder(OrtDecoder):
         # the logits only: copy_outputs_to_cpu() would copy every bound present buffer too
         return io.get_outputs()[0].numpy()[:, -1].astype(np.float32)
 
+    def prefill_rows(self, cache: SlotCache, chunks: Sequence[np.ndarray]) -> list[np.ndarray]:  # type: ignore[override]
+        """The next chunk of pending rows 0..len(chunks)-1. Chunks of at least `bf16_min_tokens`
+        go through the bf16 kernel in one pass (each weight unpacked once for all of them); the
+        others run on ORT one row at a time. Which kernel a chunk takes depends on its own length
+        only, so a row's numbers do not depend on the rows beside it."""
+        rows = [cache.rows + k for k in range(len(chunks))]
+        for row, embeds in zip(rows, chunks):
+            if cache.lengths[row] + len(embeds) > cache.capacity[1]:
+                raise RuntimeError("prefill beyond the row's reserved positions")
+        out: list[np.ndarray | None] = [None] * len(chunks)
+        big = [k for k, e in enumerate(chunks) if self.bf16 is not None and len(e) >= max(1, self.bf16_min_tokens)]
+        if big:
+            logits = self.bf16.prefill_rows(cache.arrays, [(rows[k], cache.lengths[rows[k]], chunks[k]) for k in big])
+            for k, lg in zip(big, logits):
+                cache.advance(slice(rows[k], rows[k] + 1), len(chunks[k]))
+                out[k] = lg
+        for k, embeds in enumerate(chunks):
+            if out[k] is None and len(embeds):  # an empty chunk: a row whose prompt is in, waiting to join
+                out[k] = self._run_slots(cache, slice(rows[k], rows[k] + 1), embeds[None])[0]
+        return out  # type: ignore[return-value]
+
     def prefill(self, cache: SlotCache, embeds: np.ndarray) -> np.ndarray:  # type: ignore[override]
-        row = cache.rows  # the pending row
-        if cache.lengths[row] + len(embeds) > cache.capacity[1]:
-            raise RuntimeError("prefill beyond the row's reserved positions")
-        return self._run_slots(cache, slice(row, row + 1), embeds[None])[0]
+        """S more positions [S, H] of the first pending row; its last position's logits [V]."""
+        return self.prefill_rows(cache, [embeds])[0]
 
     def decode(self, cache: SlotCache, embeds: np.ndarray) -> np.ndarray:  # type: ignore[override]
         n = cache.rows
@@ -191,16 +242,27 @@ class OrtGqaDecoder(OrtDecoder):
         return self._run_slots(cache, slice(0, n), embeds[:, None])
 
     def extend(self, embeds: np.ndarray, past: SeqKV | None = None) -> tuple[np.ndarray, SeqKV]:
-        """One sequence outside any batch (teacher forcing in validate): past and present apart."""
+        """One sequence outside any batch (teacher forcing in validate): past and present apart.
+        A long chunk takes the same prompt kernel as `prefill`, so validate measures what serves."""
         total = (past.length if past else 0) + len(embeds)
+        if self.bf16 is not None and len(embeds) >= self.bf16_min_tokens:
+            n = past.length if past else 0
+            arrays = [np.zeros((1, self.kv_heads, total, self.head_dim), dtype=self.dtype) for _ in self.past_names]
+            for a, p in zip(arrays, past.arrays if past else ()):
+                a[:, :, :n] = p[:, :, :n]
+            return self.bf16.prefill_rows(arrays, [(0, n, embeds)])[0], SeqKV(tuple(arrays), total)
         inputs = {"inputs_embeds": np.ascontiguousarray(embeds[None], dtype=self.embeds_dtype), "attention_mask": np.ones((1, total), dtype=np.int64)}
         logits, present = self._run(inputs, past.arrays if past else None, 1)
         return logits[0], SeqKV(present, total)
 
 
-def open_decoder(folder: Path, target: str = "cpu", threads: int | None = None) -> OrtDecoder | OrtGqaDecoder:
+def open_decoder(folder: Path, target: str = "cpu", threads: int | None = None, prefill: str = "auto") -> OrtDecoder | OrtGqaDecoder:
     """The decoder class for the graph layout recorded in decoder.json."""
     from ..export.spec import PartSpec
 
     layout = PartSpec.load(Path(folder) / "decoder.json").attributes.get("layout", "dynamo")
-    return (OrtGqaDecoder if layout == "gqa" else OrtDecoder)(Path(folder), target, threads)
+    if layout == "gqa":
+        return OrtGqaDecoder(Path(folder), target, threads, prefill)
+    if prefill == "bf16":
+        raise BuildError(f"--prefill bf16 runs the gqa graph; {folder} holds the {layout} graph: build with --llm-graph gqa or use --prefill onnxruntime")
+    return OrtDecoder(Path(folder), target, threads)

@@ -28,6 +28,7 @@ class LoadContext:
     manifest: Manifest
     threads: int | None = None
     device: str = "cpu"  # where ONNX Runtime runs: the target's device unless overridden
+    prefill: str = "auto"  # prompt kernel of a gqa int4/int8 graph (engines/onnxruntime.PREFILL_KERNELS)
 
 
 Loader = Callable[[LoadContext], tuple[Any, str]]
@@ -94,7 +95,9 @@ def _ort_llm(ctx: LoadContext) -> tuple[Any, str]:
     from .onnxruntime import open_decoder
 
     part = ctx.manifest.llm
-    return open_decoder(ctx.folder / part.folder, ctx.device, ctx.threads), f"onnxruntime {part.precision} ({part.graph} graph, {ctx.device})"
+    decoder = open_decoder(ctx.folder / part.folder, ctx.device, ctx.threads, ctx.prefill)
+    prompt = f", {decoder.prefill_kernel} prompt kernel" if decoder.prefill_kernel != "onnxruntime" else ""
+    return decoder, f"onnxruntime {part.precision} ({part.graph} graph, {ctx.device}{prompt})"
 
 
 @_register(LLM, LLM_RUNTIMES, "tensorrt-llm")

@@ -119,13 +119,13 @@ def preprocess_config(manifest: Manifest) -> PreprocessConfig:
     return PreprocessConfig(**{**pre, "mean": tuple(pre["mean"]), "std": tuple(pre["std"]), "size": tuple(pre["size"]) if pre.get("size") else None})
 
 
-def load_context(folder: Path, manifest: Manifest, threads: int | None = None, device: str | None = None) -> Any:
+def load_context(folder: Path, manifest: Manifest, threads: int | None = None, device: str | None = None, prefill: str = "auto") -> Any:
     """What every backend loader gets (engines/registry.py): ONNX Runtime runs on the target's
     device unless `device` overrides it."""
     from ..engines.registry import LoadContext
     from ..targets import get_target
 
-    return LoadContext(Path(folder), manifest, threads or manifest.threads, device or get_target(manifest.target).ort_device)
+    return LoadContext(Path(folder), manifest, threads or manifest.threads, device or get_target(manifest.target).ort_device, prefill)
 
 
 def load_pipeline_from_manifest(
@@ -137,6 +137,7 @@ def load_pipeline_from_manifest(
     llm_backend: str | None = None,
     parts: tuple[str, ...] = ("vision", "llm"),
     device: str | None = None,
+    prefill: str = "auto",
 ) -> Pipeline:
     """A Pipeline over the build, its backends opened by the registry from what the manifest
     names (`vision_backend` / `llm_backend` override it, e.g. `torch` for the reference);
@@ -148,7 +149,7 @@ def load_pipeline_from_manifest(
     folder = Path(folder)
     verify_files(folder, manifest.files, manifest.integrity, verify)
     check_libraries(manifest)
-    ctx = load_context(folder, manifest, threads, device)
+    ctx = load_context(folder, manifest, threads, device, prefill)
     vision, vision_info = open_backend("vision", ctx, vision_backend) if "vision" in parts else (None, "not loaded")
     decoder, llm_info = open_backend("llm", ctx, llm_backend) if "llm" in parts else (None, "not loaded")
     tokenizer = load_tokenizer(folder / "tokenizer")
@@ -169,14 +170,14 @@ def load_pipeline(folder: str | Path, verify: str | bool = True, threads: int | 
     return load_pipeline_from_manifest(folder, read_manifest(folder), verify, threads, **kw)
 
 
-def open_build(folder: str | Path, threads: int | None = None, vision_backend: str | None = None, llm_backend: str | None = None) -> Pipeline:
+def open_build(folder: str | Path, threads: int | None = None, vision_backend: str | None = None, llm_backend: str | None = None, prefill: str = "auto") -> Pipeline:
     """A build loaded for long-running generation (run, chat, serve, demo): the process hands
     freed memory back to the system from the start (runtime/memory.py), then the pipeline loads.
     `vision_backend`/`llm_backend` override the manifest's (torch: the source checkpoint)."""
     from .memory import return_freed_memory
 
     return_freed_memory()  # before anything is loaded: freed KV rows and caches go back to the system
-    return load_pipeline(folder, threads=threads, vision_backend=vision_backend, llm_backend=llm_backend)
+    return load_pipeline(folder, threads=threads, vision_backend=vision_backend, llm_backend=llm_backend, prefill=prefill)
 
 
 def listed_bytes(files: dict[str, Any]) -> int:

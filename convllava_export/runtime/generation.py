@@ -26,12 +26,18 @@ class Decoder(Protocol):
     vocab_size: int
     cache_shape: CacheShape
     runs_own_loop: bool  # False: the scheduler drives it step by step
+    prefill_tokens: int  # the prefill chunk it runs best (the serving loop's default chunk)
 
     def embed(self, ids: np.ndarray) -> np.ndarray: ...
 
     def new_cache(self, budget_bytes: float, max_rows: int, max_width: int) -> KVCache: ...
 
-    def prefill(self, cache: KVCache, embeds: np.ndarray) -> np.ndarray: ...
+    def prefill_rows(self, cache: KVCache, chunks: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The next chunk [S_i, H] of pending rows 0..n-1 in one pass; each row's last logits [V]
+        (None for an empty chunk: a row whose prompt is in, waiting for the rows before it)."""
+
+    def prefill(self, cache: KVCache, embeds: np.ndarray) -> np.ndarray:
+        """`prefill_rows` for the first pending row alone."""
 
     def decode(self, cache: KVCache, embeds: np.ndarray) -> np.ndarray: ...
 

@@ -1,21 +1,23 @@
 """KV caches, owned by whoever schedules generation (runtime/scheduler.py), never by a decoder.
 
 A decoder is a set of pure functions over these objects (generation.Decoder). The scheduler
-opens a row for a new sequence (`open`), the decoder prefills it chunk by chunk (`prefill`), the
-row joins the running rows (`commit`), every running row decodes one token in one forward
-(`decode`), and finished rows leave (`drop`). Two layouts, one per graph family:
+opens a pending row for each new sequence (`open`; several may be pending at once), the decoder
+prefills pending rows chunk by chunk (`prefill_rows`: one chunk per row in one pass, so a kernel
+may share work between them), the first pending row joins the running rows once its prompt is in
+(`commit`), every running row decodes one token in one forward (`decode`), and finished rows
+leave (`drop`). Two layouts, one per graph family:
 
 - `SlotCache` (the fused GroupQueryAttention graph): per-layer buffers [rows, kv_heads, width,
   head_dim] bound as both past and present, so GroupQueryAttention writes each new position in
   place and a decode step copies nothing. Rows are right-padded (each row's length is its mask's
-  count of ones); running rows are 0..n-1 and the row being prefilled is row n, so one ORT run
+  count of ones); running rows are 0..n-1 and the pending rows follow them, so one ORT run
   covers every running row. A leaving row's place is taken by the last row (one row copied).
   The buffer grows in steps (rows by powers of two, width in `WIDTH_STEP` positions) and shrinks
   when its rows leave, within a byte budget.
 - `DenseCache` (torch reference, ONNX Runtime dynamo graph): those graphs concatenate past and
   new keys inside the graph and return new arrays each step, so they cannot write in place; the
-  running rows are a left-padded `PaddedBatch` (a row computes exactly what it would alone), and
-  joining or leaving copies the batch.
+  running rows are a left-padded `PaddedBatch` (a row computes exactly what it would alone), each
+  pending row is its own `SeqKV`, and joining or leaving copies the batch.
 
 Both account their bytes the same way (rows × width × bytes per position), which is what
 admission counts. `SeqKV` is one sequence's compact cache: what the prefix cache keeps.
@@ -85,12 +87,12 @@ class SlotCache(_Budgeted):
         self.arrays: list[np.ndarray] = []
         self.lengths: list[int] = []  # running rows, then the pending row when one is open
         self.limits: list[int] = []  # positions each row may reach (prompt + max tokens, within the context)
-        self.pending = False
+        self.pending = 0  # rows being prefilled, after the running ones
 
     # -- accounting -------------------------------------------------------------------------
     @property
     def rows(self) -> int:
-        """Running rows (the pending one not counted)."""
+        """Running rows (pending ones not counted)."""
         return len(self.lengths) - self.pending
 
     @property
@@ -116,7 +118,7 @@ class SlotCache(_Budgeted):
 
     def fits(self, limit: int) -> bool:
         """Whether a new row that may reach `limit` positions fits the budget beside the others."""
-        return not self.pending and self._plan(len(self.lengths) + 1, max([limit, *self.limits])) is not None
+        return self._plan(len(self.lengths) + 1, max([limit, *self.limits])) is not None
 
     def _relayout(self, rows: int, width: int) -> None:
         """New buffers of [rows, heads, width, dim], one tensor at a time (the old one freed
@@ -135,9 +137,9 @@ class SlotCache(_Budgeted):
 
     # -- rows -------------------------------------------------------------------------------
     def open(self, limit: int, prefix: SeqKV | None = None) -> None:
-        """Start the pending row (row `rows`), its first positions copied from `prefix`."""
+        """Start a pending row (the last row), its first positions copied from `prefix`."""
         plan = self._plan(len(self.lengths) + 1, max([limit, *self.limits]))
-        if self.pending or plan is None:
+        if plan is None:
             raise RuntimeError("SlotCache.open without room: admission must check fits() first")
         if plan != self.capacity:
             self._relayout(*plan)
@@ -147,35 +149,41 @@ class SlotCache(_Budgeted):
                 a[row, :, :n] = p[0, :, :n]
         self.lengths.append(n)
         self.limits.append(limit)
-        self.pending = True
+        self.pending += 1
 
     def commit(self) -> None:
-        """The pending row joins the running rows."""
-        self.pending = False
+        """The first pending row joins the running rows."""
+        assert self.pending
+        self.pending -= 1
 
-    def abandon(self) -> None:
-        """Drop the pending row (its request failed or was cancelled during prefill)."""
-        if self.pending:
-            self.lengths.pop()
-            self.limits.pop()
-            self.pending = False
-            self._maybe_shrink()
+    def abandon(self, k: int | None = None) -> None:
+        """Drop pending row k (its request failed or was cancelled during prefill); None: all."""
+        if not self.pending:
+            return
+        n = self.rows
+        gone = set(range(self.pending)) if k is None else {k}
+        self._reorder([*range(n), *(n + j for j in range(self.pending) if j not in gone)])
+        self.pending -= len(gone)
+        self._maybe_shrink()
 
     def drop(self, keep: Sequence[int]) -> None:
-        """Keep only running rows `keep` (in that order; a pending row stays pending, after them)."""
+        """Keep only running rows `keep` (in that order; pending rows stay pending, after them)."""
         n = self.rows
-        order = list(keep) + ([n] if self.pending else [])
+        self._reorder([*keep, *range(n, n + self.pending)])
+        self._maybe_shrink()
+
+    def _reorder(self, order: list[int]) -> None:
+        """Rows `order` become rows 0..len(order)-1 (each moved row's positions copied)."""
         if order == list(range(len(order))):
             del self.lengths[len(order) :], self.limits[len(order) :]
-        else:
-            for dst, src in enumerate(order):
-                if dst != src:
-                    m = self.lengths[src]
-                    for a in self.arrays:
-                        a[dst, :, :m] = a[src, :, :m]
-            self.lengths = [self.lengths[i] for i in order]
-            self.limits = [self.limits[i] for i in order]
-        self._maybe_shrink()
+            return
+        for dst, src in enumerate(order):
+            if dst != src:
+                m = self.lengths[src]
+                for a in self.arrays:
+                    a[dst, :, :m] = a[src, :, :m]
+        self.lengths = [self.lengths[i] for i in order]
+        self.limits = [self.limits[i] for i in order]
 
     def _maybe_shrink(self) -> None:
         """Give memory back: all of it when no row is left, else when the rows need under half."""
@@ -210,8 +218,7 @@ class DenseCache(_Budgeted):
     def __init__(self, shape: CacheShape, budget_bytes: float, max_rows: int, max_width: int) -> None:
         super().__init__(shape, budget_bytes, max_rows, max_width)
         self.batch = PaddedBatch((), ())
-        self.pending_kv: SeqKV | None = None
-        self.pending = False
+        self.pending_kvs: list[SeqKV | None] = []  # rows being prefilled, in order
         self.limits: list[int] = []
 
     @property
@@ -219,29 +226,36 @@ class DenseCache(_Budgeted):
         return len(self.batch.lengths)
 
     @property
+    def pending(self) -> int:
+        return len(self.pending_kvs)
+
+    @property
     def lengths(self) -> list[int]:
-        return [*self.batch.lengths, *([self.pending_kv.length if self.pending_kv else 0] if self.pending else [])]
+        return [*self.batch.lengths, *(kv.length if kv else 0 for kv in self.pending_kvs)]
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.batch.arrays) + (self.pending_kv.nbytes if self.pending_kv else 0)
+        return sum(a.nbytes for a in self.batch.arrays) + sum(kv.nbytes for kv in self.pending_kvs if kv)
 
     def fits(self, limit: int) -> bool:
-        return not self.pending and (len(self.limits) + 1) * max([limit, *self.limits]) * self.shape.position_bytes <= self.budget
+        return (len(self.limits) + 1) * max([limit, *self.limits]) * self.shape.position_bytes <= self.budget
 
     def open(self, limit: int, prefix: SeqKV | None = None) -> None:
-        self.pending_kv, self.pending = prefix, True
+        self.pending_kvs.append(prefix)
         self.limits.append(limit)
 
     def commit(self) -> None:
-        assert self.pending_kv is not None
-        self.batch = self.batch.join(self.pending_kv)
-        self.pending_kv, self.pending = None, False
+        first = self.pending_kvs.pop(0)
+        assert first is not None
+        self.batch = self.batch.join(first)
 
-    def abandon(self) -> None:
-        if self.pending:
-            self.pending_kv, self.pending = None, False
-            self.limits.pop()
+    def abandon(self, k: int | None = None) -> None:
+        """Drop pending row k; None: all."""
+        if k is None:
+            del self.limits[self.rows :]
+            self.pending_kvs = []
+        elif k < len(self.pending_kvs):
+            del self.pending_kvs[k], self.limits[self.rows + k]
 
     def drop(self, keep: Sequence[int]) -> None:
         self.limits = [self.limits[i] for i in keep] + self.limits[self.rows :]
@@ -306,6 +320,7 @@ class DenseDecoder:
 
     cache_shape: CacheShape
     runs_own_loop = False
+    prefill_tokens = 256
 
     def step(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: tuple[np.ndarray, ...] | None) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         raise NotImplementedError
@@ -321,10 +336,21 @@ class DenseDecoder:
     def new_cache(self, budget_bytes: float, max_rows: int, max_width: int) -> DenseCache:
         return DenseCache(self.cache_shape, budget_bytes, max_rows, max_width)
 
+    def prefill_rows(self, cache: DenseCache, chunks: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The next positions of pending rows 0..len(chunks)-1 (chunk [S_i, H] each); each row's
+        last position's logits [V]."""
+        out = []
+        for k, embeds in enumerate(chunks):
+            if not len(embeds):  # a row whose prompt is in, waiting to join
+                out.append(None)
+                continue
+            logits, cache.pending_kvs[k] = self.extend(embeds, cache.pending_kvs[k])
+            out.append(logits)
+        return out
+
     def prefill(self, cache: DenseCache, embeds: np.ndarray) -> np.ndarray:
-        """S more positions [S, H] of the pending row; its last position's logits [V]."""
-        logits, cache.pending_kv = self.extend(embeds, cache.pending_kv)
-        return logits
+        """S more positions [S, H] of the first pending row; its last position's logits [V]."""
+        return self.prefill_rows(cache, [embeds])[0]
 
     def decode(self, cache: DenseCache, embeds: np.ndarray) -> np.ndarray:
         """One token per running row [B, H], all rows in one forward; logits [B, V]."""

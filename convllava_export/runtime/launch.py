@@ -25,7 +25,7 @@ Say = Callable[[str], None]
 
 def serve_build(
     build_dir: Path, *, host: str, port: int, model_name: str, allow_local_files: bool, max_tokens_limit: int, max_queue: int, max_body_mb: float,
-    max_image_pixels: int, max_images: int | None, max_running: int, max_batched_tokens: int, encoder_cache_mb: float, prefix_cache_mb: float,
+    max_image_pixels: int, max_images: int | None, max_running: int, max_batched_tokens: int | None, prefill: str, encoder_cache_mb: float, prefix_cache_mb: float,
     kv_cache_mb: float | None, drain_s: float, threads: int | None, engine: str, replicas: int, min_replicas: int | None, max_replicas: int | None,
     target_ongoing_requests: float, vision_replicas: int, gpus_per_replica: float | None, vision_gpus: float | None, cpus_per_replica: float,
     max_batch_size: int, batch_wait_ms: float, address: str | None, write_config: Path | None, say: Say = print,
@@ -52,7 +52,7 @@ def serve_build(
     if engine == "local":
         if write_config or address:
             raise ConvLlavaError("--write-config and --address are for --engine ray")
-        serve_local(build_dir, host, port, model_name, limits, settings, drain_s, threads, say)
+        serve_local(build_dir, host, port, model_name, limits, settings, drain_s, threads, say, prefill)
         return
     from dataclasses import asdict
 
@@ -70,14 +70,16 @@ def serve_build(
         serve_on_ray(opts, address, host, port, say)
 
 
-def serve_local(build_dir: Path, host: str, port: int, model_name: str, limits: ServerLimits, settings: LoopSettings, drain_s: float, threads: int | None, say: Say = print) -> None:
+def serve_local(
+    build_dir: Path, host: str, port: int, model_name: str, limits: ServerLimits, settings: LoopSettings, drain_s: float, threads: int | None, say: Say = print, prefill: str = "auto"
+) -> None:
     """One process: bind host:port (a busy port fails now, not after loading the model), load, serve."""
     from . import server
     from .netutil import bind_listen_socket, host_port
 
     sock = bind_listen_socket(host, port)
     with sock:
-        pipe = open_build(build_dir, threads)
+        pipe = open_build(build_dir, threads, prefill=prefill)
         where = host_port(host, sock.getsockname()[1])
         say(f"serving {build_dir} as '{model_name}' on http://{where}/v1 ({pipe.info.get('vision')}, {pipe.info.get('llm')})")
         server.serve(pipe, host, port, model_name, limits, sock=sock, loop_settings=settings, drain_s=drain_s)

@@ -4,10 +4,14 @@ its own. `serve` steps it from the scheduler thread of the serving loop (serving
 `chat`, `validate`, the build's smoke test and `Pipeline.generate` step it in the caller's thread
 (`stream_tokens`), so a fix or a speed-up here reaches all of them.
 
-Per step: cancelled rows leave; the oldest admitted request opens the cache's pending row when
-its reservation fits the KV budget (prompt + max_tokens, within the context) and reuses the
-longest cached prefix; one prefill chunk of at most `max_batched_tokens` runs; every running row
-decodes one token in one forward. A request whose logits are not finite fails alone with a
+Per step: cancelled rows leave; admitted requests open pending cache rows in order (FIFO) while
+their reservation fits the KV budget (prompt + max_tokens, within the context), each reusing the
+longest cached prefix; one prefill pass runs the next chunk of the pending rows, at most
+`max_batched_tokens` positions in all (a kernel may share work between them: the bf16 one unpacks
+each weight once per pass); rows whose prompt is in join the running rows, oldest first; every
+running row decodes one token in one forward. A row's chunks always start at multiples of
+`max_batched_tokens` from its first uncached position, so which rows share a pass never changes
+its numbers. A request whose logits are not finite fails alone with a
 ServerFault (a 500), a backend failure fails the rows it touched, and the loop goes on.
 """
 
@@ -227,6 +231,7 @@ class _Row:
     cached: int = 0  # positions reused from the prefix cache
     fed: list[int] = field(default_factory=list)  # generated tokens already in the cache
     opened: float = field(default_factory=time.perf_counter)  # when its prefill began
+    logits: np.ndarray | None = None  # its last prefill chunk's, until it joins the running rows
 
 
 def as_fault(exc: BaseException, what: str = "generation") -> BaseException:
@@ -248,7 +253,7 @@ class Scheduler:
         self.stats = stats or SchedulerStats()
         self.stats.kv_budget_bytes = int(settings.kv_budget_bytes)
         self.queue: deque[Job] = deque()  # admitted, waiting for a cache row
-        self.pending: _Row | None = None  # the row being prefilled
+        self.pending: list[_Row] = []  # rows being prefilled, in cache order
         self.running: list[_Row] = []
 
     # -- admission --------------------------------------------------------------------------
@@ -270,11 +275,11 @@ class Scheduler:
     @property
     def room(self) -> int:
         """How many more requests may be admitted (queued for a row) now."""
-        return self.settings.max_running - len(self.running) - (self.pending is not None) - len(self.queue)
+        return self.settings.max_running - len(self.running) - len(self.pending) - len(self.queue)
 
     @property
     def idle(self) -> bool:
-        return not self.queue and self.pending is None and not self.running
+        return not self.queue and not self.pending and not self.running
 
     def add(self, job: Job) -> None:
         job.submitted = time.perf_counter()  # from here, waiting for a row counts as queued
@@ -282,21 +287,20 @@ class Scheduler:
 
     def fail_all(self, exc: BaseException) -> None:
         """Every request in the loop ends with `exc` (the serving loop is stopping or broken)."""
-        rows = [*self.running, *([self.pending] if self.pending else [])]
+        rows = [*self.running, *self.pending]
         for job in [*self.queue, *(r.job for r in rows)]:
             job.emit(exc)
         self.queue.clear()
-        self.running, self.pending = [], None
+        self.running, self.pending = [], []
         self.cache.drop([])
         self.cache.abandon()
 
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> None:
         self._drop_cancelled()
-        if self.pending is None:
-            self._open()
-        if self.pending is not None:
-            self._prefill_chunk()
+        self._open()
+        if self.pending:
+            self._prefill_pass()
         if self.running:
             self._decode()
         self.stats.running = len(self.running)
@@ -304,9 +308,10 @@ class Scheduler:
 
     def _drop_cancelled(self) -> None:
         self.queue = deque(j for j in self.queue if not j.cancelled.is_set())
-        if self.pending is not None and self.pending.job.cancelled.is_set():
-            self.pending = None
-            self.cache.abandon()
+        for k in reversed(range(len(self.pending))):
+            if self.pending[k].job.cancelled.is_set():
+                del self.pending[k]
+                self.cache.abandon(k)
         keep = [i for i, r in enumerate(self.running) if not r.job.cancelled.is_set()]
         if len(keep) < len(self.running):
             self._keep(keep)
@@ -315,44 +320,62 @@ class Scheduler:
         self.cache.drop(keep)
         self.running = [self.running[i] for i in keep]
 
-    def _open(self) -> None:
-        """The oldest admitted request opens the pending row when its reservation fits (FIFO:
-        a large request is not overtaken forever by small ones)."""
-        if not self.queue:
-            return
-        job = self.queue[0]
-        limit = self.limit(job)
-        if not self.cache.fits(limit):
-            return
-        self.queue.popleft()
-        job.timings.queued_s += time.perf_counter() - job.submitted
-        cached, kv = self.prefix_cache.lookup(job.keys) if self.prefix_cache is not None and job.keys is not None else (0, None)
-        self.stats.prefix_hit_tokens += cached
-        self.stats.prompt_tokens += job.prompt_len
-        params = dataclasses.replace(job.params, max_new_tokens=max(1, limit - job.prompt_len))  # stops at the context
-        self.cache.open(limit, kv)
-        self.pending = _Row(job, SequenceState(job.index, params, self.tokenizer, job.timings), limit, cached, cached)
+    def _chunk(self, row: _Row) -> int:
+        """Positions of the row's next chunk (0 once its prompt is in)."""
+        return min(row.job.prompt_len, row.done + self.settings.max_batched_tokens) - row.done
 
-    def _prefill_chunk(self) -> None:
-        row = self.pending
-        job = row.job
-        end = min(job.prompt_len, row.done + self.settings.max_batched_tokens)
+    def _open(self) -> None:
+        """Admitted requests open pending rows, oldest first, while their reservation fits the KV
+        budget and their first chunk fits this step's pass (FIFO: a large request is not
+        overtaken forever by small ones; the first pending row always gets a pass)."""
+        room = self.settings.max_batched_tokens - sum(self._chunk(r) for r in self.pending)
+        while self.queue:
+            job = self.queue[0]
+            limit = self.limit(job)
+            if (self.pending and min(job.prompt_len, self.settings.max_batched_tokens) > room) or not self.cache.fits(limit):
+                return
+            self.queue.popleft()
+            job.timings.queued_s += time.perf_counter() - job.submitted
+            cached, kv = self.prefix_cache.lookup(job.keys) if self.prefix_cache is not None and job.keys is not None else (0, None)
+            self.stats.prefix_hit_tokens += cached
+            self.stats.prompt_tokens += job.prompt_len
+            params = dataclasses.replace(job.params, max_new_tokens=max(1, limit - job.prompt_len))  # stops at the context
+            self.cache.open(limit, kv)
+            row = _Row(job, SequenceState(job.index, params, self.tokenizer, job.timings), limit, cached, cached)
+            self.pending.append(row)
+            room -= self._chunk(row)
+
+    def _prefill_pass(self) -> None:
+        """The next chunk of the first pending rows, at most max_batched_tokens positions in all,
+        in one decoder call; then finished rows join the running rows, oldest first."""
+        take, room = 0, self.settings.max_batched_tokens
+        while take < len(self.pending) and (take == 0 or self._chunk(self.pending[take]) <= room):
+            room -= self._chunk(self.pending[take])
+            take += 1
+        rows = self.pending[:take]
+        sizes = [self._chunk(r) for r in rows]
+        chunks = [np.asarray(r.job.seq[r.done : r.done + n], dtype=np.float32) for r, n in zip(rows, sizes)]
         try:
-            logits = self.decoder.prefill(self.cache, np.asarray(job.seq[row.done : end], dtype=np.float32))
-        except Exception as exc:  # noqa: BLE001 - this request fails, the loop goes on
-            self.pending = None
-            self.cache.abandon()
-            job.emit(as_fault(exc))
+            logits = self.decoder.prefill_rows(self.cache, chunks)
+        except Exception as exc:  # noqa: BLE001 - these requests fail, the loop goes on
+            fault = as_fault(exc)
+            for k in reversed(range(take)):
+                self.cache.abandon(k)
+                rows[k].job.emit(fault)
+            del self.pending[:take]
             return
-        row.done = end
-        if end < job.prompt_len:
-            return
-        self.pending = None
-        self.cache.commit()
-        job.timings.prefill_s = time.perf_counter() - row.opened  # to the first token, wall clock
-        self.running.append(row)
-        if not self._accept(len(self.running) - 1, logits):
-            self._keep(list(range(len(self.running) - 1)))
+        for r, n, lg in zip(rows, sizes, logits):
+            if n:
+                r.done += n
+                r.logits = lg
+        while self.pending and self._chunk(self.pending[0]) == 0:
+            row = self.pending.pop(0)
+            self.cache.commit()
+            row.job.timings.prefill_s = time.perf_counter() - row.opened  # to the first token, wall clock
+            self.running.append(row)
+            logits_row, row.logits = row.logits, None
+            if not self._accept(len(self.running) - 1, logits_row):
+                self._keep(list(range(len(self.running) - 1)))
 
     def _decode(self) -> None:
         tokens = np.array([r.state.last_token for r in self.running])

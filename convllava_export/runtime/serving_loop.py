@@ -54,13 +54,13 @@ DEFAULT_CONTEXT = 2048  # when the build records none
 class LoopSettings:
     max_running: int = 32  # sequences decoded together
     max_waiting: int = 64  # submitted but not yet running; QueueFull beyond
-    max_batched_tokens: int = 256  # prefill chunk: the most a decode step waits for a prefill
+    max_batched_tokens: int | None = None  # prefill chunk (the most a decode step waits for a prefill); None: the decoder's own
     encoder_cache_mb: float = 256.0  # image embeddings kept, LRU (a 576-token 4096-wide image is 9 MB)
     prefix_cache_mb: float = 256.0  # KV caches of finished sequences kept for prefix reuse, LRU (~500 positions at 7B fp16)
     kv_cache_mb: float | None = None  # KV budget of the running rows; None: from the memory available at start
 
     def validate(self) -> None:
-        if self.max_running < 1 or self.max_waiting < 0 or self.max_batched_tokens < 1:
+        if self.max_running < 1 or self.max_waiting < 0 or (self.max_batched_tokens is not None and self.max_batched_tokens < 1):
             raise ConvLlavaError("serving loop settings: max_running and max_batched_tokens must be >= 1, max_waiting >= 0")
         if self.encoder_cache_mb < 0 or self.prefix_cache_mb < 0:
             raise ConvLlavaError("serving loop settings: cache sizes must be >= 0 MB")
@@ -108,7 +108,7 @@ class ServingLoop:
             s = self.settings
             budget = kv_budget_bytes(s.kv_cache_mb, self.decoder.cache_shape.position_bytes, s.max_running, ctx)
             self.scheduler = Scheduler(
-                self.decoder, pipeline.tokenizer, SchedulerSettings(s.max_running, s.max_batched_tokens, budget, ctx), self.prefix_cache, self.stats
+                self.decoder, pipeline.tokenizer, SchedulerSettings(s.max_running, s.max_batched_tokens or self.decoder.prefill_tokens, budget, ctx), self.prefix_cache, self.stats
             )
         self.threads = [
             threading.Thread(target=self._guard, args=(self._encoder_loop,), name="convllava-encoder", daemon=True),

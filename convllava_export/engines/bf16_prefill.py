@@ -1,0 +1,335 @@
+"""The prompt path of a block-quantized GroupQueryAttention graph, on the CPU's bf16 matrix units.
+
+Why: ONNX Runtime's int4/int8 MatMulNBits runs the prompt at ~410 GFLOP/s on an AMX Xeon (VNNI
+kernels; MLAS has no int4 kernel on the AMX tiles), while torch's bf16 GEMM (oneDNN, AMX) runs
+~1.9 TFLOP/s at M=256 (BENCHMARKS.md, "Prompt-path kernels"). So a prefill chunk runs here: each
+projection's int4 blocks are unpacked into a bf16 scratch tile of rows (a few MB, reused) right
+before its GEMM, read from the graph's own data file with pread (page cache, nothing kept mapped),
+so no second copy of the weights is held. Decode steps (M = running
+rows) stay on ONNX Runtime, where int4 reads half the bytes of int8 and a fifth of bf16's.
+
+The math is the graph's (export/llm_gqa.py): RMSNorm → fused qkv → rotary (half-split) → causal
+attention over the row's cache → o_proj → residual → RMSNorm → SiLU-gated MLP → residual, final
+norm, lm_head on the last position in fp32. Keys (after rotary) and values are written into the
+row's slot of the SlotCache in its dtype, exactly where GroupQueryAttention would put them, so
+decode steps continue on ORT as if ORT had prefilled. The dequantization is MatMulNBits'
+symmetric one: w = (q - 2^(bits-1)) · scale per block of K.
+
+Several pending rows prefill in one pass (`prefill_rows`): each tile of unpacked weights serves
+every row's chunk, so the unpacking (~1.3 s a pass at 7B) is paid once for all of them. Each
+chunk is still its own GEMM, the call it would get alone, so a request's greedy tokens do not
+depend on the rows beside it. The unpacked weights are exact up to one bf16 rounding of q · scale.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+from ..errors import ConvLlavaError
+from .kernels import dequant_library
+
+SCRATCH_ELEMENTS = 1 << 24  # weights dequantized at a time: 16 M (32 MB of bf16); smaller tiles made slower GEMMs (BENCHMARKS.md)
+
+
+def cpu_has_bf16_matrix_units() -> bool:
+    """AMX-BF16 (Sapphire Rapids and later): where this path beats MatMulNBits (BENCHMARKS.md)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Where a tensor's bytes are: at `offset` in the data file, or `inline` (small tensors the
+    export keeps inside the .onnx)."""
+
+    offset: int
+    inline: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    """One MatMulNBits weight: where its packed bits [N, blocks, blob] and fp32 scales [N, blocks]
+    lie in the data file (read a tile of rows at a time, never held)."""
+
+    n: int
+    k: int
+    bits: int
+    block: int
+    packed: _Span
+    scales: _Span
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.k // self.block)
+
+
+@dataclass(frozen=True)
+class _Layer:
+    norm_in: torch.Tensor
+    qkv: tuple[QuantWeight, ...]  # one fused qkv, or q, k, v
+    o: QuantWeight
+    norm_post: torch.Tensor
+    gate: QuantWeight
+    up: QuantWeight
+    down: QuantWeight
+
+
+class Bf16Prefill:
+    """Prefill chunks of a gqa int4/int8 decoder folder in torch bf16 (see module docstring)."""
+
+    def __init__(self, folder: Path, threads: int | None = None) -> None:
+        self.folder = Path(folder)
+        graph = self.folder / "decoder.onnx"
+        model = onnx.load(str(graph), load_external_data=False)
+        self.inits = {t.name: t for t in model.graph.initializer}
+        data = {self._location(t) for t in self.inits.values() if self._location(t)}
+        if len(data) > 1:
+            raise ConvLlavaError(f"{graph}: the bf16 prefill reads one external data file, found {sorted(data)}")
+        self._fd = os.open(self.folder / data.pop(), os.O_RDONLY) if data else -1
+        self.threads = threads or torch.get_num_threads()
+        self.lib = dequant_library()
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dequant") if self.lib is not None and self.threads > 1 else None
+        self._buffers: dict[str, torch.Tensor] = {}
+        by_name = {n.name: n for n in model.graph.node}
+
+        def node(name: str) -> onnx.NodeProto:
+            if name not in by_name:
+                raise ConvLlavaError(f"{graph}: no node {name}, where the builder puts it; the bf16 prefill cannot read this graph (use --prefill onnxruntime)")
+            return by_name[name]
+
+        gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+        if not gqa:
+            raise ConvLlavaError(f"{graph} has no GroupQueryAttention: the bf16 prefill runs only the gqa layout")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
+        if attrs.get("rotary_interleaved", 0) or not attrs.get("do_rotary", 0) or attrs.get("local_window_size", -1) != -1 or attrs.get("softcap", 0.0):
+            raise ConvLlavaError(f"{graph}: GroupQueryAttention options {attrs} are not the ones the bf16 prefill implements")
+        self.heads, self.kv_heads = int(attrs["num_heads"]), int(attrs["kv_num_heads"])
+        self.scale = float(attrs.get("scale", 0.0)) or None
+        self.cos = torch.from_numpy(self._array(gqa[0].input[7].removesuffix("_fp16"))).float()
+        self.sin = torch.from_numpy(self._array(gqa[0].input[8].removesuffix("_fp16"))).float()
+        self.head_dim = 2 * self.cos.shape[1]
+        self.layers: list[_Layer] = []
+        eps = None
+        for i in range(len(gqa)):
+            pre = f"/model/layers.{i}"
+            norm = by_name.get(f"{pre}/input_layernorm/LayerNorm") or node(f"{pre}/input_layernorm/SkipLayerNorm")
+            post = node(f"{pre}/post_attention_layernorm/SkipLayerNorm")
+            eps = eps or float(next(onnx.helper.get_attribute_value(a) for a in norm.attribute if a.name == "epsilon"))
+            qkv = [by_name[f"{pre}/attn/qkv_proj/MatMul"]] if f"{pre}/attn/qkv_proj/MatMul" in by_name else [node(f"{pre}/attn/{p}_proj/MatMul") for p in "qkv"]
+            self.layers.append(
+                _Layer(
+                    norm_in=self._norm_weight(norm),
+                    qkv=tuple(self._quant(n) for n in qkv),
+                    o=self._quant(node(f"{pre}/attn/o_proj/MatMul")),
+                    norm_post=self._norm_weight(post),
+                    gate=self._quant(node(f"{pre}/mlp/gate_proj/MatMul")),
+                    up=self._quant(node(f"{pre}/mlp/up_proj/MatMul")),
+                    down=self._quant(node(f"{pre}/mlp/down_proj/MatMul")),
+                )
+            )
+        final = next((n for n in model.graph.node if "final_norm_layernorm" in n.name), None)
+        head = next((n for n in model.graph.node if n.name.startswith("/lm_head/MatMul")), None)
+        if final is None or head is None:
+            raise ConvLlavaError(f"{graph}: no final norm or lm_head where the builder puts them; the bf16 prefill cannot read this graph")
+        self.norm_final = self._norm_weight(final)
+        self.lm_head = self._quant(head)
+        self.eps = float(eps)
+        self.tokens = 0  # prompt positions this kernel has prefilled (what tests and stats read)
+
+    # -- reading the graph ------------------------------------------------------------------
+    @staticmethod
+    def _location(t: onnx.TensorProto) -> str | None:
+        return next((e.value for e in t.external_data if e.key == "location"), None) if t.data_location == onnx.TensorProto.EXTERNAL else None
+
+    def _span(self, name: str) -> _Span:
+        t = self.inits[name]
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            return _Span(0, np.array(numpy_helper.to_array(t)).reshape(-1).view(np.uint8))
+        return _Span(int(next((e.value for e in t.external_data if e.key == "offset"), 0)))
+
+    def _read_span(self, span: _Span, start: int, out: np.ndarray) -> None:
+        if span.inline is None:
+            self._read(span.offset + start, out)
+        else:
+            out.reshape(-1).view(np.uint8)[:] = span.inline[start : start + out.nbytes]
+
+    def _read(self, offset: int, out: np.ndarray) -> None:
+        """File bytes at `offset` into `out` (pread: the page cache is read, nothing stays mapped)."""
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        done = 0
+        while done < len(view):
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise ConvLlavaError(f"{self.folder}: the decoder's data file ends early (truncated?); rebuild the LLM")
+            done += n
+
+    def _array(self, name: str) -> np.ndarray:
+        t = self.inits[name]
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            return np.array(numpy_helper.to_array(t))
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        out = np.empty(tuple(t.dims), dtype=dtype)
+        self._read(self._span(name).offset, out)
+        return out
+
+    def _norm_weight(self, node: onnx.NodeProto) -> torch.Tensor:
+        name = next(i for i in node.input[1:] if i in self.inits)
+        return torch.from_numpy(self._array(name)).float()
+
+    def _quant(self, node: onnx.NodeProto) -> QuantWeight:
+        if node.op_type != "MatMulNBits":
+            raise ConvLlavaError(f"{node.name} is {node.op_type}: the bf16 prefill runs block-quantized (int4/int8) graphs only")
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+        if len(node.input) > 3 and node.input[3]:
+            raise ConvLlavaError(f"{node.name} has zero points: the bf16 prefill takes the symmetric blocks our export writes")
+        bits, block = int(a["bits"]), int(a["block_size"])
+        if bits not in (4, 8) or block % 2:
+            raise ConvLlavaError(f"{node.name}: {bits}-bit blocks of {block} are not ones the bf16 prefill unpacks")
+        if self.inits[node.input[2]].data_type != onnx.TensorProto.FLOAT:
+            raise ConvLlavaError(f"{node.name}: scales are not fp32; the bf16 prefill reads the fp32 scales our export writes")
+        return QuantWeight(int(a["N"]), int(a["K"]), bits, block, self._span(node.input[1]), self._span(node.input[2]))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    # -- kernels ----------------------------------------------------------------------------
+    def _scratch(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A reused buffer of at least n elements (allocated once per kind, the largest tile)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self._buffers[name] = torch.empty(n, dtype=dtype)
+        return buf[:n]
+
+    def _dequant_rows(self, w: QuantWeight, r0: int, r1: int, packed: np.ndarray, scales: np.ndarray, out: torch.Tensor) -> None:
+        """Rows r0..r1 of W read and dequantized into `out` [(r1-r0)·blocks, block]."""
+        blob = w.block * w.bits // 8
+        self._read_span(w.packed, r0 * w.blocks * blob, packed)
+        self._read_span(w.scales, r0 * w.blocks * 4, scales)
+        if self.lib is not None:
+            fn = self.lib.dequant_bf16 if out.dtype == torch.bfloat16 else self.lib.dequant_f32
+            fn(packed.ctypes.data, scales.ctypes.data, out.data_ptr(), r1 - r0, w.blocks, w.block, w.bits)
+            return
+        # torch fallback, the same values: q - 2^(bits-1) exactly, times the fp32 scale, rounded once
+        p = torch.from_numpy(packed).view(r1 - r0, w.blocks, blob)
+        if w.bits == 8:
+            q = p.to(torch.float32) - 128
+        else:
+            q = torch.cat([(p & 15), (p >> 4)], dim=-1).to(torch.float32) - 8
+        out.copy_((q.view(-1, w.block) * torch.from_numpy(scales).view(-1, 1)))
+
+    def _dequant(self, w: QuantWeight, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows r0..r1 of W as [rows, blocks·block] in `dtype`, split across the threads."""
+        n, blob = r1 - r0, w.block * w.bits // 8
+        out = self._scratch(f"deq-{dtype}", n * w.blocks * w.block, dtype).view(n * w.blocks, w.block)
+        packed = self._scratch("packed", n * w.blocks * blob, torch.uint8).numpy()
+        scales = self._scratch("scales", n * w.blocks, torch.float32).numpy()
+        parts = max(1, min(self.threads, n)) if self.lib is not None else 1
+        cuts = [r0 + n * i // parts for i in range(parts + 1)]
+
+        def run(i: int) -> None:
+            a, b = cuts[i] - r0, cuts[i + 1] - r0
+            self._dequant_rows(w, cuts[i], cuts[i + 1], packed[a * w.blocks * blob : b * w.blocks * blob], scales[a * w.blocks : b * w.blocks], out[a * w.blocks : b * w.blocks])
+
+        if parts == 1:
+            run(0)
+        else:
+            list(self._pool.map(run, range(parts)))
+        return out.view(n, w.blocks * w.block)
+
+    @staticmethod
+    def _permute(h: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+        """Activations [M, K] in the order a dequantized block is laid out (4-bit: low nibbles,
+        then high ones), zero-padded to whole blocks."""
+        kp = w.blocks * w.block
+        if kp != h.shape[1]:
+            h = F.pad(h, (0, kp - h.shape[1]))
+        if w.bits == 4:
+            h = h.reshape(h.shape[0], w.blocks, w.block // 2, 2).transpose(-1, -2)
+        return h.reshape(h.shape[0], kp)
+
+    def linear(self, hs: list[torch.Tensor], w: QuantWeight, fp32: bool = False) -> list[torch.Tensor]:
+        """Each h [M_i, K] @ W^T → [M_i, N], W unpacked a tile of rows at a time and each tile
+        shared by every h: one GEMM per row's chunk, the same call it gets alone (so its numbers
+        do not depend on the rows beside it), one unpacking for all of them."""
+        dtype = torch.float32 if fp32 else torch.bfloat16
+        hps = [self._permute(h.to(dtype), w) for h in hs]
+        step = max(1, SCRATCH_ELEMENTS // (w.blocks * w.block))
+        if step >= w.n:
+            d = self._dequant(w, 0, w.n, dtype)
+            return [hp @ d.t() for hp in hps]
+        outs = [torch.empty(h.shape[0], w.n, dtype=dtype) for h in hs]
+        for r0 in range(0, w.n, step):
+            r1 = min(w.n, r0 + step)
+            d = self._dequant(w, r0, r1, dtype)
+            for hp, out in zip(hps, outs):
+                out[:, r0:r1] = hp @ d.t()
+        return outs
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight).to(torch.bfloat16)
+
+    def _rotary(self, t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Half-split rotary (rotary_interleaved=0) of t [heads, S, head_dim] at `positions`."""
+        cos, sin = self.cos[positions], self.sin[positions]  # [S, hd/2]
+        a, b = t.float().chunk(2, dim=-1)
+        return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+    def prefill_rows(self, cache_arrays: list[np.ndarray], rows: list[tuple[int, int, np.ndarray]]) -> list[np.ndarray]:
+        """For each (slot, past, embeds [S, H]): positions past..past+S of that slot, their keys
+        and values written into `cache_arrays` (per layer key, value: [slots, kv_heads, width,
+        head_dim]); each row's last position's logits [V] (fp32) returned."""
+        old_threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                return self._prefill(cache_arrays, rows)
+        finally:
+            torch.set_num_threads(old_threads)
+
+    def _prefill(self, cache_arrays: list[np.ndarray], rows: list[tuple[int, int, np.ndarray]]) -> list[np.ndarray]:
+        hd, nh, kvh = self.head_dim, self.heads, self.kv_heads
+        xs = [torch.from_numpy(np.ascontiguousarray(e, dtype=np.float32)) for _, _, e in rows]
+        spans = [(slot, past, len(e), torch.arange(past, past + len(e))) for slot, past, e in rows]
+        masks = [None if past == 0 else (torch.arange(past + s)[None, :] <= pos[:, None]) for _, past, s, pos in spans]
+        for i, layer in enumerate(self.layers):
+            hs = [self._norm(x, layer.norm_in) for x in xs]
+            parts = [self.linear(hs, w) for w in layer.qkv]
+            qkvs = [torch.cat([p[r] for p in parts], dim=-1) if len(parts) > 1 else parts[0][r] for r in range(len(xs))]
+            attns = []
+            for (slot, past, s, pos), qkv, mask in zip(spans, qkvs, masks):
+                q = self._rotary(qkv[:, : nh * hd].view(s, nh, hd).transpose(0, 1), pos)
+                k = self._rotary(qkv[:, nh * hd : (nh + kvh) * hd].view(s, kvh, hd).transpose(0, 1), pos)
+                v = qkv[:, (nh + kvh) * hd :].view(s, kvh, hd).transpose(0, 1)
+                kc = torch.from_numpy(cache_arrays[2 * i])[slot]
+                vc = torch.from_numpy(cache_arrays[2 * i + 1])[slot]
+                kc[:, past : past + s] = k.to(kc.dtype)
+                vc[:, past : past + s] = v.to(vc.dtype)
+                keys, values = kc[:, : past + s].to(torch.bfloat16), vc[:, : past + s].to(torch.bfloat16)
+                attn = F.scaled_dot_product_attention(
+                    q.to(torch.bfloat16)[None], keys[None], values[None], attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=nh != kvh
+                )[0]
+                attns.append(attn.transpose(0, 1).reshape(s, nh * hd))
+            xs = [x + o.float() for x, o in zip(xs, self.linear(attns, layer.o))]
+            hs = [self._norm(x, layer.norm_post) for x in xs]
+            acts = [F.silu(g) * u for g, u in zip(self.linear(hs, layer.gate), self.linear(hs, layer.up))]
+            xs = [x + d.float() for x, d in zip(xs, self.linear(acts, layer.down))]
+        lasts = [x[-1:] for x in xs]
+        hs = [h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_final for h in lasts]
+        self.tokens += sum(s for _, _, s, _ in spans)
+        return [lg[0].numpy() for lg in self.linear(hs, self.lm_head, fp32=True)]
