@@ -9,6 +9,8 @@ _os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # torch's OpenMP workers sleep at once after a parallel region instead of spinning: the bf16 prompt
 # kernel unpacks weights on its own threads between GEMMs, and spinning workers halved that on 2
 # cores (engines/bf16_prefill.py). Read when torch loads, so it only takes effect before that.
-_os.environ.setdefault("GOMP_SPINCOUNT", "0")
+# OWN_ENV lists what we set, so a peer server a benchmark starts does not inherit it.
+OWN_ENV = {k: v for k, v in {"GOMP_SPINCOUNT": "0"}.items() if k not in _os.environ}
+_os.environ.update(OWN_ENV)
 
 __version__ = "0.1.0"

@@ -163,3 +163,18 @@ def test_without_per_chunk_usage_content_chunks_time_the_tokens():
 def test_an_error_mid_stream_is_a_failed_request():
     r = stream(sse(delta("a"), {"error": {"message": "engine stopped", "type": "internal_error"}}))
     assert r["status"] != 200 and "engine stopped" in r["error"]
+
+
+def test_peer_servers_do_not_inherit_our_kernel_settings(monkeypatch):
+    """We set GOMP_SPINCOUNT=0 for our bf16 prompt kernel; a peer (vLLM's OpenMP) must run with
+    its own defaults, or the comparison would slow it down."""
+    import convllava_export
+    from convllava_export.benchmarks.serving import peer_env
+
+    monkeypatch.setattr(convllava_export, "OWN_ENV", {"GOMP_SPINCOUNT": "0"})
+    monkeypatch.setenv("GOMP_SPINCOUNT", "0")
+    monkeypatch.setenv("SOMETHING_ELSE", "1")
+    env = peer_env()
+    assert "GOMP_SPINCOUNT" not in env and env["SOMETHING_ELSE"] == "1"
+    monkeypatch.setattr(convllava_export, "OWN_ENV", {})  # the user set it: the peer gets it too
+    assert peer_env()["GOMP_SPINCOUNT"] == "0"

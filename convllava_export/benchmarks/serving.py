@@ -418,10 +418,18 @@ def peer_models(base: str, timeout_s: float = 5) -> list[str] | None:
         return None
 
 
+def peer_env() -> dict[str, str]:
+    """This environment without what the package set for its own kernels (OWN_ENV): a peer
+    server runs as its users run it (vLLM's OpenMP threads spin by default)."""
+    from .. import OWN_ENV
+
+    return {k: v for k, v in os.environ.items() if k not in OWN_ENV}
+
+
 def start_peer(cmd: str, base: str, timeout_s: float, log: Path) -> subprocess.Popen:
     """Run the shell command `cmd` in a new session and wait until base/v1/models answers."""
     with open(log, "ab") as f:
-        proc = subprocess.Popen(cmd, shell=True, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(cmd, shell=True, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=peer_env())
     deadline = time.time() + timeout_s
     while peer_models(base) is None:
         if proc.poll() is not None:
