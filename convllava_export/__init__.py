@@ -6,11 +6,18 @@ import os as _os
 _os.environ.setdefault("HF_HUB_OFFLINE", "1")
 _os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 _os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# torch's OpenMP workers sleep at once after a parallel region instead of spinning: the bf16 prompt
-# kernel unpacks weights on its own threads between GEMMs, and spinning workers halved that on 2
-# cores (engines/bf16_prefill.py). Read when torch loads, so it only takes effect before that.
-# OWN_ENV lists what we set, so a peer server a benchmark starts does not inherit it.
-OWN_ENV = {k: v for k, v in {"GOMP_SPINCOUNT": "0"}.items() if k not in _os.environ}
-_os.environ.update(OWN_ENV)
+# What our commands set for their own kernels (cli.py, before torch loads), so that a peer server a
+# benchmark starts does not inherit it. Not set on import: inside vLLM (our plugin) it would reach
+# vLLM's own engine processes.
+OWN_ENV: dict[str, str] = {}
+
+
+def set_kernel_env() -> None:
+    """torch's OpenMP workers sleep at once after a parallel region instead of spinning: the bf16
+    prompt kernel unpacks weights on its own threads between GEMMs, and spinning workers halved
+    that on 2 cores (engines/bf16_prefill.py). libgomp reads it when torch loads."""
+    for k, v in {"GOMP_SPINCOUNT": "0"}.items():
+        if k not in _os.environ:
+            _os.environ[k] = OWN_ENV[k] = v
 
 __version__ = "0.1.0"

@@ -13,11 +13,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from . import set_kernel_env
 from .errors import ConvLlavaError
 from . import precisions
 from .precisions import CALIB_METHODS, DEVICES, LLM_GRAPHS, LLM_RUNTIMES, PREFILL_KERNELS, REFERENCE_DTYPES, TRTLLM_FORMATS, VISION_RUNTIMES
 from .preprocess import MODES
 from .targets import TARGET_NAMES
+
+set_kernel_env()  # before anything loads torch
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
