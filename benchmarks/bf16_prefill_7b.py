@@ -27,6 +27,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def prefill_probe(build: Path, tokens: list[int]) -> dict:
     """In this process: both kernels over the same embeddings (the ORT session is shared)."""
+    from convllava_export import set_kernel_env
+
+    set_kernel_env()  # as the CLI does, before torch loads
     import numpy as np
 
     from convllava_export.engines.onnxruntime import open_decoder
