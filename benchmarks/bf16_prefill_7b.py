@@ -59,6 +59,36 @@ def prefill_probe(build: Path, tokens: list[int]) -> dict:
     return {"load_s": round(load_s, 1), "machine": machine_info(), "prefill": rows}
 
 
+def accuracy_probe(build: Path, n: int) -> dict:
+    """Both kernels against the int4 model's exact math (the same unpacked weights, fp32
+    activations, fp16 cache: Bf16Prefill with compute=float32), on one prompt of n positions."""
+    from convllava_export import set_kernel_env
+
+    set_kernel_env()
+    import numpy as np
+    import torch
+
+    from convllava_export.engines.onnxruntime import open_decoder
+
+    dec = open_decoder(build / "llm", prefill="bf16")
+    emb = dec.embed(np.random.default_rng(1).integers(0, dec.vocab_size, n))
+    out = {}
+    for name in ("exact", "bf16", "onnxruntime"):
+        dec.bf16.compute = torch.float32 if name == "exact" else torch.bfloat16
+        kernel, dec.bf16 = dec.bf16, (None if name == "onnxruntime" else dec.bf16)
+        cache = dec.new_cache(1 << 31, 1, 2048)
+        cache.open(n + 8)
+        out[name] = dec.prefill(cache, emb)
+        dec.bf16 = kernel
+    cos = lambda a, b: round(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)), 5)  # noqa: E731
+    top = lambda a, k=10: set(np.argsort(a)[-k:].tolist())  # noqa: E731
+    row = {"tokens": n, "cosine_bf16_vs_exact": cos(out["bf16"], out["exact"]), "cosine_onnxruntime_vs_exact": cos(out["onnxruntime"], out["exact"]),
+           "top1_bf16_eq_exact": bool(out["bf16"].argmax() == out["exact"].argmax()), "top1_onnxruntime_eq_exact": bool(out["onnxruntime"].argmax() == out["exact"].argmax()),
+           "top10_overlap_bf16": len(top(out["bf16"]) & top(out["exact"])), "top10_overlap_onnxruntime": len(top(out["onnxruntime"]) & top(out["exact"]))}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("build", type=Path)
@@ -68,7 +98,11 @@ def main() -> None:
     ap.add_argument("--vllm-folder", type=Path, default=None)
     ap.add_argument("--vllm-venv", type=Path, default=None)
     ap.add_argument("--skip-probe", action="store_true")
+    ap.add_argument("--accuracy", type=int, default=0, metavar="N", help="only: both kernels against the exact int4 math on N positions")
     a = ap.parse_args()
+    if a.accuracy:
+        (RESULTS / "bf16_prefill_7b_accuracy.json").write_text(json.dumps(accuracy_probe(a.build, a.accuracy), indent=1))
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
     if not a.skip_probe:
         result = prefill_probe(a.build, [int(x) for x in a.tokens.split(",")])

@@ -179,3 +179,22 @@ def test_one_pass_prefills_several_rows_each_as_alone(int4_folder, monkeypatch):
         for a, b in zip(together.arrays, alone.arrays):
             np.testing.assert_array_equal(a[k, :, : len(c)], b[0, :, : len(c)])
     assert together.lengths == [len(c) for c in chunks] and together.pending == 3
+
+
+def test_bf16_is_closer_to_the_exact_int4_math_than_int8_activations(int4_folder):
+    """The accuracy claim: against the int4 model's exact math (the same unpacked weights, fp32
+    activations: compute=float32), bf16 activations lose less than MatMulNBits' int8 ones."""
+    bf, ort = decoders(int4_folder)
+    rng = np.random.default_rng(8)
+    gaps = {"bf16": [], "onnxruntime": []}
+    for _ in range(3):
+        embeds = bf.embed(rng.integers(0, bf.vocab_size, 120))
+        bf.bf16.compute = torch.float32
+        exact, _, _ = prefill_then_decode(bf, embeds, (120,), [], steps=0)
+        bf.bf16.compute = torch.bfloat16
+        fast, _, _ = prefill_then_decode(bf, embeds, (120,), [], steps=0)
+        int8, _, _ = prefill_then_decode(ort, embeds, (120,), [], steps=0)
+        gaps["bf16"].append(np.abs(fast - exact).max())
+        gaps["onnxruntime"].append(np.abs(int8 - exact).max())
+        assert fast.argmax() == exact.argmax()
+    assert max(gaps["bf16"]) < min(gaps["onnxruntime"]), gaps

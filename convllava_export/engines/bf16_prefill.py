@@ -102,6 +102,9 @@ class Bf16Prefill:
         self.lib = dequant_library()
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dequant") if self.lib is not None and self.threads > 1 else None
         self._buffers: dict[str, torch.Tensor] = {}
+        # bf16 on the matrix units; float32 computes the int4 model's exact math (a reference for
+        # accuracy figures: BENCHMARKS.md, tests)
+        self.compute = torch.bfloat16
         by_name = {n.name: n for n in model.graph.node}
 
         def node(name: str) -> onnx.NodeProto:
@@ -267,7 +270,7 @@ class Bf16Prefill:
         """Each h [M_i, K] @ W^T → [M_i, N], W unpacked a tile of rows at a time and each tile
         shared by every h: one GEMM per row's chunk, the same call it gets alone (so its numbers
         do not depend on the rows beside it), one unpacking for all of them."""
-        dtype = torch.float32 if fp32 else torch.bfloat16
+        dtype = torch.float32 if fp32 else self.compute
         hps = [self._permute(h.to(dtype), w) for h in hs]
         step = max(1, SCRATCH_ELEMENTS // (w.blocks * w.block))
         if step >= w.n:
@@ -282,7 +285,7 @@ class Bf16Prefill:
         return outs
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight).to(torch.bfloat16)
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight).to(self.compute)
 
     def _rotary(self, t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Half-split rotary (rotary_interleaved=0) of t [heads, S, head_dim] at `positions`."""
@@ -320,9 +323,9 @@ class Bf16Prefill:
                 vc = torch.from_numpy(cache_arrays[2 * i + 1])[slot]
                 kc[:, past : past + s] = k.to(kc.dtype)
                 vc[:, past : past + s] = v.to(vc.dtype)
-                keys, values = kc[:, : past + s].to(torch.bfloat16), vc[:, : past + s].to(torch.bfloat16)
+                keys, values = kc[:, : past + s].to(self.compute), vc[:, : past + s].to(self.compute)
                 attn = F.scaled_dot_product_attention(
-                    q.to(torch.bfloat16)[None], keys[None], values[None], attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=nh != kvh
+                    q.to(self.compute)[None], keys[None], values[None], attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=nh != kvh
                 )[0]
                 attns.append(attn.transpose(0, 1).reshape(s, nh * hd))
             xs = [x + o.float() for x, o in zip(xs, self.linear(attns, layer.o))]
