@@ -98,6 +98,8 @@ def main() -> None:
     ap.add_argument("--vllm-folder", type=Path, default=None)
     ap.add_argument("--vllm-venv", type=Path, default=None)
     ap.add_argument("--skip-probe", action="store_true")
+    ap.add_argument("--kernels", default="onnxruntime,bf16", help="which --prefill kernels to serve with")
+    ap.add_argument("--tag", default="", help="suffix of the serve JSON names")
     ap.add_argument("--accuracy", type=int, default=0, metavar="N", help="only: both kernels against the exact int4 math on N positions")
     a = ap.parse_args()
     if a.accuracy:
@@ -108,7 +110,7 @@ def main() -> None:
         result = prefill_probe(a.build, [int(x) for x in a.tokens.split(",")])
         (RESULTS / "bf16_prefill_7b.json").write_text(json.dumps(result, indent=1))
     if a.serve:
-        for kernel in ("onnxruntime", "bf16"):
+        for kernel in a.kernels.split(","):
             peer = []
             if kernel == "bf16" and a.vllm_folder and a.vllm_venv:
                 # bf16 as issue 21 asks (the random checkpoint stores fp16; vLLM-CPU's fp16 GEMMs are far slower here)
@@ -117,7 +119,7 @@ def main() -> None:
                 peer = ["--against", "http://127.0.0.1:8011", "--against-images", "--against-cmd", cmd]
             subprocess.run([sys.executable, "-m", "convllava_export.cli", "bench", "serve", str(a.build), "--concurrency", a.concurrency, "--workload", "image",
                             "--workload", "text", "--prompt-words", "140", "--requests-per-client", "1", "--max-running", "16", "--time-limit-s", "1800",
-                            f"--serve-arg=--prefill={kernel}", *peer, "--json", str(RESULTS / f"serve_7b_prefill_{kernel}.json")], check=True)
+                            f"--serve-arg=--prefill={kernel}", *peer, "--json", str(RESULTS / f"serve_7b_prefill_{kernel}{a.tag}.json")], check=True)
 
 
 if __name__ == "__main__":

@@ -297,10 +297,12 @@ class Bf16Prefill:
         """For each (slot, past, embeds [S, H]): positions past..past+S of that slot, their keys
         and values written into `cache_arrays` (per layer key, value: [slots, kv_heads, width,
         head_dim]); each row's last position's logits [V] (fp32) returned."""
+        from ..runtime.memory import heap_allocations
+
         old_threads = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), heap_allocations():
                 return self._prefill(cache_arrays, rows)
         finally:
             torch.set_num_threads(old_threads)

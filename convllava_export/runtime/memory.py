@@ -9,6 +9,7 @@ the system the moment it is freed; `trim()` hands back what the heaps still hold
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -17,6 +18,7 @@ import logging
 log = logging.getLogger("convllava_export.memory")
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 1 << 20
+_pinned = False  # return_freed_memory applied in this process
 
 
 @functools.cache
@@ -38,9 +40,28 @@ def return_freed_memory() -> bool:
     if libc is None:
         return False
     ok = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 4 * MMAP_THRESHOLD))
+    global _pinned
+    _pinned = ok
     if not ok:
         log.warning("mallopt refused the memory settings; RSS may stay at its peak")
     return ok
+
+
+@contextlib.contextmanager
+def heap_allocations(threshold: int = 1 << 30):
+    """Within: large arrays come from glibc's heap again (no fresh zero-filled mapping, page
+    faults and all, for every activation of a compute-bound pass); after: the threshold is pinned
+    back and the heap's free memory returned. Only where `return_freed_memory` pinned it."""
+    libc = _libc()
+    if libc is None or not _pinned:
+        yield
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, threshold)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        trim()
 
 
 def trim() -> None:
