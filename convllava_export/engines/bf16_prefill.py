@@ -37,6 +37,7 @@ from onnx import numpy_helper
 from ..errors import ConvLlavaError
 from .kernels import dequant_library
 
+M_BUCKET = 64  # GEMM rows are padded to a multiple of this (see Bf16Prefill._bucket)
 SCRATCH_ELEMENTS = 1 << 24  # weights dequantized at a time: 16 M (32 MB of bf16); smaller tiles made slower GEMMs (BENCHMARKS.md)
 
 
@@ -271,18 +272,26 @@ class Bf16Prefill:
         shared by every h: one GEMM per row's chunk, the same call it gets alone (so its numbers
         do not depend on the rows beside it), one unpacking for all of them."""
         dtype = torch.float32 if fp32 else self.compute
-        hps = [self._permute(h.to(dtype), w) for h in hs]
+        hps = [self._permute(self._bucket(h).to(dtype), w) for h in hs]
         step = max(1, SCRATCH_ELEMENTS // (w.blocks * w.block))
         if step >= w.n:
             d = self._dequant(w, 0, w.n, dtype)
-            return [hp @ d.t() for hp in hps]
-        outs = [torch.empty(h.shape[0], w.n, dtype=dtype) for h in hs]
+            return [(hp @ d.t())[: h.shape[0]] for hp, h in zip(hps, hs)]
+        outs = [torch.empty(hp.shape[0], w.n, dtype=dtype) for hp in hps]
         for r0 in range(0, w.n, step):
             r1 = min(w.n, r0 + step)
             d = self._dequant(w, r0, r1, dtype)
             for hp, out in zip(hps, outs):
                 out[:, r0:r1] = hp @ d.t()
-        return outs
+        return [out[: h.shape[0]] for out, h in zip(outs, hs)]
+
+    @staticmethod
+    def _bucket(h: torch.Tensor) -> torch.Tensor:
+        """Rows zero-padded to a multiple of M_BUCKET: oneDNN keeps a primitive (and its memory,
+        ~25-45 MB at 7B) per GEMM shape, so every new prompt length grew a server; buckets bound
+        the shapes to max_batched_tokens / M_BUCKET. A row's bucket depends on its own chunk only."""
+        pad = -h.shape[0] % M_BUCKET
+        return F.pad(h, (0, 0, 0, pad)) if pad and h.shape[0] > 1 else h
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight).to(self.compute)
