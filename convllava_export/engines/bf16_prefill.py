@@ -24,6 +24,7 @@ depend on the rows beside it. The unpacked weights are exact up to one bf16 roun
 from __future__ import annotations
 
 import os
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,13 @@ from .kernels import dequant_library
 
 M_BUCKET = 64  # GEMM rows are padded to a multiple of this (see Bf16Prefill._bucket)
 SCRATCH_ELEMENTS = 1 << 24  # weights dequantized at a time: 16 M (32 MB of bf16); smaller tiles made slower GEMMs (BENCHMARKS.md)
+
+
+def _release(fd: int, pool: ThreadPoolExecutor | None) -> None:
+    if fd >= 0:
+        os.close(fd)
+    if pool is not None:
+        pool.shutdown(wait=False)
 
 
 def cpu_has_bf16_matrix_units() -> bool:
@@ -103,6 +111,7 @@ class Bf16Prefill:
         self.lib = dequant_library()
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dequant") if self.lib is not None and self.threads > 1 else None
         self._buffers: dict[str, torch.Tensor] = {}
+        weakref.finalize(self, _release, self._fd, self._pool)  # the file and threads go with the decoder
         # bf16 on the matrix units; float32 computes the int4 model's exact math (a reference for
         # accuracy figures: BENCHMARKS.md, tests)
         self.compute = torch.bfloat16
@@ -204,13 +213,6 @@ class Bf16Prefill:
         if self.inits[node.input[2]].data_type != onnx.TensorProto.FLOAT:
             raise ConvLlavaError(f"{node.name}: scales are not fp32; the bf16 prefill reads the fp32 scales our export writes")
         return QuantWeight(int(a["N"]), int(a["K"]), bits, block, self._span(node.input[1]), self._span(node.input[2]))
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        if self._pool is not None:
-            self._pool.shutdown()
 
     # -- kernels ----------------------------------------------------------------------------
     def _scratch(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
