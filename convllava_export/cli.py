@@ -609,6 +609,25 @@ def bench_serve_cmd(build, concurrency, max_tokens, prompts_per_level, requests_
     _report(result, json_path, markdown)
 
 
+@bench.command("faults")
+@click.argument("build", type=click.Path(path_type=Path))
+@click.option("--max-tokens", type=click.IntRange(1), default=16, show_default=True, help="tokens of the greedy requests compared before and after the faults")
+@click.option("--drain-s", type=click.FloatRange(0), default=5.0, show_default=True, help="the server's --drain-s for the SIGTERM check")
+@click.option("--threads", type=click.IntRange(1), default=None)
+@click.option("--serve-arg", "serve_args", multiple=True, help="passed verbatim to the `serve` subprocess (repeatable)")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+def bench_faults_cmd(build, max_tokens, drain_s, threads, serve_args, json_path) -> None:
+    """Every fault a client can cause, against a real `serve` of BUILD, then the first requests again; exit 1 when a check fails."""
+    from .benchmarks.faults import markdown, run_faults
+    from .manifest import read_manifest
+
+    read_manifest(build)
+    result = run_faults(build, threads=threads, max_tokens=max_tokens, drain_s=drain_s, serve_args=serve_args, progress=say)
+    _report(result, json_path, markdown)
+    if not result["passed"]:
+        sys.exit(1)
+
+
 @bench.command("ray")
 @click.argument("build", type=click.Path(path_type=Path))
 @click.option("--replicas", default="1,2", show_default=True, help="Ray LLM replica counts to compare")

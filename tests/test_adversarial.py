@@ -8,8 +8,6 @@ or a dead process, which this test sees.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import resource
@@ -21,22 +19,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
 from serving_helpers import free_port, message
 
+from convllava_export.benchmarks.faults import data_url as url
+from convllava_export.benchmarks.faults import odd_images, png
+
 CAP = 2 << 30
-
-
-def png(img: Image.Image, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", **kw)
-    return buf.getvalue()
-
-
-def url(raw: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(raw).decode()
 
 
 def vm_hwm_mb(pid: int) -> float:
@@ -80,27 +70,6 @@ def capped_server(tiny_build):
 def still_serving(base: str, proc) -> None:
     assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
     assert httpx.get(f"{base}/health", timeout=10).status_code == 200
-
-
-def odd_images() -> dict[str, tuple[bytes, set[int]]]:
-    rng = np.random.default_rng(0)
-    grey16 = Image.fromarray((rng.integers(0, 65535, (64, 48))).astype(np.uint16))
-    bomb = png(Image.new("L", (12_000, 12_000)))  # 144 Mpx, compresses to ~150 KB
-    truncated = png(Image.new("RGB", (300, 300), (200, 10, 10)))[:400]
-    cmyk = io.BytesIO()
-    Image.new("CMYK", (40, 40), (0, 200, 30, 10)).save(cmyk, format="JPEG")
-    return {
-        "1x100000 (pad to square)": (png(Image.new("RGB", (1, 100_000), (9, 9, 9))), {200, 400}),
-        "100000x1": (png(Image.new("RGB", (100_000, 1), (9, 9, 9))), {200, 400}),
-        "3x40000 native-like sliver": (png(Image.new("L", (3, 40_000), 128)), {200, 400}),
-        "decompression bomb": (bomb, {400}),
-        "truncated png": (truncated, {400}),
-        "not an image": (b"GIF89a" + b"\0" * 50, {400}),
-        "16-bit grey": (png(grey16), {200}),
-        "palette": (png(Image.new("RGB", (50, 30), (0, 90, 200)).convert("P")), {200}),
-        "LA": (png(Image.new("LA", (50, 30), (90, 128))), {200}),
-        "CMYK jpeg": (cmyk.getvalue(), {200}),
-    }
 
 
 def test_corpus_under_memory_cap(capped_server):
