@@ -138,6 +138,12 @@ def build(checkpoint: str | Path, dest: str | Path, opts: BuildOptions, progress
             built[part] = make.build(resolved, tmp, progress, sample["pixels"]) if part == "vision" else make.build(resolved, tmp, progress)
         sample["reference_embeds"] = built["vision"].reference_embeds
         copy_tokenizer(resolved.info.path, tmp / "tokenizer")
+        if opts.kv_cache == "int8":  # calibrated on the build's own engines, so after both parts
+            from .calibration.kv import quantize_kv_cache
+
+            section = built["vision"].section
+            kv = quantize_kv_cache(tmp, tmp / (section.get("ort_graph") or section["graph"]), resolved.pcfg, opts.calib_images, opts.calib_prompts, opts.threads, progress)
+            built["llm"].section["calibration"] = {"kv_cache": kv}
         (tmp / "preprocessor_config.json").write_text(json.dumps({**resolved.info.preprocessor_config, "convllava_export": resolved.pcfg.to_dict()}, indent=2))
         manifest = _manifest(resolved, built, est)
         checks: dict[str, Any] = {}

@@ -16,7 +16,7 @@ from rich.table import Table
 from . import set_kernel_env
 from .errors import ConvLlavaError
 from . import precisions
-from .precisions import CALIB_METHODS, DEVICES, LLM_GRAPHS, LLM_RUNTIMES, PREFILL_KERNELS, REFERENCE_DTYPES, TRTLLM_FORMATS, VISION_RUNTIMES
+from .precisions import CALIB_METHODS, DEVICES, KV_CACHES, LLM_GRAPHS, LLM_RUNTIMES, PREFILL_KERNELS, REFERENCE_DTYPES, TRTLLM_FORMATS, VISION_RUNTIMES
 from .preprocess import MODES
 from .targets import TARGET_NAMES
 
@@ -300,6 +300,7 @@ def build_options(f):
         click.option("--max-batch", type=click.IntRange(1), default=4, show_default=True),
         click.option("--int4-block-size", type=click.IntRange(16), default=128, show_default=True, help="int4/int8 LLM weights per scale (MatMulNBits)"),
         click.option("--llm-graph", type=click.Choice(["auto", *LLM_GRAPHS]), default="auto", show_default=True, help="auto: gqa (ORT's fused-attention layout) for int4/int8 when onnxruntime-genai is installed, else dynamo (our exact export)"),
+        click.option("--kv-cache", type=click.Choice(list(KV_CACHES)), default="auto", show_default=True, help="KV cache of an int4/int8 gqa LLM: auto = fp16; int8 halves it (per-channel scales calibrated on --calib-images prompts), so twice the requests decode together in the same memory"),
         click.option("--reference-dtype", type=click.Choice(list(REFERENCE_DTYPES)), default="auto", show_default=True, help="torch reference for the smoke test; auto: fp32 when it fits in memory, else the checkpoint's dtype"),
         click.option("--smoke-test/--no-smoke-test", default=True, show_default=True, help="run the build once and compare it with the torch reference"),
         click.option("--min-vision-cosine", type=click.FloatRange(-1, 1), default=None, help="smoke-test gate: image_embeds cosine to the reference (default: the vision precision's own, `convllava-export precisions`)"),

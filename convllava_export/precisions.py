@@ -35,6 +35,9 @@ REFERENCE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 # How a gqa int4/int8 graph runs prompt chunks: ONNX Runtime's MatMulNBits, or unpacked to bf16 for
 # the CPU's matrix units (engines/bf16_prefill.py); auto picks bf16 where the CPU has AMX-BF16.
 PREFILL_KERNELS = ("auto", "onnxruntime", "bf16")
+# The KV cache of an int4/int8 gqa graph: auto is fp16; int8 halves it (per-channel scales
+# calibrated on multimodal prompts at build time, export/llm_gqa.int8_kv_cache).
+KV_CACHES = ("auto", "int8")
 # activation-range calibration of int8 vision graphs (calibration/ranges.py)
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 

@@ -127,6 +127,24 @@ def conformance_gqa(reference, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def conformance_gqa_int4_kv8(reference, conformance_gqa_int4, tmp_path_factory) -> Path:
+    """The int4 gqa graph with an int8 KV cache, calibrated on multimodal prompts of the reference."""
+    import shutil
+
+    from convllava_export.calibration.kv import int8_cache_from
+    from convllava_export.calibration.prompts import DEFAULT_QUESTIONS, multimodal_sequences
+    from convllava_export.preprocess import PreprocessConfig, preprocess
+    from convllava_export.synthetic import colour_samples
+
+    folder = tmp_path_factory.mktemp("llm") / "gqa-int4-kv8"
+    shutil.copytree(conformance_gqa_int4, folder)
+    cfg = PreprocessConfig.from_preprocessor_config(reference.info.preprocessor_config)
+    pixels = [preprocess(s.image, cfg)[None] for s in colour_samples(4, seed=7)]
+    int8_cache_from(folder, multimodal_sequences(reference, pixels, DEFAULT_QUESTIONS), "test images")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def conformance_gqa_int4(reference, tmp_path_factory) -> Path:
     """The conformance LLM as an int4 GroupQueryAttention graph: its KV cache is fp16."""
     from convllava_export.export.llm import export_llm_onnxruntime

@@ -71,10 +71,10 @@ class CountingSession:
 
 
 @needs_genai
-@pytest.mark.parametrize("fixture", ["conformance_gqa", "conformance_gqa_int4"])
+@pytest.mark.parametrize("fixture", ["conformance_gqa", "conformance_gqa_int4", "conformance_gqa_int4_kv8"])
 def test_gqa_decodes_all_rows_in_one_run_in_place(fixture, reference, request):
     dec = open_gqa(request, fixture)
-    assert dec.dtype == (np.float32 if fixture == "conformance_gqa" else np.float16)  # int4 graphs keep an fp16 cache
+    assert dec.dtype == {"conformance_gqa": np.float32, "conformance_gqa_int4": np.float16, "conformance_gqa_int4_kv8": np.int8}[fixture]  # int4: fp16 unless built int8
     seqs = sequences(dec, (5, 17, 9, 30))
     alone = [generate(dec, reference.tokenizer, [s], GREEDY)[0].token_ids for s in seqs]
     counting = CountingSession(dec.session)

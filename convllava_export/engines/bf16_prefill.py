@@ -93,6 +93,7 @@ class _Layer:
     gate: QuantWeight
     up: QuantWeight
     down: QuantWeight
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 cache: per-channel key, value scales [kv_heads, 1, head_dim]
 
 
 class Bf16Prefill:
@@ -128,6 +129,8 @@ class Bf16Prefill:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
         if attrs.get("rotary_interleaved", 0) or not attrs.get("do_rotary", 0) or attrs.get("local_window_size", -1) != -1 or attrs.get("softcap", 0.0):
             raise ConvLlavaError(f"{graph}: GroupQueryAttention options {attrs} are not the ones the bf16 prefill implements")
+        if attrs.get("kv_cache_bit_width") not in (None, 8) or {attrs.get("k_quant_type", b"PER_CHANNEL"), attrs.get("v_quant_type", b"PER_CHANNEL")} != {b"PER_CHANNEL"}:
+            raise ConvLlavaError(f"{graph}: a quantized KV cache other than int8 per channel ({attrs}); the bf16 prefill writes only that one")
         self.heads, self.kv_heads = int(attrs["num_heads"]), int(attrs["kv_num_heads"])
         self.scale = float(attrs.get("scale", 0.0)) or None
         self.cos = torch.from_numpy(self._array(gqa[0].input[7].removesuffix("_fp16"))).float()
@@ -150,6 +153,7 @@ class Bf16Prefill:
                     gate=self._quant(node(f"{pre}/mlp/gate_proj/MatMul")),
                     up=self._quant(node(f"{pre}/mlp/up_proj/MatMul")),
                     down=self._quant(node(f"{pre}/mlp/down_proj/MatMul")),
+                    kv_scales=self._kv_scales(gqa[i]),
                 )
             )
         final = next((n for n in model.graph.node if "final_norm_layernorm" in n.name), None)
@@ -196,6 +200,12 @@ class Bf16Prefill:
         out = np.empty(tuple(t.dims), dtype=dtype)
         self._read(self._span(name).offset, out)
         return out
+
+    def _kv_scales(self, node: onnx.NodeProto) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The int8 cache's key and value scales (export/llm_gqa.int8_kv_cache), or None for a float cache."""
+        if len(node.input) < 14 or not node.input[12]:
+            return None
+        return tuple(torch.from_numpy(self._array(node.input[k])).float().view(self.kv_heads, 1, -1) for k in (12, 13))  # type: ignore[return-value]
 
     def _norm_weight(self, node: onnx.NodeProto) -> torch.Tensor:
         name = next(i for i in node.input[1:] if i in self.inits)
@@ -334,9 +344,15 @@ class Bf16Prefill:
                 v = qkv[:, (nh + kvh) * hd :].view(s, kvh, hd).transpose(0, 1)
                 kc = torch.from_numpy(cache_arrays[2 * i])[slot]
                 vc = torch.from_numpy(cache_arrays[2 * i + 1])[slot]
-                kc[:, past : past + s] = k.to(kc.dtype)
-                vc[:, past : past + s] = v.to(vc.dtype)
-                keys, values = kc[:, : past + s].to(self.compute), vc[:, : past + s].to(self.compute)
+                if layer.kv_scales is None:
+                    kc[:, past : past + s] = k.to(kc.dtype)
+                    vc[:, past : past + s] = v.to(vc.dtype)
+                    keys, values = kc[:, : past + s].to(self.compute), vc[:, : past + s].to(self.compute)
+                else:  # int8 cache: quantized as GroupQueryAttention does (nearest, saturating), attended dequantized
+                    ks, vs = layer.kv_scales
+                    kc[:, past : past + s] = torch.round(k.float() / ks).clamp_(-128, 127).to(torch.int8)
+                    vc[:, past : past + s] = torch.round(v.float() / vs).clamp_(-128, 127).to(torch.int8)
+                    keys, values = (kc[:, : past + s].float() * ks).to(self.compute), (vc[:, : past + s].float() * vs).to(self.compute)
                 attn = F.scaled_dot_product_attention(
                     q.to(self.compute)[None], keys[None], values[None], attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=nh != kvh
                 )[0]

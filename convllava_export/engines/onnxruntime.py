@@ -136,7 +136,7 @@ class OrtDecoder(DenseDecoder):
         self.present_names = [n.replace("past_key_values.", "present.", 1) for n in self.past_names]
         self.output_names = [t.name for t in self.spec.outputs]  # logits, then present.*
         self.embeds_dtype = np.float16 if self.spec.inputs[0].dtype == "float16" else np.float32
-        self.dtype = np.float16 if pasts and pasts[0].dtype == "float16" else np.float32  # the cache's
+        self.dtype = np.dtype(pasts[0].dtype if pasts else "float32").type  # the cache's: float32, float16 or int8 (export/llm_gqa.py)
         self.cache_shape = CacheShape(len(self.past_names), self.kv_heads, self.head_dim, np.dtype(self.dtype))
 
     def embed(self, ids: np.ndarray) -> np.ndarray:

@@ -108,6 +108,32 @@ def half_kv_cache(graph: Path) -> int:
     return done
 
 
+def int8_kv_cache(graph: Path, scales: list[tuple[np.ndarray, np.ndarray]]) -> int:
+    """Store every GroupQueryAttention's cache as int8, in place: per-channel scales (one per kv head
+    and dimension, [kv_heads * head_dim] per layer, key and value) become initializers, the node
+    quantizes each new key/value (round to nearest, saturating) and dequantizes the cache in its
+    attention (ONNX Runtime >= 1.23's CPU kernel: kv_cache_bit_width 8, PER_CHANNEL). Half the
+    fp16 cache's bytes, so twice the rows decode together in the same KV budget. Returns the nodes."""
+    model = onnx.load(str(graph), load_external_data=False)
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    if len(gqa) != len(scales):
+        raise ExportError(f"{graph}: {len(gqa)} GroupQueryAttention nodes, {len(scales)} layers of KV scales")
+    for i, (node, (k_scale, v_scale)) in enumerate(zip(gqa, scales)):
+        ins = list(node.input) + [""] * max(0, 14 - len(node.input))
+        ins[12], ins[13] = f"kv_scale.{i}.key", f"kv_scale.{i}.value"  # the op's k_scale and v_scale inputs
+        del node.input[:]
+        node.input.extend(ins)
+        node.attribute.extend([onnx.helper.make_attribute("kv_cache_bit_width", 8), onnx.helper.make_attribute("k_quant_type", "PER_CHANNEL"),
+                               onnx.helper.make_attribute("v_quant_type", "PER_CHANNEL")])
+        model.graph.initializer.extend([onnx.numpy_helper.from_array(np.ascontiguousarray(k_scale, np.float32).ravel(), ins[12]),
+                                        onnx.numpy_helper.from_array(np.ascontiguousarray(v_scale, np.float32).ravel(), ins[13])])
+    for v in [*model.graph.input, *model.graph.output]:
+        if v.name.startswith(("past_key_values.", "present.")):
+            v.type.tensor_type.elem_type = onnx.TensorProto.INT8
+    onnx.save(model, str(graph))
+    return len(gqa)
+
+
 def write_llm_folder(info: CheckpointInfo, dest: Path) -> None:
     """A transformers LLaMA folder over the checkpoint's own shards: a config.json with the
     dtype the weights are stored in, the weight index, and links to the shards (the projector

@@ -140,6 +140,9 @@ class OrtLlm:
         from ..options import check_llm
 
         check_llm("onnxruntime", resolved.llm.row.name, resolved.llm.settings["graph"])
+        if resolved.opts.kv_cache == "int8" and resolved.llm.settings["graph"] != "gqa":
+            raise BuildError(f"--kv-cache int8 is the gqa graph's cache; this build's LLM graph is {resolved.llm.settings['graph']} ({resolved.llm.settings['graph_choice']}): "
+                             "build an int4/int8 LLM with --llm-graph gqa (onnxruntime-genai installed), or leave --kv-cache auto")
 
     def stage(self, resolved: ResolvedBuild) -> str:
         return f"LLM export ({resolved.llm.row.name}, {resolved.llm.settings['graph']} graph)"
@@ -173,6 +176,8 @@ class TrtLlm:
         from ..options import check_trtllm_here
 
         row, opts = resolved.llm.row, resolved.opts  # the row and its format were checked by settings()
+        if opts.kv_cache != "auto":
+            raise BuildError("--kv-cache int8 is the onnxruntime gqa graph's; a TensorRT-LLM engine sets its own KV cache (leave --kv-cache auto)")
         if resolved.target.ort_device != "cuda":
             raise BuildError(f"--llm-backend tensorrt-llm runs on an NVIDIA GPU; target '{opts.target}' is the CPU (use --target tensorrt, orin or cuda)")
         self.engine_config(resolved)  # the engine's shapes, checked before minutes of work

@@ -30,6 +30,7 @@ class BuildOptions:
     max_size: str = "2048x2048"
     max_batch: int = 4
     int4_block_size: int = 128  # export/stream_quant.py BLOCK_SIZE
+    kv_cache: str = "auto"  # precisions.KV_CACHES: int8 = int8 KV cache of the gqa graph
     llm_graph: str = "auto"  # "dynamo", or "gqa" (ORT's fused attention layout; needs onnxruntime-genai); auto: export/llm.choose_graph
     llm_backend: str = "onnxruntime"  # or "tensorrt-llm": ModelOpt + trtllm-build (engine flow)
     awq_block_size: int = 128  # tensorrt-llm int4-awq group size
