@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 
-from click.testing import CliRunner
-
 import pytest
+from click.testing import CliRunner
 
 from convllava_export.benchmarks.faults import _native_out_of_profile, run_faults
 from convllava_export.manifest import read_manifest

@@ -9,9 +9,10 @@ scale is the observed maximum times KV_MARGIN.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -50,21 +51,26 @@ def quantize_kv_cache(build_tmp: Path, vision_graph: Path, pcfg: Any, calib: str
     """Calibrate and rewrite `build_tmp/llm` (a gqa graph with a float cache) to an int8 cache, with
     the vision graph `vision_graph` and `build_tmp/tokenizer` making the prompts. Returns what the
     manifest records about it."""
+    from .dataset import calibration_source
+    from .prompts import load_questions
+
+    pixels, source = calibration_source(calib or "builtin", pcfg, limit=KV_CALIB_PROMPTS, progress=progress)
+    sequences = _sequences(build_tmp, vision_graph, pixels[:KV_CALIB_PROMPTS], load_questions(questions_path), threads)
+    return int8_cache_from(build_tmp / "llm", sequences, source, threads, progress)
+
+
+def _sequences(build_tmp: Path, vision_graph: Path, pixels: list[np.ndarray], questions: list[str], threads: int | None) -> list[np.ndarray]:
+    """Spliced prompts from the build's vision graph, tokenizer and embedding table (the vision
+    session is gone when this returns, before the LLM's loads)."""
     from ..engines.onnxruntime import OrtVision
     from ..tokenizer import load_tokenizer
-    from .dataset import calibration_source
-    from .prompts import load_questions, multimodal_sequences
+    from .prompts import multimodal_sequences
 
-    llm = build_tmp / "llm"
-    pixels, source = calibration_source(calib or "builtin", pcfg, limit=KV_CALIB_PROMPTS, progress=progress)
-    pixels = pixels[:KV_CALIB_PROMPTS]
     vision = OrtVision(vision_graph, "cpu", threads)
-    table = np.load(llm / "embed_tokens.npy", mmap_mode="r")
+    table = np.load(build_tmp / "llm" / "embed_tokens.npy", mmap_mode="r")
     model = SimpleNamespace(tokenizer=load_tokenizer(build_tmp / "tokenizer"), encode_images=lambda px: vision.encode(np.asarray(px)[None] if np.ndim(px) == 3 else px),
                             embed_tokens=lambda ids: np.asarray(table[np.asarray(ids)], dtype=np.float32))
-    sequences = multimodal_sequences(model, pixels, load_questions(questions_path))
-    del vision
-    return int8_cache_from(llm, sequences, source, threads, progress)
+    return multimodal_sequences(model, pixels, questions)
 
 
 def int8_cache_from(llm: Path, sequences: list[np.ndarray], source: str, threads: int | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
