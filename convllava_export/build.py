@@ -270,6 +270,7 @@ def inspect_build(folder: str | Path) -> dict[str, Any]:
         "target": m.target,
         "vision": f"{m.vision.backend} {m.vision.precision}",
         "llm": f"{m.llm.backend} {m.llm.precision}",
+        "llm_calibration": m.llm.calibration,  # tensorrt-llm's quantization, or the int8 KV cache's scales
         "preprocess": m.preprocess,
         "vision_profile": m.vision.profile,
         "token_budget": m.token_budget,

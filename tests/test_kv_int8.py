@@ -94,6 +94,9 @@ def test_build_with_an_int8_cache_calibrates_on_its_own_engines_and_answers(tiny
     m = read_manifest(out)
     kv = m.llm.calibration["kv_cache"]
     assert kv["source"] == "builtin synthetic images" and kv["prompts"] >= 4 and kv["positions"] > kv["prompts"] * 16  # image rows in every prompt
+    from convllava_export.build import inspect_build
+
+    assert inspect_build(out)["llm_calibration"] == {"kv_cache": kv}  # `inspect` shows it
     spec = PartSpec.load(out / "llm" / "decoder.json")
     assert spec.attributes["kv_dtype"] == "int8" and {t.dtype for t in spec.inputs if t.name.startswith("past_key_values.")} == {"int8"}
     run = CliRunner().invoke(cli, ["run", str(out), "--image", str(__import__("convllava_export").__path__[0] + "/data/demo_blue_wide.png"), "--prompt", "What is it?", "--max-new-tokens", "4"])
