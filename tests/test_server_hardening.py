@@ -254,3 +254,42 @@ def test_fuzzed_bodies_never_500(asgi_client, body):
     assert res.status_code in (200, 400, 404), (res.status_code, res.text[:300])
     if res.status_code != 200 and res.headers["content-type"].startswith("application/json"):
         assert set(res.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_drain_deadline_ends_open_streams_with_an_error_event(tiny_pipeline):
+    """Once SIGTERM's drain reaches its deadline, a stream still running gets a 503 error event and
+    [DONE] (its row freed), not a connection cut in the middle of a chunk."""
+    import json
+    import threading
+    import time
+
+    from serving_helpers import LiveServer
+
+    from convllava_export.runtime.server import ServerLimits, create_app
+
+    app = create_app(tiny_pipeline, "m", ServerLimits(max_queue=4, max_tokens=4096))
+    engine = app.state.backend.serving_loop
+    body = {"messages": [{"role": "user", "content": "Describe it."}], "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    lines: list[str] = []
+    with LiveServer(app) as url:
+        first = threading.Event()
+
+        def read():
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as res:
+                for line in res.iter_lines():
+                    lines.append(line)
+                    first.set()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert first.wait(30)
+        app.state.drain.begin(0.0)  # what SIGTERM does in serve(), with no drain time left
+        reader.join(30)
+        assert not reader.is_alive()
+        data = [ln[5:].strip() for ln in lines if ln.startswith("data:")]
+        assert data[-1] == "[DONE]"
+        assert json.loads(data[-2])["error"]["code"] == "shutting_down"
+        deadline = time.time() + 10
+        while engine.stats.running and time.time() < deadline:
+            time.sleep(0.05)
+        assert engine.stats.running == 0  # the row was freed

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import subprocess
@@ -321,14 +322,19 @@ def _sigterm_check(p: _Probe, drain_s: float, ctx: int) -> None:
 
     def stream(k: int) -> None:
         body = _chat(f"Count to {k + 1000}.", max_tokens=ctx // 2, ignore_eos=True, stream=True)
+        error = None
         try:
             with httpx.stream("POST", f"{p.base}/v1/chat/completions", json=body, timeout=drain_s + margin + 600) as res:
                 for line in res.iter_lines():
                     if '"content"' in line:
                         started[k].set()
-            ends[k] = "stream ended"
+                    if line.startswith("data:") and '"error"' in line:
+                        error = (json.loads(line[5:]).get("error") or {}).get("code")
+                    if line.strip() == "data: [DONE]":
+                        ends[k] = f"error event ({error}), then [DONE]" if error else "finished, [DONE]"
+            ends[k] = ends[k] or "ended without [DONE]"
         except httpx.HTTPError as exc:
-            ends[k] = f"connection ended ({type(exc).__name__})"
+            ends[k] = f"connection cut ({type(exc).__name__})"
         finally:
             started[k].set()
 
@@ -349,9 +355,10 @@ def _sigterm_check(p: _Probe, drain_s: float, ctx: int) -> None:
             w.join(10)
         exited = p.proc.poll() is not None
         hung = sum(w.is_alive() for w in workers)
-        return exited and not hung, f"exit after {took:.1f} s (drain {drain_s:g} s), code {p.proc.poll()}; streams: {ends}, {hung} still open"
+        clean = all("[DONE]" in e for e in ends)
+        return exited and not hung and clean, f"exit after {took:.1f} s (drain {drain_s:g} s), code {p.proc.poll()}; streams: {ends}, {hung} still open"
 
-    ok = p.check(f"SIGTERM with two streams running (--drain-s {drain_s:g})", f"exits within drain + {margin:g} s; no client left hanging", term, ends_server=True)
+    ok = p.check(f"SIGTERM with two streams running (--drain-s {drain_s:g})", f"exits within drain + {margin:g} s; every stream ends with [DONE] (an error event if cut short)", term, ends_server=True)
     if not ok and p.proc.poll() is None:
         p.proc.kill()
 

@@ -66,6 +66,44 @@ DEFAULT_MAX_IMAGES = 8
 RETRY_AFTER_S = 1
 
 
+DRAIN_MARGIN_S = 1.0  # streams still open this long before uvicorn's forced close get their error event and [DONE]
+
+
+class Drain:
+    """The shutdown drain as the streams see it: once SIGTERM arrives (`begin`, from the server's
+    signal handling), a request still running at `deadline` ends with a 503 error event and
+    [DONE] (its row freed) instead of a connection cut in the middle of a chunk."""
+
+    def __init__(self) -> None:
+        self.deadline: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+
+    def begin(self, drain_s: float) -> None:
+        if self.deadline is None:
+            self.deadline = time.monotonic() + max(0.0, drain_s - DRAIN_MARGIN_S)
+            if self._loop is not None and self._event is not None:
+                self._loop.call_soon_threadsafe(self._event.set)
+
+    async def next(self, events: AsyncIterator[Any]) -> Any:
+        """The next event of `events`, or ApiError(503) once the drain's deadline passes first."""
+        if self._event is None:
+            self._loop, self._event = asyncio.get_running_loop(), asyncio.Event()
+        task = asyncio.ensure_future(anext(events))
+        if self.deadline is None:
+            waiter = asyncio.ensure_future(self._event.wait())
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if task.done():
+                return task.result()
+        done, _ = await asyncio.wait({task}, timeout=max(0.0, (self.deadline or 0.0) - time.monotonic()))
+        if done:
+            return task.result()
+        task.cancel()
+        await asyncio.wait({task})  # the generator must be at rest before anyone closes it
+        raise ApiError(503, "the server is shutting down; retry the request", kind="server_error", code="shutting_down")
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None) -> None:
         super().__init__(message)
@@ -404,13 +442,14 @@ def create_app(backend: Pipeline | ChatBackend, model_name: str = "convllava", l
     backend, limits = _backend_and_limits(backend, limits, loop_settings)
     app = FastAPI(title="convllava-export", version="1", lifespan=_closing(backend))
     state = {"active": 0}
-    ctx = _App(backend, model_name, limits, Metrics(backend, state), state, int(time.time()), backend.concurrency + limits.max_queue)
+    ctx = _App(backend, model_name, limits, Metrics(backend, state), state, int(time.time()), backend.concurrency + limits.max_queue, Drain())
     _add_error_handlers(app, ctx)
     _add_info_routes(app, ctx)
     _add_chat_route(app, ctx)
     app.state.metrics = ctx.metrics
     app.state.limits = limits
     app.state.backend = backend
+    app.state.drain = ctx.drain
     return app
 
 
@@ -448,6 +487,7 @@ class _App:
     state: dict[str, int]  # "active": requests admitted by the API, running or waiting
     created: int
     capacity: int  # the backend's concurrency + max_queue: 429 beyond
+    drain: Drain
 
     def error_response(self, err: ApiError) -> JSONResponse:
         self.metrics.requests.labels(str(err.status)).inc()
@@ -544,17 +584,21 @@ def _add_chat_route(app: FastAPI, ctx: _App) -> None:
         except BaseException:
             await finish()
             raise
-        items = _timed_events(first, events, ctx.metrics)
+        items = _timed_events(first, events, ctx.metrics, ctx.drain)
         if call.stream:
             return StreamingResponse(_sse(ctx, call, rid, started, items, finish), media_type="text/event-stream")
         return await _completion(ctx, rid, started, items, finish)
 
 
-async def _timed_events(first: TokenEvent | Finished, events: AsyncIterator[TokenEvent | Finished], metrics: Metrics) -> AsyncIterator[TokenEvent | Finished]:
-    """The first event, then the rest, observing the time between two tokens."""
+async def _timed_events(first: TokenEvent | Finished, events: AsyncIterator[TokenEvent | Finished], metrics: Metrics, drain: Drain) -> AsyncIterator[TokenEvent | Finished]:
+    """The first event, then the rest (until the shutdown drain's deadline), observing the time between two tokens."""
     last = time.perf_counter()
     yield first
-    async for item in events:
+    while True:
+        try:
+            item = await drain.next(events)
+        except StopAsyncIteration:
+            return
         if isinstance(item, TokenEvent):
             now = time.perf_counter()
             metrics.itl.observe(now - last)
@@ -635,6 +679,13 @@ def serve(
     loads). On SIGTERM, running streams get `drain_s` seconds, then the serving loop ends what is left."""
     import uvicorn
 
-    config = uvicorn.Config(create_app(pipeline, model_name, limits, loop_settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=drain_s)
-    server = uvicorn.Server(config)
+    app = create_app(pipeline, model_name, limits, loop_settings)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=drain_s)
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.drain.begin(drain_s)  # streams end cleanly before uvicorn closes what is left
+            super().handle_exit(sig, frame)
+
+    server = DrainingServer(config)
     server.run(sockets=[sock] if sock is not None else None)
