@@ -86,22 +86,29 @@ class Drain:
                 self._loop.call_soon_threadsafe(self._event.set)
 
     async def next(self, events: AsyncIterator[Any]) -> Any:
-        """The next event of `events`, or ApiError(503) once the drain's deadline passes first."""
+        """The next event of `events`, or ApiError(503) once the drain's deadline passes first.
+        However this ends (the event, the deadline, or the caller cancelled when its client
+        left), the pending read is settled before returning, so `events` can be closed and its
+        request freed."""
         if self._event is None:
             self._loop, self._event = asyncio.get_running_loop(), asyncio.Event()
         task = asyncio.ensure_future(anext(events))
-        if self.deadline is None:
-            waiter = asyncio.ensure_future(self._event.wait())
-            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
+        try:
+            if self.deadline is None:
+                waiter = asyncio.ensure_future(self._event.wait())
+                try:
+                    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+            if not task.done():
+                await asyncio.wait({task}, timeout=max(0.0, (self.deadline or 0.0) - time.monotonic()))
             if task.done():
                 return task.result()
-        done, _ = await asyncio.wait({task}, timeout=max(0.0, (self.deadline or 0.0) - time.monotonic()))
-        if done:
-            return task.result()
-        task.cancel()
-        await asyncio.wait({task})  # the generator must be at rest before anyone closes it
-        raise ApiError(503, "the server is shutting down; retry the request", kind="server_error", code="shutting_down")
+            raise ApiError(503, "the server is shutting down; retry the request", kind="server_error", code="shutting_down")
+        finally:
+            if not task.done():
+                task.cancel()  # the generator's own cleanup (its request's row freed) runs here
+                await asyncio.wait({task})
 
 
 class ApiError(Exception):
