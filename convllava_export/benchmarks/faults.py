@@ -40,7 +40,7 @@ import numpy as np
 from ..errors import ConvLlavaError
 
 ERROR_KEYS = {"message", "type", "param", "code"}
-LEAVE_STEPS = 32  # decode steps a request that lost its client may still take before its row is freed
+LEAVE_STEPS = 64  # decode steps a request that lost its client may still take before its row is freed
 SERVER_ARGS = ("--max-running", "2", "--max-queue", "2")  # capacity 4: the burst check overflows it
 
 
