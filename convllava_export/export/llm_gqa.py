@@ -112,7 +112,7 @@ def int8_kv_cache(graph: Path, scales: list[tuple[np.ndarray, np.ndarray]]) -> i
     """Store every GroupQueryAttention's cache as int8, in place: per-channel scales (one per kv head
     and dimension, [kv_heads * head_dim] per layer, key and value) become initializers, the node
     quantizes each new key/value (round to nearest, saturating) and dequantizes the cache in its
-    attention (ONNX Runtime >= 1.23's CPU kernel: kv_cache_bit_width 8, PER_CHANNEL). Half the
+    attention (ONNX Runtime's CPU kernel, verified on 1.32: kv_cache_bit_width 8, PER_CHANNEL). Half the
     fp16 cache's bytes, so twice the rows decode together in the same KV budget. Returns the nodes."""
     model = onnx.load(str(graph), load_external_data=False)
     gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
