@@ -1,4 +1,4 @@
-"""Issue 21 at real size: the bf16 prompt kernel (engines/bf16_prefill.py) beside ONNX Runtime's
+"""Issue 21 at real size: the bf16 prompt kernel (engines/gemm_prefill.py) beside ONNX Runtime's
 MatMulNBits, on a 7B int4 gqa build, one process per measurement, one run.
 
 Usage: python benchmarks/bf16_prefill_7b.py BUILD [--tokens 189,490,1024] [--serve] [--concurrency 1,16]
@@ -47,11 +47,11 @@ def prefill_probe(build: Path, tokens: list[int]) -> dict:
         for kernel in ("bf16", "onnxruntime", "bf16"):  # bf16 twice: the first pass reads the weights from disk into the page cache
             cache = dec.new_cache(1 << 31, 1, 2048)
             cache.open(n + 8)
-            bf16, dec.bf16 = dec.bf16, (dec.bf16 if kernel == "bf16" else None)
+            bf16, dec.gemm = dec.gemm, (dec.gemm if kernel == "bf16" else None)
             t = time.perf_counter()
             logits = dec.prefill(cache, emb)
             out[kernel] = (time.perf_counter() - t, logits)
-            dec.bf16 = bf16
+            dec.gemm = bf16
         (tb, lb), (to, lo) = out["bf16"], out["onnxruntime"]
         rows.append({"tokens": n, "bf16_s": round(tb, 2), "onnxruntime_s": round(to, 2), "bf16_tok_s": round(n / tb, 1), "onnxruntime_tok_s": round(n / to, 1),
                      "speedup": round(to / tb, 2), "logits_cosine": round(float(lo @ lb / np.linalg.norm(lo) / np.linalg.norm(lb)), 5)})
@@ -61,7 +61,7 @@ def prefill_probe(build: Path, tokens: list[int]) -> dict:
 
 def accuracy_probe(build: Path, n: int) -> dict:
     """Both kernels against the int4 model's exact math (the same unpacked weights, fp32
-    activations, fp16 cache: Bf16Prefill with compute=float32), on one prompt of n positions."""
+    activations, fp16 cache: GemmPrefill with compute=float32), on one prompt of n positions."""
     from convllava_export import set_kernel_env
 
     set_kernel_env()
@@ -74,12 +74,12 @@ def accuracy_probe(build: Path, n: int) -> dict:
     emb = dec.embed(np.random.default_rng(1).integers(0, dec.vocab_size, n))
     out = {}
     for name in ("exact", "bf16", "onnxruntime"):
-        dec.bf16.compute = torch.float32 if name == "exact" else torch.bfloat16
-        kernel, dec.bf16 = dec.bf16, (None if name == "onnxruntime" else dec.bf16)
+        dec.gemm.compute = torch.float32 if name == "exact" else torch.bfloat16
+        kernel, dec.gemm = dec.gemm, (None if name == "onnxruntime" else dec.gemm)
         cache = dec.new_cache(1 << 31, 1, 2048)
         cache.open(n + 8)
         out[name] = dec.prefill(cache, emb)
-        dec.bf16 = kernel
+        dec.gemm = kernel
     cos = lambda a, b: round(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)), 5)  # noqa: E731
     top = lambda a, k=10: set(np.argsort(a)[-k:].tolist())  # noqa: E731
     row = {"tokens": n, "cosine_bf16_vs_exact": cos(out["bf16"], out["exact"]), "cosine_onnxruntime_vs_exact": cos(out["onnxruntime"], out["exact"]),

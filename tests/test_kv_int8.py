@@ -58,7 +58,7 @@ def test_bf16_prompt_kernel_writes_the_int8_values_ort_writes(reference, request
 
     folder = request.getfixturevalue("conformance_gqa_int4_kv8")
     ort, bf16 = open_decoder(folder, prefill="onnxruntime"), open_decoder(folder, prefill="bf16")
-    bf16.bf16_min_tokens = 1
+    bf16.gemm_min_tokens = 1
     for seq in _prompts(reference, 2):
         (a, kv_a), (b, kv_b) = ort.extend(seq), bf16.extend(seq)
         assert cosine(a, b) > 0.99

@@ -18,7 +18,7 @@ from .profiles import VisionProfile
 
 # Below this many positions a chunk is cheaper on MatMulNBits than unpacking every weight once (7B,
 # AMX Xeon: the unpacking costs ~1.3 s a pass, MatMulNBits ~33 ms a position; BENCHMARKS.md).
-BF16_MIN_TOKENS = 96
+GEMM_MIN_TOKENS = 96
 
 TARGET_PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -171,23 +171,24 @@ class OrtGqaDecoder(OrtDecoder):
 
     def __init__(self, folder: Path, target: str = "cpu", threads: int | None = None, prefill: str = "auto") -> None:
         super().__init__(folder, target, threads)
-        self.bf16 = self._bf16_prefill(prefill, target, threads)
-        self.prefill_tokens = 512 if self.bf16 is not None else 256  # a bf16 pass unpacks every weight: fewer, longer chunks
-        self.prefill_kernel = "bf16" if self.bf16 is not None else "onnxruntime"
-        self.bf16_min_tokens = BF16_MIN_TOKENS
+        self.gemm = self._gemm_prefill(prefill, target, threads)
+        self.prefill_tokens = 512 if self.gemm is not None else 256  # a GEMM pass unpacks every weight: fewer, longer chunks
+        self.prefill_kernel = self.gemm.kernel if self.gemm is not None else "onnxruntime"
+        self.gemm_min_tokens = GEMM_MIN_TOKENS
 
-    def _bf16_prefill(self, prefill: str, target: str, threads: int | None):
-        from .bf16_prefill import Bf16Prefill, cpu_has_bf16_matrix_units
+    def _gemm_prefill(self, prefill: str, target: str, threads: int | None):
+        from .gemm_prefill import GemmPrefill, cpu_prefill_kernel
 
         if prefill not in PREFILL_KERNELS:
             raise BuildError(f"unknown prefill kernel '{prefill}' (use {', '.join(PREFILL_KERNELS)})")
         eligible = target == "cpu" and self.spec.precision != "fp32"
-        if prefill == "onnxruntime" or (prefill == "auto" and not (eligible and cpu_has_bf16_matrix_units())):
+        kernel = (cpu_prefill_kernel() if eligible else None) if prefill == "auto" else prefill
+        if kernel in (None, "onnxruntime"):
             return None
         if not eligible:
-            raise BuildError(f"--prefill bf16 runs int4/int8 gqa graphs on the CPU; this one is {self.spec.precision} on {target}: use --prefill onnxruntime")
+            raise BuildError(f"--prefill {kernel} runs int4/int8 gqa graphs on the CPU; this one is {self.spec.precision} on {target}: use --prefill onnxruntime")
         try:
-            return Bf16Prefill(self.folder, threads)
+            return GemmPrefill(self.folder, threads, compute=kernel)
         except ConvLlavaError:
             if prefill == "auto":  # a graph this kernel cannot read still serves, on ORT's kernel
                 return None
@@ -211,7 +212,7 @@ class OrtGqaDecoder(OrtDecoder):
         return io.get_outputs()[0].numpy()[:, -1].astype(np.float32)
 
     def prefill_rows(self, cache: SlotCache, chunks: Sequence[np.ndarray]) -> list[np.ndarray]:  # type: ignore[override]
-        """The next chunk of pending rows 0..len(chunks)-1. Chunks of at least `bf16_min_tokens`
+        """The next chunk of pending rows 0..len(chunks)-1. Chunks of at least `gemm_min_tokens`
         go through the bf16 kernel in one pass (each weight unpacked once for all of them); the
         others run on ORT one row at a time. Which kernel a chunk takes depends on its own length
         only, so a row's numbers do not depend on the rows beside it."""
@@ -220,9 +221,9 @@ class OrtGqaDecoder(OrtDecoder):
             if cache.lengths[row] + len(embeds) > cache.capacity[1]:
                 raise RuntimeError("prefill beyond the row's reserved positions")
         out: list[np.ndarray | None] = [None] * len(chunks)
-        big = [k for k, e in enumerate(chunks) if self.bf16 is not None and len(e) >= max(1, self.bf16_min_tokens)]
+        big = [k for k, e in enumerate(chunks) if self.gemm is not None and len(e) >= max(1, self.gemm_min_tokens)]
         if big:
-            logits = self.bf16.prefill_rows(cache.arrays, [(rows[k], cache.lengths[rows[k]], chunks[k]) for k in big])
+            logits = self.gemm.prefill_rows(cache.arrays, [(rows[k], cache.lengths[rows[k]], chunks[k]) for k in big])
             for k, lg in zip(big, logits):
                 cache.advance(slice(rows[k], rows[k] + 1), len(chunks[k]))
                 out[k] = lg
@@ -245,12 +246,12 @@ class OrtGqaDecoder(OrtDecoder):
         """One sequence outside any batch (teacher forcing in validate): past and present apart.
         A long chunk takes the same prompt kernel as `prefill`, so validate measures what serves."""
         total = (past.length if past else 0) + len(embeds)
-        if self.bf16 is not None and len(embeds) >= self.bf16_min_tokens:
+        if self.gemm is not None and len(embeds) >= self.gemm_min_tokens:
             n = past.length if past else 0
             arrays = [np.zeros((1, self.kv_heads, total, self.head_dim), dtype=self.dtype) for _ in self.past_names]
             for a, p in zip(arrays, past.arrays if past else ()):
                 a[:, :, :n] = p[:, :, :n]
-            return self.bf16.prefill_rows(arrays, [(0, n, embeds)])[0], SeqKV(tuple(arrays), total)
+            return self.gemm.prefill_rows(arrays, [(0, n, embeds)])[0], SeqKV(tuple(arrays), total)
         inputs = {"inputs_embeds": np.ascontiguousarray(embeds[None], dtype=self.embeds_dtype), "attention_mask": np.ones((1, total), dtype=np.int64)}
         logits, present = self._run(inputs, past.arrays if past else None, 1)
         return logits[0], SeqKV(present, total)
@@ -263,6 +264,6 @@ def open_decoder(folder: Path, target: str = "cpu", threads: int | None = None, 
     layout = PartSpec.load(Path(folder) / "decoder.json").attributes.get("layout", "dynamo")
     if layout == "gqa":
         return OrtGqaDecoder(Path(folder), target, threads, prefill)
-    if prefill == "bf16":
-        raise BuildError(f"--prefill bf16 runs the gqa graph; {folder} holds the {layout} graph: build with --llm-graph gqa or use --prefill onnxruntime")
+    if prefill not in ("auto", "onnxruntime"):
+        raise BuildError(f"--prefill {prefill} runs the gqa graph; {folder} holds the {layout} graph: build with --llm-graph gqa or use --prefill onnxruntime")
     return OrtDecoder(Path(folder), target, threads)

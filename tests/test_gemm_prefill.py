@@ -1,4 +1,4 @@
-"""The bf16 prompt kernel of int4 gqa builds (engines/bf16_prefill.py): the same numbers as ONNX
+"""The bf16 prompt kernel of int4 gqa builds (engines/gemm_prefill.py): the same numbers as ONNX
 Runtime's prefill within bf16 rounding, the same cache layout (ORT decodes on from it), the same
 tokens alone and in a batch, one dequantization (native or torch), and no copy of the weights."""
 
@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import require
 
 from convllava_export.cli import cli
-from convllava_export.engines import bf16_prefill
+from convllava_export.engines import gemm_prefill
 from convllava_export.errors import BuildError
 
 
@@ -22,10 +22,16 @@ def int4_folder(request):
     return request.getfixturevalue("conformance_gqa_int4")
 
 
-def decoders(folder):
+KERNELS = ("bf16", "int8")
+# cosine of the last logits / decode steps against ORT's own prefill: bf16 rounding, int8 (one
+# activation scale per position; ORT's is per block of 32) a little more
+AGREE = {"bf16": 0.9999, "int8": 0.999}
+
+
+def decoders(folder, kernel="bf16"):
     from convllava_export.engines.onnxruntime import open_decoder
 
-    return open_decoder(folder, prefill="bf16"), open_decoder(folder, prefill="onnxruntime")
+    return open_decoder(folder, prefill=kernel), open_decoder(folder, prefill="onnxruntime")
 
 
 def prefill_then_decode(dec, embeds, chunks, feed, steps=3):
@@ -47,21 +53,22 @@ def cosine(a, b):
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("chunks", [(130,), (100, 30)], ids=["one-chunk", "two-chunks"])
-def test_bf16_prefill_matches_onnxruntime(int4_folder, chunks):
-    bf, ort = decoders(int4_folder)
-    assert bf.prefill_kernel == "bf16" and ort.prefill_kernel == "onnxruntime"
-    bf.bf16_min_tokens = min(chunks)  # the second chunk too: attention over the cached positions
+def test_gemm_prefill_matches_onnxruntime(int4_folder, chunks, kernel):
+    bf, ort = decoders(int4_folder, kernel)
+    assert bf.prefill_kernel == kernel and ort.prefill_kernel == "onnxruntime"
+    bf.gemm_min_tokens = min(chunks)  # the second chunk too: attention over the cached positions
     rng = np.random.default_rng(3)
     embeds = bf.embed(rng.integers(0, bf.vocab_size, sum(chunks)))
     feed = rng.integers(0, bf.vocab_size, 3)
     lb, cb, sb = prefill_then_decode(bf, embeds, chunks, feed)
     lo, co, so = prefill_then_decode(ort, embeds, chunks, feed)
-    assert bf.bf16.tokens == sum(chunks)  # the bf16 kernel ran every prompt position
-    assert cosine(lb, lo) > 0.9999 and lb.argmax() == lo.argmax()
-    # ORT decodes on from the bf16 kernel's cache as from its own (a key written unrotated, or
-    # at another position, drops these to ~0.9)
-    assert all(cosine(a, b) > 0.9999 for a, b in zip(sb, so))
+    assert bf.gemm.tokens == sum(chunks)  # the GEMM kernel ran every prompt position
+    assert cosine(lb, lo) > AGREE[kernel] and lb.argmax() == lo.argmax()
+    # ORT decodes on from the kernel's cache as from its own (a key written unrotated, or at
+    # another position, drops these to ~0.9)
+    assert all(cosine(a, b) > AGREE[kernel] for a, b in zip(sb, so))
     n = sum(chunks)
     for a, b in zip(cb.arrays, co.arrays):  # keys after rotary, values: where GroupQueryAttention puts them
         a, b = a[0, :, :n].astype(np.float32), b[0, :, :n].astype(np.float32)
@@ -70,9 +77,9 @@ def test_bf16_prefill_matches_onnxruntime(int4_folder, chunks):
 
 def test_short_chunks_stay_on_onnxruntime(int4_folder):
     bf, _ = decoders(int4_folder)
-    embeds = bf.embed(np.arange(bf.bf16_min_tokens - 1))
+    embeds = bf.embed(np.arange(bf.gemm_min_tokens - 1))
     prefill_then_decode(bf, embeds, (len(embeds),), [1], steps=1)
-    assert bf.bf16.tokens == 0
+    assert bf.gemm.tokens == 0
 
 
 def test_extend_takes_the_same_kernel_as_prefill(int4_folder):
@@ -82,14 +89,14 @@ def test_extend_takes_the_same_kernel_as_prefill(int4_folder):
     logits, kv = bf.extend(embeds[:100])
     logits2, kv2 = bf.extend(embeds[100:], kv)
     via_cache, cache, _ = prefill_then_decode(bf, embeds, (100, 20), [], steps=0)
-    assert bf.bf16.tokens == 100 + 100  # the 20-position chunks went to ORT both times
+    assert bf.gemm.tokens == 100 + 100  # the 20-position chunks went to ORT both times
     np.testing.assert_array_equal(logits2, via_cache)
     np.testing.assert_array_equal(kv2.arrays[0][0], cache.arrays[0][0, :, :120])
 
 
 def test_native_and_torch_dequantization_agree_bit_for_bit(int4_folder):
     bf, _ = decoders(int4_folder)
-    pf = bf.bf16
+    pf = bf.gemm
     if pf.lib is None:
         pytest.skip("no C compiler here: only the torch dequantization exists to compare")
     w = pf.layers[0].gate
@@ -110,37 +117,39 @@ def test_native_and_torch_dequantization_agree_bit_for_bit(int4_folder):
     np.testing.assert_array_equal(got.numpy(), expect)
 
 
-def test_the_kernel_keeps_no_copy_of_the_weights(int4_folder, monkeypatch):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_kernel_keeps_no_copy_of_the_weights(int4_folder, monkeypatch, kernel):
     """Only a tile of rows is ever unpacked: with a 512-element tile, the buffers stay a tile's
     size although the model's weights are many times that (a cache of unpacked weights fails)."""
-    monkeypatch.setattr(bf16_prefill, "SCRATCH_ELEMENTS", 512)
-    bf, ort = decoders(int4_folder)
+    monkeypatch.setattr(gemm_prefill, "SCRATCH_ELEMENTS", 512)
+    bf, ort = decoders(int4_folder, kernel)
     rng = np.random.default_rng(5)
     embeds, feed = bf.embed(rng.integers(0, bf.vocab_size, 110)), rng.integers(0, bf.vocab_size, 2)
     lb, _, sb = prefill_then_decode(bf, embeds, (110,), feed, steps=2)
     lo, _, so = prefill_then_decode(ort, embeds, (110,), feed, steps=2)
-    assert cosine(lb, lo) > 0.9999 and all(cosine(a, b) > 0.9999 for a, b in zip(sb, so))
-    weights = sum(w.n * w.k for layer in bf.bf16.layers for w in (*layer.qkv, layer.o, layer.gate, layer.up, layer.down))
-    held = sum(b.numel() * b.element_size() for b in bf.bf16._buffers.values())
-    largest_row = max(w.blocks * w.block for layer in bf.bf16.layers for w in (*layer.qkv, layer.down))
+    assert cosine(lb, lo) > AGREE[kernel] and all(cosine(a, b) > AGREE[kernel] for a, b in zip(sb, so))
+    weights = sum(w.n * w.k for layer in bf.gemm.layers for w in (*layer.qkv, layer.o, layer.gate, layer.up, layer.down))
+    held = sum(b.numel() * b.element_size() for b in bf.gemm._buffers.values())
+    largest_row = max(w.blocks * w.block for layer in bf.gemm.layers for w in (*layer.qkv, layer.down))
     tile = max(512, largest_row)  # a tile is at least one row
     assert weights > 20 * tile
-    assert held <= tile * (2 + 4) + tile  # bf16 + fp32 tiles, packed bytes and scales below a tile more
+    assert held <= tile * (2 + 4) + tile  # bf16 + fp32 (or int8) tiles, packed bytes and scales below a tile more
 
 
-def test_batched_tokens_equal_alone_with_the_bf16_kernel(int4_folder, reference):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_batched_tokens_equal_alone_with_the_gemm_kernel(int4_folder, reference, kernel):
     """The scheduler's rule for every backend: greedy tokens alone = in a batch."""
     from convllava_export.runtime.sampling import SamplingParams
     from convllava_export.runtime.scheduler import generate
 
-    bf, _ = decoders(int4_folder)
+    bf, _ = decoders(int4_folder, kernel)
     rng = np.random.default_rng(6)
     seqs = [bf.embed(rng.integers(0, bf.vocab_size, n)) for n in (140, 100, 180)]
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
     alone = [generate(bf, reference.tokenizer, [s], params)[0].token_ids for s in seqs]
     together = [r.token_ids for r in generate(bf, reference.tokenizer, seqs, params)]
     assert together == alone
-    assert bf.bf16.tokens == 2 * sum(len(s) for s in seqs)
+    assert bf.gemm.tokens == 2 * sum(len(s) for s in seqs)
 
 
 def test_refusals(conformance_gqa, conformance_decoder, int4_folder, tiny_build):
@@ -150,19 +159,21 @@ def test_refusals(conformance_gqa, conformance_decoder, int4_folder, tiny_build)
         open_decoder(conformance_gqa, prefill="bf16")  # fp32 gqa: stays exact on ORT
     with pytest.raises(BuildError, match="gqa graph"):
         open_decoder(conformance_decoder, prefill="bf16")
-    assert open_decoder(int4_folder, prefill="onnxruntime").bf16 is None
+    assert open_decoder(int4_folder, prefill="onnxruntime").gemm is None
     res = CliRunner().invoke(cli, ["run", str(tiny_build), "--prompt", "hi", "--prefill", "bf16", "--max-new-tokens", "2"])
     assert res.exit_code == 2 and "--prefill bf16" in res.output and "Traceback" not in res.output
 
 
-def test_one_pass_prefills_several_rows_each_as_alone(int4_folder, monkeypatch):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_one_pass_prefills_several_rows_each_as_alone(int4_folder, monkeypatch, kernel):
     """prefill_rows shares each unpacked tile between the rows (one unpacking per weight tile for
     the pass) and gives every row the logits and cache it gets alone, bit for bit."""
-    bf, _ = decoders(int4_folder)
-    pf = bf.bf16
+    bf, _ = decoders(int4_folder, kernel)
+    pf = bf.gemm
     calls = []
-    real = pf._dequant
-    monkeypatch.setattr(pf, "_dequant", lambda *a: calls.append(a) or real(*a))
+    unpack = "_dequant" if kernel == "bf16" else "_quant_i8"
+    real = getattr(pf, unpack)
+    monkeypatch.setattr(pf, unpack, lambda *a: calls.append(a) or real(*a))
     rng = np.random.default_rng(7)
     chunks = [bf.embed(rng.integers(0, bf.vocab_size, n)) for n in (100, 130, 97)]
     together = bf.new_cache(1 << 28, 4, 512)
@@ -175,7 +186,7 @@ def test_one_pass_prefills_several_rows_each_as_alone(int4_folder, monkeypatch):
         alone = bf.new_cache(1 << 28, 4, 512)
         alone.open(len(c) + 4)
         np.testing.assert_array_equal(bf.prefill(alone, c), logits[k])
-        assert len(calls) == per_pass  # the pass unpacked each tile once, not once per row
+        assert len(calls) == per_pass > 0  # the pass unpacked each tile once, not once per row
         for a, b in zip(together.arrays, alone.arrays):
             np.testing.assert_array_equal(a[k, :, : len(c)], b[0, :, : len(c)])
     assert together.lengths == [len(c) for c in chunks] and together.pending == 3
@@ -189,12 +200,77 @@ def test_bf16_is_closer_to_the_exact_int4_math_than_int8_activations(int4_folder
     gaps = {"bf16": [], "onnxruntime": []}
     for _ in range(3):
         embeds = bf.embed(rng.integers(0, bf.vocab_size, 120))
-        bf.bf16.compute = torch.float32
+        bf.gemm.compute = torch.float32
         exact, _, _ = prefill_then_decode(bf, embeds, (120,), [], steps=0)
-        bf.bf16.compute = torch.bfloat16
+        bf.gemm.compute = torch.bfloat16
         fast, _, _ = prefill_then_decode(bf, embeds, (120,), [], steps=0)
         int8, _, _ = prefill_then_decode(ort, embeds, (120,), [], steps=0)
         gaps["bf16"].append(np.abs(fast - exact).max())
         gaps["onnxruntime"].append(np.abs(int8 - exact).max())
         assert fast.argmax() == exact.argmax()
     assert max(gaps["bf16"]) < min(gaps["onnxruntime"]), gaps
+
+
+def test_int8_unpacking_native_and_torch_agree_bit_for_bit(int4_folder):
+    """The C requantization (quant_i8) and its torch fallback give the same int8 rows and scales,
+    and rows · scale stay within half an int8 step of the exact int4 weights."""
+    pf = decoders(int4_folder, "int8")[0].gemm
+    if pf.lib is None:
+        pytest.skip("no C compiler here: only the torch requantization exists to compare")
+    w = pf.layers[0].down
+    native = [t.clone() for t in pf._quant_i8(w, 0, w.n)]
+    lib, pf.lib = pf.lib, None
+    try:
+        fallback = [t.clone() for t in pf._quant_i8(w, 0, w.n)]
+    finally:
+        pf.lib = lib
+    assert torch.equal(native[0], fallback[0]) and torch.equal(native[1], fallback[1])
+    exact = pf._dequant(w, 0, w.n, torch.float32)
+    step = native[1][:, None]
+    assert (native[0].float() * step - exact).abs().le(0.5 * step + 1e-7).all()
+    assert native[0].abs().max() <= 127 and native[0].abs().amax(1).ge(100).all()  # the range is used
+
+
+def test_int8_keeps_outlier_columns_in_fp32(int4_folder, monkeypatch):
+    """A real 7B model's activations have a few channels ~50x the rest; one int8 scale per position
+    would flatten every other value of the row. Those columns go through fp32: the error against
+    the exact int4 math stays small with them, and grows tenfold when the decomposition is off."""
+    pf = decoders(int4_folder, "int8")[0].gemm
+    w = pf.layers[0].gate
+    h = torch.randn(64, w.k, generator=torch.Generator().manual_seed(9))
+    h[:, [3, 17]] *= 60
+    pf.compute = torch.float32
+    exact = pf.linear([h], w)[0]
+    rest = pf.linear([h.index_fill(1, torch.tensor([3, 17]), 0.0)], w)[0]  # what the other columns add
+    pf.compute = torch.int8
+
+    def err():  # relative to the other columns' part, which the flattening spoils
+        got = pf.linear([h], w)[0]
+        return float((got - exact).norm() / rest.norm())
+
+    kept = err()
+    assert len(pf._quant_activations(pf._permute(h, w))[2]) == 2  # those two columns, not the zero padding of K
+    assert len(pf._quant_activations(pf._permute(torch.randn(64, w.k), w))[2]) == 0  # and none in plain data
+    monkeypatch.setattr(gemm_prefill, "OUTLIER_RATIO", float("inf"))
+    flattened = err()
+    assert kept < 0.02 and flattened > 10 * kept, (kept, flattened)
+
+
+def test_int8_is_close_to_the_exact_int4_math(int4_folder):
+    """The accuracy the int8 kernel trades for speed, on whole prompts: the last logits against
+    the int4 model's exact math (compute=float32) keep their top token and a cosine > 0.999."""
+    bf, _ = decoders(int4_folder, "int8")
+    rng = np.random.default_rng(8)
+    for _ in range(3):
+        embeds = bf.embed(rng.integers(0, bf.vocab_size, 120))
+        bf.gemm.compute = torch.float32
+        exact, _, _ = prefill_then_decode(bf, embeds, (120,), [], steps=0)
+        bf.gemm.compute = torch.int8
+        fast, _, _ = prefill_then_decode(bf, embeds, (120,), [], steps=0)
+        assert fast.argmax() == exact.argmax() and cosine(fast, exact) > 0.999
+
+
+@pytest.mark.parametrize("flags, kernel", [({"amx_bf16", "avx512_vnni"}, "bf16"), ({"avx512_vnni", "avx512_bf16"}, "int8"), ({"avx_vnni", "avx2"}, "int8"), ({"avx2", "fma"}, None)])
+def test_auto_picks_the_kernel_of_the_cpu(monkeypatch, flags, kernel):
+    monkeypatch.setattr(gemm_prefill, "_cpu_flags", lambda: flags)
+    assert gemm_prefill.cpu_prefill_kernel() == kernel

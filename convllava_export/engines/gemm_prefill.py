@@ -1,12 +1,19 @@
-"""The prompt path of a block-quantized GroupQueryAttention graph, on the CPU's bf16 matrix units.
+"""The prompt path of a block-quantized GroupQueryAttention graph, on torch's bf16 or int8 GEMMs.
 
-Why: ONNX Runtime's int4/int8 MatMulNBits runs the prompt at ~410 GFLOP/s on an AMX Xeon (VNNI
-kernels; MLAS has no int4 kernel on the AMX tiles), while torch's bf16 GEMM (oneDNN, AMX) runs
-~1.9 TFLOP/s at M=256 (BENCHMARKS.md, "Prompt-path kernels"). So a prefill chunk runs here: each
-projection's int4 blocks are unpacked into a bf16 scratch tile of rows (a few MB, reused) right
-before its GEMM, read from the graph's own data file with pread (page cache, nothing kept mapped),
-so no second copy of the weights is held. Decode steps (M = running
-rows) stay on ONNX Runtime, where int4 reads half the bytes of int8 and a fifth of bf16's.
+Why: ONNX Runtime's int4/int8 MatMulNBits runs the prompt at ~410 GFLOP/s on an AMX Xeon and
+~195 GOP/s on a VNNI Xeon without AMX (BENCHMARKS.md, "Prompt-path kernels"), while oneDNN's
+GEMMs through torch run ~1.9 TFLOP/s in bf16 on AMX and ~0.9-1.1 TOP/s in int8 on VNNI (where
+its bf16 is slower than fp32). So a prefill chunk runs here: each projection's int4 blocks are
+unpacked into a scratch tile of rows (a few MB, reused) right before its GEMM, read from the
+graph's own data file with pread (page cache, nothing kept mapped), so no second copy of the
+weights is held. Decode steps (M = running rows) stay on ONNX Runtime, where int4 reads half the
+bytes of int8 and a fifth of bf16's.
+
+- bf16: the tile is (q - 2^(bits-1)) · scale rounded once to bf16; activations bf16.
+- int8: the tile is requantized to int8 with one scale per output row (from the block scales, a
+  C kernel); activations get one scale per position, their outlier columns (LLM.int8()) going
+  through an fp32 GEMM beside the int32 one. Compared with MatMulNBits' own int8 path (one
+  activation scale per block of 32), it trades ~1 % relative error per GEMM for 2-4x speed.
 
 The math is the graph's (export/llm_gqa.py): RMSNorm → fused qkv → rotary (half-split) → causal
 attention over the row's cache → o_proj → residual → RMSNorm → SiLU-gated MLP → residual, final
@@ -18,11 +25,12 @@ symmetric one: w = (q - 2^(bits-1)) · scale per block of K.
 Several pending rows prefill in one pass (`prefill_rows`): each tile of unpacked weights serves
 every row's chunk, so the unpacking (~1.3 s a pass at 7B) is paid once for all of them. Each
 chunk is still its own GEMM, the call it would get alone, so a request's greedy tokens do not
-depend on the rows beside it. The unpacked weights are exact up to one bf16 rounding of q · scale.
+depend on the rows beside it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +46,9 @@ from onnx import numpy_helper
 from ..errors import ConvLlavaError
 from .kernels import dequant_library
 
-M_BUCKET = 64  # GEMM rows are padded to a multiple of this (see Bf16Prefill._bucket)
+M_BUCKET = 64  # GEMM rows are padded to a multiple of this (see GemmPrefill._bucket)
+COMPUTE = {"bf16": torch.bfloat16, "int8": torch.int8}  # --prefill kernels this class runs
+OUTLIER_RATIO = 6.0  # int8 path: activation columns this far above the median column max run in fp32
 SCRATCH_ELEMENTS = 1 << 24  # weights dequantized at a time: 16 M (32 MB of bf16); smaller tiles made slower GEMMs (BENCHMARKS.md)
 
 
@@ -49,13 +59,24 @@ def _release(fd: int, pool: ThreadPoolExecutor | None) -> None:
         pool.shutdown(wait=False)
 
 
-def cpu_has_bf16_matrix_units() -> bool:
-    """AMX-BF16 (Sapphire Rapids and later): where this path beats MatMulNBits (BENCHMARKS.md)."""
+def _cpu_flags() -> set[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        line = next((x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags")), "")
     except OSError:
-        return False
-    return " amx_bf16" in flags
+        return set()
+    return set(line.split(":", 1)[-1].split())
+
+
+def cpu_prefill_kernel() -> str | None:
+    """What `--prefill auto` runs here: bf16 where the CPU has AMX-BF16 (oneDNN's bf16 GEMM on the
+    tiles), int8 where it has VNNI but no AMX (oneDNN's int8 GEMM on vpdpbusd, ~4x its fp32 and
+    ~7x its bf16 there), else None (ONNX Runtime's own kernel). Figures: BENCHMARKS.md."""
+    flags = _cpu_flags()
+    if "amx_bf16" in flags:
+        return "bf16"
+    if flags & {"avx512_vnni", "avx_vnni"}:
+        return "int8"
+    return None
 
 
 @dataclass(frozen=True)
@@ -96,10 +117,10 @@ class _Layer:
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 cache: per-channel key, value scales [kv_heads, 1, head_dim]
 
 
-class Bf16Prefill:
+class GemmPrefill:
     """Prefill chunks of a gqa int4/int8 decoder folder in torch bf16 (see module docstring)."""
 
-    def __init__(self, folder: Path, threads: int | None = None) -> None:
+    def __init__(self, folder: Path, threads: int | None = None, compute: str = "bf16") -> None:
         self.folder = Path(folder)
         graph = self.folder / "decoder.onnx"
         model = onnx.load(str(graph), load_external_data=False)
@@ -113,9 +134,11 @@ class Bf16Prefill:
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dequant") if self.lib is not None and self.threads > 1 else None
         self._buffers: dict[str, torch.Tensor] = {}
         weakref.finalize(self, _release, self._fd, self._pool)  # the file and threads go with the decoder
-        # bf16 on the matrix units; float32 computes the int4 model's exact math (a reference for
+        # bf16 or int8 GEMMs; float32 computes the int4 model's exact math (a reference for
         # accuracy figures: BENCHMARKS.md, tests)
-        self.compute = torch.bfloat16
+        if compute not in COMPUTE:
+            raise ConvLlavaError(f"unknown GEMM prefill kernel {compute!r} (use {', '.join(COMPUTE)})")
+        self.kernel, self.compute = compute, COMPUTE[compute]
         by_name = {n.name: n for n in model.graph.node}
 
         def node(name: str) -> onnx.NodeProto:
@@ -279,10 +302,17 @@ class Bf16Prefill:
             h = h.reshape(h.shape[0], w.blocks, w.block // 2, 2).transpose(-1, -2)
         return h.reshape(h.shape[0], kp)
 
+    @property
+    def act(self) -> torch.dtype:
+        """Activations between GEMMs: bf16 beside bf16 GEMMs, else fp32."""
+        return torch.bfloat16 if self.compute == torch.bfloat16 else torch.float32
+
     def linear(self, hs: list[torch.Tensor], w: QuantWeight, fp32: bool = False) -> list[torch.Tensor]:
         """Each h [M_i, K] @ W^T → [M_i, N], W unpacked a tile of rows at a time and each tile
         shared by every h: one GEMM per row's chunk, the same call it gets alone (so its numbers
         do not depend on the rows beside it), one unpacking for all of them."""
+        if self.compute == torch.int8 and not fp32:
+            return self._linear_i8(hs, w)
         dtype = torch.float32 if fp32 else self.compute
         hps = [self._permute(self._bucket(h).to(dtype), w) for h in hs]
         step = max(1, SCRATCH_ELEMENTS // (w.blocks * w.block))
@@ -297,6 +327,93 @@ class Bf16Prefill:
                 out[:, r0:r1] = hp @ d.t()
         return [out[: h.shape[0]] for out, h in zip(outs, hs)]
 
+    def _quant_i8(self, w: QuantWeight, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows r0..r1 of W as int8 [rows, K'] (the dequantized order) and fp32 row scales [rows]."""
+        n, blob = r1 - r0, w.block * w.bits // 8
+        out = self._scratch("i8", n * w.blocks * w.block, torch.int8).view(n, w.blocks * w.block)
+        rscale = self._scratch("i8-scales", n, torch.float32)
+        packed = self._scratch("packed", n * w.blocks * blob, torch.uint8).numpy()
+        scales = self._scratch("scales", n * w.blocks, torch.float32).numpy()
+        parts = max(1, min(self.threads, n)) if self.lib is not None else 1
+        cuts = [r0 + n * i // parts for i in range(parts + 1)]
+
+        def run(i: int) -> None:
+            a, b = cuts[i] - r0, cuts[i + 1] - r0
+            p, sc = packed[a * w.blocks * blob : b * w.blocks * blob], scales[a * w.blocks : b * w.blocks]
+            self._read_span(w.packed, cuts[i] * w.blocks * blob, p)
+            self._read_span(w.scales, cuts[i] * w.blocks * 4, sc)
+            if self.lib is not None:
+                self.lib.quant_i8(p.ctypes.data, sc.ctypes.data, out[a].data_ptr(), rscale[a:].data_ptr(), b - a, w.blocks, w.block, w.bits)
+                return
+            # torch fallback, the same values: (q - 2^(bits-1)) * scale / row scale, rounded half to even
+            t = torch.from_numpy(p).view(b - a, w.blocks, -1)
+            q = (t.to(torch.float32) - 128) if w.bits == 8 else torch.cat([(t & 15), (t >> 4)], dim=-1).to(torch.float32) - 8
+            s = torch.from_numpy(sc).view(b - a, w.blocks).abs()
+            qmax, smax = float(1 << (w.bits - 1)), s.amax(-1, keepdim=True)
+            f = torch.where(smax > 0, torch.from_numpy(sc).view(b - a, w.blocks) * 127 / (qmax * smax), 0)
+            x = q * f[..., None]
+            out[a:b] = torch.round(x).to(torch.int8).view(b - a, -1)
+            rscale[a:b] = qmax * smax[:, 0] / 127
+
+        if parts == 1:
+            run(0)
+        else:
+            list(self._pool.map(run, range(parts)))
+        return out, rscale
+
+    def _exact_columns(self, w: QuantWeight, rows: int, idx: torch.Tensor) -> torch.Tensor:
+        """Columns `idx` (in the unpacked order) of the tile `_quant_i8` just read, as the exact
+        fp32 weights [rows, len(idx)]: (q - 2^(bits-1)) · scale from its packed bytes."""
+        blob = w.block * w.bits // 8
+        packed = self._buffers["packed"][: rows * w.blocks * blob].view(rows, w.blocks, blob)
+        scales = self._buffers["scales"][: rows * w.blocks].view(rows, w.blocks)
+        b, j = idx // w.block, idx % w.block
+        if w.bits == 8:
+            q = packed[:, b, j].to(torch.float32) - 128
+        else:
+            half = w.block // 2
+            byte = packed[:, b, j % half]
+            q = torch.where(j < half, byte & 15, byte >> 4).to(torch.float32) - 8
+        return q * scales[:, b]
+
+    @staticmethod
+    def _quant_activations(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h [M, K] → int8 [M, K] and per-row scales [M], with the outlier columns (a column max
+        above OUTLIER_RATIO × the median non-zero column max) zeroed there and returned apart (their index
+        and fp32 values [M, n_outliers]) for an fp32 GEMM: LLM.int8()'s decomposition, so the
+        few large channels of a real model do not flatten every other value of a row."""
+        cmax = h.abs().amax(0)
+        live = cmax[cmax > 0]  # not the zero columns that pad K to whole blocks
+        idx = torch.nonzero(cmax > OUTLIER_RATIO * live.median()).flatten() if len(live) else cmax[:0].long()
+        if len(idx):
+            outl = h[:, idx].clone()
+            h = h.index_fill(1, idx, 0.0)
+        else:
+            outl = h[:, :0]
+        amax = h.abs().amax(-1)
+        a8 = torch.round(h * torch.where(amax > 0, 127 / amax, 0)[:, None]).to(torch.int8)
+        return a8, (amax / 127).contiguous(), idx, outl
+
+    def _linear_i8(self, hs: list[torch.Tensor], w: QuantWeight) -> list[torch.Tensor]:
+        """`linear` on int8 dot products (torch._int_mm: oneDNN's VNNI/AMX kernels): activations
+        per row and weights per output row quantized to int8, one int32 GEMM per tile, rescaled in
+        fp32; outlier columns of the activations go through fp32 beside it."""
+        qs = [self._quant_activations(self._permute(self._bucket(h).float(), w)) for h in hs]
+        outs = [torch.empty(a8.shape[0], w.n) for a8, *_ in qs]
+        step = max(1, SCRATCH_ELEMENTS // (w.blocks * w.block))
+        for r0 in range(0, w.n, step):
+            r1 = min(w.n, r0 + step)
+            w8, ws = self._quant_i8(w, r0, r1)
+            for (a8, sa, idx, outl), out in zip(qs, outs):
+                acc = torch._int_mm(a8, w8.t())
+                if self.lib is None:
+                    out[:, r0:r1] = acc.float() * sa[:, None] * ws
+                else:
+                    self.lib.scale_i32(out[:, r0:].data_ptr(), w.n, acc.data_ptr(), r1 - r0, sa.data_ptr(), ws.data_ptr(), 0, out.shape[0], r1 - r0)
+                if len(idx):
+                    out[:, r0:r1] += outl @ self._exact_columns(w, r1 - r0, idx).t()
+        return [out[: h.shape[0]] for out, h in zip(outs, hs)]
+
     @staticmethod
     def _bucket(h: torch.Tensor) -> torch.Tensor:
         """Rows zero-padded to a multiple of M_BUCKET: oneDNN keeps a primitive (and its memory,
@@ -306,7 +423,7 @@ class Bf16Prefill:
         return F.pad(h, (0, 0, 0, pad)) if pad and h.shape[0] > 1 else h
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight).to(self.compute)
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight).to(self.act)
 
     def _rotary(self, t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Half-split rotary (rotary_interleaved=0) of t [heads, S, head_dim] at `positions`."""
@@ -347,14 +464,14 @@ class Bf16Prefill:
                 if layer.kv_scales is None:
                     kc[:, past : past + s] = k.to(kc.dtype)
                     vc[:, past : past + s] = v.to(vc.dtype)
-                    keys, values = kc[:, : past + s].to(self.compute), vc[:, : past + s].to(self.compute)
+                    keys, values = kc[:, : past + s].to(self.act), vc[:, : past + s].to(self.act)
                 else:  # int8 cache: quantized as GroupQueryAttention does (nearest, saturating), attended dequantized
                     ks, vs = layer.kv_scales
                     kc[:, past : past + s] = torch.round(k.float() / ks).clamp_(-128, 127).to(torch.int8)
                     vc[:, past : past + s] = torch.round(v.float() / vs).clamp_(-128, 127).to(torch.int8)
-                    keys, values = (kc[:, : past + s].float() * ks).to(self.compute), (vc[:, : past + s].float() * vs).to(self.compute)
+                    keys, values = (kc[:, : past + s].float() * ks).to(self.act), (vc[:, : past + s].float() * vs).to(self.act)
                 attn = F.scaled_dot_product_attention(
-                    q.to(self.compute)[None], keys[None], values[None], attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=nh != kvh
+                    q.to(self.act)[None], keys[None], values[None], attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=nh != kvh
                 )[0]
                 attns.append(attn.transpose(0, 1).reshape(s, nh * hd))
             xs = [x + o.float() for x, o in zip(xs, self.linear(attns, layer.o))]
