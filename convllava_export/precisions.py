@@ -33,7 +33,7 @@ GPU_TARGETS = ("cuda",) + TRT_TARGETS
 # the torch reference's dtype (`auto`: fp32 when it fits in memory, else the checkpoint's; sizing.py)
 REFERENCE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 # How a gqa int4/int8 graph runs prompt chunks: ONNX Runtime's MatMulNBits, or unpacked for torch's
-# bf16 or int8 GEMMs (engines/gemm_prefill.py); auto: bf16 with AMX-BF16, int8 with VNNI only.
+# bf16 or int8 GEMMs (engines/gemm_prefill.py); auto: bf16 with AMX-BF16, else ONNX Runtime.
 PREFILL_KERNELS = ("auto", "onnxruntime", "bf16", "int8")
 # The KV cache of an int4/int8 gqa graph: auto is fp16; int8 halves it (per-channel scales
 # calibrated on multimodal prompts at build time, export/llm_gqa.int8_kv_cache).

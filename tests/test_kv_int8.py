@@ -78,6 +78,30 @@ def test_kv_int8_needs_the_gqa_graph(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_the_installed_onnxruntime_runs_an_int8_cache():
+    """The capability probe a build runs first: a one-node int8 GroupQueryAttention decode step."""
+    from convllava_export.export.llm_gqa import int8_kv_cache_unsupported
+
+    assert int8_kv_cache_unsupported() is None
+
+
+def test_a_runtime_without_int8_caches_is_refused_before_the_export(tiny_checkpoint, tmp_path, monkeypatch):
+    """An onnxruntime whose GroupQueryAttention has no int8 cache (older than the verified one) is
+    named with what to do, exit 2, before any export: not a failure after minutes of 7B work."""
+    from click.testing import CliRunner
+
+    from convllava_export.cli import cli
+    from convllava_export.export import llm_gqa
+
+    require("onnxruntime_genai", "genai")
+    llm_gqa.int8_kv_cache_unsupported.cache_clear()
+    monkeypatch.setattr(llm_gqa, "int8_kv_cache_unsupported", lambda: "onnxruntime 1.20.0 refuses an int8 GroupQueryAttention cache (Fail: type int8)")
+    res = CliRunner().invoke(cli, ["build", str(tiny_checkpoint), "-o", str(tmp_path / "b"), "--llm-precision", "int4", "--kv-cache", "int8"])
+    assert res.exit_code == 2, res.output
+    assert "--kv-cache int8: onnxruntime 1.20.0 refuses" in res.output and "onnxruntime>=1.32" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "b").exists()
+
+
 def test_build_with_an_int8_cache_calibrates_on_its_own_engines_and_answers(tiny_checkpoint, tmp_path):
     """`build --kv-cache int8` end to end: scales from the build's vision graph and prompts, recorded
     in the manifest, and the build passes its own smoke test and answers through `run`."""

@@ -1,19 +1,21 @@
 """The prompt path of a block-quantized GroupQueryAttention graph, on torch's bf16 or int8 GEMMs.
 
-Why: ONNX Runtime's int4/int8 MatMulNBits runs the prompt at ~410 GFLOP/s on an AMX Xeon and
-~195 GOP/s on a VNNI Xeon without AMX (BENCHMARKS.md, "Prompt-path kernels"), while oneDNN's
-GEMMs through torch run ~1.9 TFLOP/s in bf16 on AMX and ~0.9-1.1 TOP/s in int8 on VNNI (where
-its bf16 is slower than fp32). So a prefill chunk runs here: each projection's int4 blocks are
-unpacked into a scratch tile of rows (a few MB, reused) right before its GEMM, read from the
-graph's own data file with pread (page cache, nothing kept mapped), so no second copy of the
-weights is held. Decode steps (M = running rows) stay on ONNX Runtime, where int4 reads half the
-bytes of int8 and a fifth of bf16's.
+Why: ONNX Runtime's int4/int8 MatMulNBits runs the prompt at ~410 GFLOP/s on an AMX Xeon, while
+oneDNN's bf16 GEMM through torch runs ~1.9 TFLOP/s there (BENCHMARKS.md, "Prompt-path kernels").
+So a prefill chunk runs here: each projection's int4 blocks are unpacked into a scratch tile of
+rows (a few MB, reused) right before its GEMM, read from the graph's own data file with pread
+(page cache, nothing kept mapped), so no second copy of the weights is held. Decode steps (M =
+running rows) stay on ONNX Runtime, where int4 reads half the bytes of int8 and a fifth of bf16's.
 
-- bf16: the tile is (q - 2^(bits-1)) · scale rounded once to bf16; activations bf16.
-- int8: the tile is requantized to int8 with one scale per output row (from the block scales, a
-  C kernel); activations get one scale per position, their outlier columns (LLM.int8()) going
-  through an fp32 GEMM beside the int32 one. Compared with MatMulNBits' own int8 path (one
-  activation scale per block of 32), it trades ~1 % relative error per GEMM for 2-4x speed.
+- bf16 (`--prefill bf16`, auto with AMX-BF16): the tile is (q - 2^(bits-1)) · scale rounded once
+  to bf16; activations bf16.
+- int8 (`--prefill int8`, opt-in): the tile is requantized to int8 with one scale per output row
+  (a C kernel); each activation row becomes two int8 rows (value and rounding residual, ~15
+  bits), outlier columns (LLM.int8()) go through fp32 beside the int32 GEMM. Its accuracy
+  matches MatMulNBits' int8 path (logits' cosine to the exact int4 math 0.987 vs 0.989 at 7B),
+  its GEMM runs ~1 TOP/s on VNNI, but the two rows make it 0.84-1.07x MatMulNBits end to end on
+  a VNNI Xeon without AMX (BENCHMARKS.md, "int8 prompt kernel"); it is there to measure that,
+  and for AMX-INT8 CPUs, where it has not run.
 
 The math is the graph's (export/llm_gqa.py): RMSNorm → fused qkv → rotary (half-split) → causal
 attention over the row's cache → o_proj → residual → RMSNorm → SiLU-gated MLP → residual, final
@@ -69,14 +71,11 @@ def _cpu_flags() -> set[str]:
 
 def cpu_prefill_kernel() -> str | None:
     """What `--prefill auto` runs here: bf16 where the CPU has AMX-BF16 (oneDNN's bf16 GEMM on the
-    tiles), int8 where it has VNNI but no AMX (oneDNN's int8 GEMM on vpdpbusd, ~4x its fp32 and
-    ~7x its bf16 there), else None (ONNX Runtime's own kernel). Figures: BENCHMARKS.md."""
-    flags = _cpu_flags()
-    if "amx_bf16" in flags:
-        return "bf16"
-    if flags & {"avx512_vnni", "avx_vnni"}:
-        return "int8"
-    return None
+    tiles, 1.6-2.9x MatMulNBits at 7B), else None (ONNX Runtime's own kernel). Not int8: on a
+    VNNI CPU without AMX it runs the 7B prompt at 0.84-1.07x MatMulNBits (its GEMM is ~1 TOP/s,
+    but matching MatMulNBits' accuracy takes two of them), and AMX-INT8 is unmeasured
+    (BENCHMARKS.md, "int8 prompt kernel")."""
+    return "bf16" if "amx_bf16" in _cpu_flags() else None
 
 
 @dataclass(frozen=True)
@@ -353,7 +352,7 @@ class GemmPrefill:
             f = torch.where(smax > 0, torch.from_numpy(sc).view(b - a, w.blocks) * 127 / (qmax * smax), 0)
             x = q * f[..., None]
             out[a:b] = torch.round(x).to(torch.int8).view(b - a, -1)
-            rscale[a:b] = qmax * smax[:, 0] / 127
+            rscale[a:b] = qmax * smax[:, 0] / torch.full_like(smax[:, 0], 127)  # ÷ tensor: exact, as in C
 
         if parts == 1:
             run(0)
@@ -376,12 +375,15 @@ class GemmPrefill:
             q = torch.where(j < half, byte & 15, byte >> 4).to(torch.float32) - 8
         return q * scales[:, b]
 
-    @staticmethod
-    def _quant_activations(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h [M, K] → int8 [M, K] and per-row scales [M], with the outlier columns (a column max
-        above OUTLIER_RATIO × the median non-zero column max) zeroed there and returned apart (their index
-        and fp32 values [M, n_outliers]) for an fp32 GEMM: LLM.int8()'s decomposition, so the
-        few large channels of a real model do not flatten every other value of a row."""
+    def _quant_activations(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h [M, K] → int8 [2M, K] and scales [2M]: row m's values at one scale (rows 0..M-1) and
+        their rounding residual at a 254x finer one (rows M..2M-1), ~15 bits in all. One int8
+        scale per row alone loses ~1 % on Gaussian rows and ~2.7 % on the MLP's heavy-tailed
+        SiLU(gate)·up (max/RMS ~12): at 7B that took the logits' cosine against the exact int4
+        math from 0.987 to 0.955 (MatMulNBits' int8 path, one scale per block of 32: 0.989).
+        Outlier columns (a column max above OUTLIER_RATIO × the median non-zero column max) are
+        zeroed and returned apart (index, fp32 values [M, n]) for an fp32 GEMM: LLM.int8()'s
+        decomposition, for the few channels of a real model that are ~100x the rest."""
         cmax = h.abs().amax(0)
         live = cmax[cmax > 0]  # not the zero columns that pad K to whole blocks
         idx = torch.nonzero(cmax > OUTLIER_RATIO * live.median()).flatten() if len(live) else cmax[:0].long()
@@ -390,26 +392,41 @@ class GemmPrefill:
             h = h.index_fill(1, idx, 0.0)
         else:
             outl = h[:, :0]
-        amax = h.abs().amax(-1)
-        a8 = torch.round(h * torch.where(amax > 0, 127 / amax, 0)[:, None]).to(torch.int8)
-        return a8, (amax / 127).contiguous(), idx, outl
+        m, k = h.shape
+        if self.lib is not None:
+            h = h.contiguous()
+            a8, sa = torch.empty(2 * m, k, dtype=torch.int8), torch.empty(2 * m)
+            parts = max(1, min(self.threads, m))
+            cuts = [m * i // parts for i in range(parts + 1)]
+            run = lambda i: self.lib.quant_act_i8(h.data_ptr(), k, a8.data_ptr(), sa.data_ptr(), cuts[i], cuts[i + 1], m)  # noqa: E731
+            list(self._pool.map(run, range(parts))) if parts > 1 and self._pool is not None else run(0)
+            return a8, sa, idx, outl
+        # torch fallback, the same values (tensor ÷ tensor: torch turns ÷ scalar into × 1/scalar)
+        amax = h.abs().amax(-1, keepdim=True)
+        c = lambda v: torch.full_like(amax, v)  # noqa: E731
+        scale = amax / c(127)
+        fine = scale / c(254)
+        hi = torch.round(h * torch.where(amax > 0, c(127) / amax, 0))
+        lo = torch.round((h - hi * scale) * torch.where(amax > 0, c(254 * 127) / amax, 0)).clamp_(-127, 127)
+        return torch.cat([hi, lo]).to(torch.int8), torch.cat([scale, fine])[:, 0].contiguous(), idx, outl
 
     def _linear_i8(self, hs: list[torch.Tensor], w: QuantWeight) -> list[torch.Tensor]:
         """`linear` on int8 dot products (torch._int_mm: oneDNN's VNNI/AMX kernels): activations
-        per row and weights per output row quantized to int8, one int32 GEMM per tile, rescaled in
-        fp32; outlier columns of the activations go through fp32 beside it."""
+        (high and low rows) and weights (one scale per output row) in int8, one int32 GEMM per
+        tile, rescaled in fp32; outlier columns of the activations go through fp32 beside it."""
         qs = [self._quant_activations(self._permute(self._bucket(h).float(), w)) for h in hs]
-        outs = [torch.empty(a8.shape[0], w.n) for a8, *_ in qs]
+        outs = [torch.empty(a8.shape[0] // 2, w.n) for a8, *_ in qs]
         step = max(1, SCRATCH_ELEMENTS // (w.blocks * w.block))
         for r0 in range(0, w.n, step):
             r1 = min(w.n, r0 + step)
             w8, ws = self._quant_i8(w, r0, r1)
             for (a8, sa, idx, outl), out in zip(qs, outs):
                 acc = torch._int_mm(a8, w8.t())
+                m = out.shape[0]
                 if self.lib is None:
-                    out[:, r0:r1] = acc.float() * sa[:, None] * ws
+                    out[:, r0:r1] = (acc[:m].float() * sa[:m, None] + acc[m:].float() * sa[m:, None]) * ws
                 else:
-                    self.lib.scale_i32(out[:, r0:].data_ptr(), w.n, acc.data_ptr(), r1 - r0, sa.data_ptr(), ws.data_ptr(), 0, out.shape[0], r1 - r0)
+                    self.lib.scale_i32(out[:, r0:].data_ptr(), w.n, acc.data_ptr(), r1 - r0, sa.data_ptr(), ws.data_ptr(), 0, m, r1 - r0, m)
                 if len(idx):
                     out[:, r0:r1] += outl @ self._exact_columns(w, r1 - r0, idx).t()
         return [out[: h.shape[0]] for out, h in zip(outs, hs)]

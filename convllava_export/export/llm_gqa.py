@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,40 @@ def int8_kv_cache(graph: Path, scales: list[tuple[np.ndarray, np.ndarray]]) -> i
             v.type.tensor_type.elem_type = onnx.TensorProto.INT8
     onnx.save(model, str(graph))
     return len(gqa)
+
+
+@lru_cache(maxsize=1)
+def int8_kv_cache_unsupported() -> str | None:
+    """Why the installed ONNX Runtime cannot run an int8 GroupQueryAttention cache, or None when it
+    can: one such node (2 heads, 1 kv head, head_dim 8) decodes a step over a 3-position int8
+    cache. The attribute came with the quantized-cache kernel (verified on 1.32); an older CPU
+    kernel refuses the node or the int8 inputs, which a build should say before exporting 7B."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    heads, kvh, hd, past = 2, 1, 8, 3
+    node = helper.make_node("GroupQueryAttention", ["q", "k", "v", "pk", "pv", "seqlens_k", "total", "", "", "", "", "", "ks", "vs"], ["out", "present_k", "present_v"],
+                            domain="com.microsoft", num_heads=heads, kv_num_heads=kvh, kv_cache_bit_width=8, k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL")
+    f, i8 = TensorProto.FLOAT, TensorProto.INT8
+    graph = helper.make_graph(
+        [node], "probe",
+        [helper.make_tensor_value_info("q", f, [1, 1, heads * hd]), helper.make_tensor_value_info("k", f, [1, 1, kvh * hd]), helper.make_tensor_value_info("v", f, [1, 1, kvh * hd]),
+         helper.make_tensor_value_info("pk", i8, [1, kvh, past + 1, hd]), helper.make_tensor_value_info("pv", i8, [1, kvh, past + 1, hd]),
+         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]), helper.make_tensor_value_info("total", TensorProto.INT32, [])],
+        [helper.make_tensor_value_info("out", f, None), helper.make_tensor_value_info("present_k", i8, None), helper.make_tensor_value_info("present_v", i8, None)],
+        [onnx.numpy_helper.from_array(np.full(kvh * hd, 0.05, np.float32), "ks"), onnx.numpy_helper.from_array(np.full(kvh * hd, 0.05, np.float32), "vs")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    rng = np.random.default_rng(0)
+    feeds = {"q": rng.standard_normal((1, 1, heads * hd), np.float32), "k": rng.standard_normal((1, 1, kvh * hd), np.float32), "v": rng.standard_normal((1, 1, kvh * hd), np.float32),
+             "pk": rng.integers(-100, 100, (1, kvh, past + 1, hd), dtype=np.int8), "pv": rng.integers(-100, 100, (1, kvh, past + 1, hd), dtype=np.int8),
+             "seqlens_k": np.array([past], np.int32), "total": np.array(past + 1, np.int32)}
+    try:
+        out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    except Exception as e:  # noqa: BLE001 - any refusal of the node is the answer
+        return f"onnxruntime {ort.__version__} refuses an int8 GroupQueryAttention cache ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    if out[1].dtype != np.int8 or not np.isfinite(out[0]).all():
+        return f"onnxruntime {ort.__version__} runs the int8 GroupQueryAttention cache but returns {out[1].dtype} keys / non-finite attention"
+    return None
 
 
 def write_llm_folder(info: CheckpointInfo, dest: Path) -> None:

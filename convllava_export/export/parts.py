@@ -143,6 +143,12 @@ class OrtLlm:
         if resolved.opts.kv_cache == "int8" and resolved.llm.settings["graph"] != "gqa":
             raise BuildError(f"--kv-cache int8 is the gqa graph's cache; this build's LLM graph is {resolved.llm.settings['graph']} ({resolved.llm.settings['graph_choice']}): "
                              "build an int4/int8 LLM with --llm-graph gqa (onnxruntime-genai installed), or leave --kv-cache auto")
+        if resolved.opts.kv_cache == "int8":
+            from .llm_gqa import int8_kv_cache_unsupported
+
+            why = int8_kv_cache_unsupported()
+            if why:
+                raise BuildError(f"--kv-cache int8: {why}; install onnxruntime>=1.32 (where it is verified), or leave --kv-cache auto")
 
     def stage(self, resolved: ResolvedBuild) -> str:
         return f"LLM export ({resolved.llm.row.name}, {resolved.llm.settings['graph']} graph)"

@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("dequant.c")
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp-simd", "-shared", "-fPIC"]  # no FMA contraction: the torch fallbacks round the same
 
 
 def _cache_dir() -> Path:
@@ -58,5 +58,7 @@ def dequant_library() -> ctypes.CDLL | None:
         fn.argtypes, fn.restype = args, None
     lib.quant_i8.argtypes, lib.quant_i8.restype = [*args[:3], ctypes.c_void_p, *args[3:]], None
     lib.scale_i32.restype = None
-    lib.scale_i32.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long]
+    lib.scale_i32.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long]
+    lib.quant_act_i8.restype = None
+    lib.quant_act_i8.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long]
     return lib
