@@ -9,7 +9,9 @@ Variants (ONNX Runtime, CPU EP, 2 threads):
 - int8 MatMulNBits, accuracy_level 4
 - int8 QGEMM (DynamicQuantizeMatMul, per-column int8 weights: MLAS's u8s8 GEMM, which has AMX kernels)
 - fp32 MatMul
-and torch bf16 / fp32 matmul. Reports GFLOP/s (2·M·K·N / time) and each against int4 acc4.
+and torch bf16 / fp32 matmul, torch's int8 GEMM (_int_mm, oneDNN: VNNI/AMX-INT8), and our bf16 and
+int8 prompt kernels end to end (engines/gemm_prefill.py: int4 blocks unpacked on every call).
+Reports GFLOP/s (2·M·K·N / time) and each against int4 acc4.
 """
 
 from __future__ import annotations
@@ -67,6 +69,37 @@ def time_it(fn, min_s: float = 1.0) -> float:
             return el / n
 
 
+def gemm_prefill_rows(w: np.ndarray, ms: list[int]) -> dict[str, dict]:
+    """Our GEMM prompt kernels on the same projection, end to end (engines/gemm_prefill.py:
+    unpacking the int4 blocks each call, activations in, fp32 out), from int4 blocks of 32."""
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
+
+    from convllava_export.engines.gemm_prefill import COMPUTE, GemmPrefill, QuantWeight, _Span
+    from convllava_export.engines.kernels import dequant_library
+
+    wt = w.T.reshape(N, K // 32, 32)  # [N, blocks, 32]: MatMulNBits' layout, symmetric int4
+    scale = np.abs(wt).max(-1) / 7
+    q = (np.clip(np.round(wt / np.where(scale > 0, scale, 1)[..., None]), -8, 7) + 8).astype(np.uint8)
+    packed = (q[..., :16] | (q[..., 16:] << 4)).reshape(-1)  # low nibbles first, as the kernel unpacks
+    qw = QuantWeight(N, K, 4, 32, _Span(0, packed), _Span(0, scale.astype(np.float32).reshape(-1).view(np.uint8)))
+    pf = GemmPrefill.__new__(GemmPrefill)
+    pf.lib, pf.threads, pf._buffers, pf._fd = dequant_library(), torch.get_num_threads(), {}, -1
+    pf._pool = ThreadPoolExecutor(pf.threads) if pf.threads > 1 else None
+    res = {}
+    for kernel in COMPUTE:
+        name = f"our {kernel} prompt kernel (unpack + GEMM)"
+        pf.kernel, pf.compute = kernel, COMPUTE[kernel]
+        res[name] = {"ops": ["engines/gemm_prefill.py"]}
+        for m in ms:
+            x = torch.randn(m, K)
+            with torch.inference_mode():
+                t = time_it(lambda: pf.linear([x], qw))
+            res[name][str(m)] = round(2 * m * K * N / t / 1e9, 1)
+        print(name, res[name], flush=True)
+    return res
+
+
 def main() -> None:
     import onnxruntime as ort
     import torch
@@ -106,6 +139,15 @@ def main() -> None:
                 t = time_it(lambda: x @ wd)
             res[name][str(m)] = round(2 * m * K * N / t / 1e9, 1)
         print(name, res[name], flush=True)
+    res["torch int8 _int_mm (oneDNN)"] = {"ops": ["aten::_int_mm"]}
+    w8 = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    for m in ms:
+        x8 = torch.randint(-127, 128, (max(m, 17), K), dtype=torch.int8)  # _int_mm takes M > 16
+        with torch.inference_mode():
+            t = time_it(lambda: torch._int_mm(x8, w8.t()))
+        res["torch int8 _int_mm (oneDNN)"][str(m)] = round(2 * max(m, 17) * K * N / t / 1e9, 1)
+    print("torch int8 _int_mm (oneDNN)", res["torch int8 _int_mm (oneDNN)"], flush=True)
+    res.update(gemm_prefill_rows(w, ms))
     base = res["int4 MatMulNBits acc4"]
     ratios = {name: {m: round(v[m] / base[m], 2) for m in map(str, ms)} for name, v in res.items()}
     out = {"what": "GFLOP/s of one K=4096 x N=11008 projection at M prompt rows, 2 threads", "machine": machine, "gflops": res, "vs_int4_acc4": ratios}

@@ -77,29 +77,30 @@ class Drain:
     def __init__(self) -> None:
         self.deadline: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._event: asyncio.Event | None = None
+        self._begun: asyncio.Future | None = None  # one future every stream waits on (no task per token)
 
     def begin(self, drain_s: float) -> None:
         if self.deadline is None:
             self.deadline = time.monotonic() + max(0.0, drain_s - DRAIN_MARGIN_S)
-            if self._loop is not None and self._event is not None:
-                self._loop.call_soon_threadsafe(self._event.set)
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._settle)
+
+    def _settle(self) -> None:
+        if self._begun is not None and not self._begun.done():
+            self._begun.set_result(None)
 
     async def next(self, events: AsyncIterator[Any]) -> Any:
         """The next event of `events`, or ApiError(503) once the drain's deadline passes first.
         However this ends (the event, the deadline, or the caller cancelled when its client
         left), the pending read is settled before returning, so `events` can be closed and its
         request freed."""
-        if self._event is None:
-            self._loop, self._event = asyncio.get_running_loop(), asyncio.Event()
+        if self._begun is None:
+            self._loop = asyncio.get_running_loop()
+            self._begun = self._loop.create_future()
         task = asyncio.ensure_future(anext(events))
         try:
             if self.deadline is None:
-                waiter = asyncio.ensure_future(self._event.wait())
-                try:
-                    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    waiter.cancel()
+                await asyncio.wait({task, self._begun}, return_when=asyncio.FIRST_COMPLETED)
             if not task.done():
                 await asyncio.wait({task}, timeout=max(0.0, (self.deadline or 0.0) - time.monotonic()))
             if task.done():
