@@ -32,7 +32,6 @@ depend on the rows beside it.
 
 from __future__ import annotations
 
-import math
 import os
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -117,7 +116,7 @@ class _Layer:
 
 
 class GemmPrefill:
-    """Prefill chunks of a gqa int4/int8 decoder folder in torch bf16 (see module docstring)."""
+    """Prefill chunks of a gqa int4/int8 decoder folder on torch bf16 or int8 GEMMs (see module docstring)."""
 
     def __init__(self, folder: Path, threads: int | None = None, compute: str = "bf16") -> None:
         self.folder = Path(folder)
@@ -126,7 +125,7 @@ class GemmPrefill:
         self.inits = {t.name: t for t in model.graph.initializer}
         data = {self._location(t) for t in self.inits.values() if self._location(t)}
         if len(data) > 1:
-            raise ConvLlavaError(f"{graph}: the bf16 prefill reads one external data file, found {sorted(data)}")
+            raise ConvLlavaError(f"{graph}: the GEMM prompt kernel reads one external data file, found {sorted(data)}")
         self._fd = os.open(self.folder / data.pop(), os.O_RDONLY) if data else -1
         self.threads = threads or torch.get_num_threads()
         self.lib = dequant_library()
@@ -142,17 +141,17 @@ class GemmPrefill:
 
         def node(name: str) -> onnx.NodeProto:
             if name not in by_name:
-                raise ConvLlavaError(f"{graph}: no node {name}, where the builder puts it; the bf16 prefill cannot read this graph (use --prefill onnxruntime)")
+                raise ConvLlavaError(f"{graph}: no node {name}, where the builder puts it; the GEMM prompt kernel cannot read this graph (use --prefill onnxruntime)")
             return by_name[name]
 
         gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
         if not gqa:
-            raise ConvLlavaError(f"{graph} has no GroupQueryAttention: the bf16 prefill runs only the gqa layout")
+            raise ConvLlavaError(f"{graph} has no GroupQueryAttention: the GEMM prompt kernel runs only the gqa layout")
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
         if attrs.get("rotary_interleaved", 0) or not attrs.get("do_rotary", 0) or attrs.get("local_window_size", -1) != -1 or attrs.get("softcap", 0.0):
-            raise ConvLlavaError(f"{graph}: GroupQueryAttention options {attrs} are not the ones the bf16 prefill implements")
+            raise ConvLlavaError(f"{graph}: GroupQueryAttention options {attrs} are not the ones the GEMM prompt kernel implements")
         if attrs.get("kv_cache_bit_width") not in (None, 8) or {attrs.get("k_quant_type", b"PER_CHANNEL"), attrs.get("v_quant_type", b"PER_CHANNEL")} != {b"PER_CHANNEL"}:
-            raise ConvLlavaError(f"{graph}: a quantized KV cache other than int8 per channel ({attrs}); the bf16 prefill writes only that one")
+            raise ConvLlavaError(f"{graph}: a quantized KV cache other than int8 per channel ({attrs}); the GEMM prompt kernel writes only that one")
         self.heads, self.kv_heads = int(attrs["num_heads"]), int(attrs["kv_num_heads"])
         self.scale = float(attrs.get("scale", 0.0)) or None
         self.cos = torch.from_numpy(self._array(gqa[0].input[7].removesuffix("_fp16"))).float()
@@ -181,7 +180,7 @@ class GemmPrefill:
         final = next((n for n in model.graph.node if "final_norm_layernorm" in n.name), None)
         head = next((n for n in model.graph.node if n.name.startswith("/lm_head/MatMul")), None)
         if final is None or head is None:
-            raise ConvLlavaError(f"{graph}: no final norm or lm_head where the builder puts them; the bf16 prefill cannot read this graph")
+            raise ConvLlavaError(f"{graph}: no final norm or lm_head where the builder puts them; the GEMM prompt kernel cannot read this graph")
         self.norm_final = self._norm_weight(final)
         self.lm_head = self._quant(head)
         self.eps = float(eps)
@@ -235,15 +234,15 @@ class GemmPrefill:
 
     def _quant(self, node: onnx.NodeProto) -> QuantWeight:
         if node.op_type != "MatMulNBits":
-            raise ConvLlavaError(f"{node.name} is {node.op_type}: the bf16 prefill runs block-quantized (int4/int8) graphs only")
+            raise ConvLlavaError(f"{node.name} is {node.op_type}: the GEMM prompt kernel runs block-quantized (int4/int8) graphs only")
         a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
         if len(node.input) > 3 and node.input[3]:
-            raise ConvLlavaError(f"{node.name} has zero points: the bf16 prefill takes the symmetric blocks our export writes")
+            raise ConvLlavaError(f"{node.name} has zero points: the GEMM prompt kernel takes the symmetric blocks our export writes")
         bits, block = int(a["bits"]), int(a["block_size"])
         if bits not in (4, 8) or block % 2:
-            raise ConvLlavaError(f"{node.name}: {bits}-bit blocks of {block} are not ones the bf16 prefill unpacks")
+            raise ConvLlavaError(f"{node.name}: {bits}-bit blocks of {block} are not ones the GEMM prompt kernel unpacks")
         if self.inits[node.input[2]].data_type != onnx.TensorProto.FLOAT:
-            raise ConvLlavaError(f"{node.name}: scales are not fp32; the bf16 prefill reads the fp32 scales our export writes")
+            raise ConvLlavaError(f"{node.name}: scales are not fp32; the GEMM prompt kernel reads the fp32 scales our export writes")
         return QuantWeight(int(a["N"]), int(a["K"]), bits, block, self._span(node.input[1]), self._span(node.input[2]))
 
     # -- kernels ----------------------------------------------------------------------------
@@ -396,14 +395,19 @@ class GemmPrefill:
         if self.lib is not None:
             h = h.contiguous()
             a8, sa = torch.empty(2 * m, k, dtype=torch.int8), torch.empty(2 * m)
-            parts = max(1, min(self.threads, m))
+            parts = max(1, min(self.threads, m)) if self._pool is not None else 1
             cuts = [m * i // parts for i in range(parts + 1)]
-            run = lambda i: self.lib.quant_act_i8(h.data_ptr(), k, a8.data_ptr(), sa.data_ptr(), cuts[i], cuts[i + 1], m)  # noqa: E731
-            list(self._pool.map(run, range(parts))) if parts > 1 and self._pool is not None else run(0)
+
+            def run(i: int) -> None:
+                self.lib.quant_act_i8(h.data_ptr(), k, a8.data_ptr(), sa.data_ptr(), cuts[i], cuts[i + 1], m)
+
+            list(self._pool.map(run, range(parts))) if parts > 1 else run(0)
             return a8, sa, idx, outl
         # torch fallback, the same values (tensor ÷ tensor: torch turns ÷ scalar into × 1/scalar)
         amax = h.abs().amax(-1, keepdim=True)
-        c = lambda v: torch.full_like(amax, v)  # noqa: E731
+        def c(v: float) -> torch.Tensor:
+            return torch.full_like(amax, v)
+
         scale = amax / c(127)
         fine = scale / c(254)
         hi = torch.round(h * torch.where(amax > 0, c(127) / amax, 0))

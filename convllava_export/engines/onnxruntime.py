@@ -213,7 +213,7 @@ class OrtGqaDecoder(OrtDecoder):
 
     def prefill_rows(self, cache: SlotCache, chunks: Sequence[np.ndarray]) -> list[np.ndarray]:  # type: ignore[override]
         """The next chunk of pending rows 0..len(chunks)-1. Chunks of at least `gemm_min_tokens`
-        go through the bf16 kernel in one pass (each weight unpacked once for all of them); the
+        go through the GEMM kernel in one pass (each weight unpacked once for all of them); the
         others run on ORT one row at a time. Which kernel a chunk takes depends on its own length
         only, so a row's numbers do not depend on the rows beside it."""
         rows = [cache.rows + k for k in range(len(chunks))]
