@@ -13,7 +13,7 @@ running rows) stay on ONNX Runtime, where int4 reads half the bytes of int8 and 
   (a C kernel); each activation row becomes two int8 rows (value and rounding residual, ~15
   bits), outlier columns (LLM.int8()) go through fp32 beside the int32 GEMM. Its accuracy
   matches MatMulNBits' int8 path (logits' cosine to the exact int4 math 0.987 vs 0.989 at 7B),
-  its GEMM runs ~1 TOP/s on VNNI, but the two rows make it 0.84-1.07x MatMulNBits end to end on
+  its GEMM runs ~1 TOP/s on VNNI, but the two rows make it 0.91-1.17x MatMulNBits end to end on
   a VNNI Xeon without AMX (BENCHMARKS.md, "int8 prompt kernel"); it is there to measure that,
   and for AMX-INT8 CPUs, where it has not run.
 
@@ -71,7 +71,7 @@ def _cpu_flags() -> set[str]:
 def cpu_prefill_kernel() -> str | None:
     """What `--prefill auto` runs here: bf16 where the CPU has AMX-BF16 (oneDNN's bf16 GEMM on the
     tiles, 1.6-2.9x MatMulNBits at 7B), else None (ONNX Runtime's own kernel). Not int8: on a
-    VNNI CPU without AMX it runs the 7B prompt at 0.84-1.07x MatMulNBits (its GEMM is ~1 TOP/s,
+    VNNI CPU without AMX it runs the 7B prompt at 0.91-1.17x MatMulNBits (its GEMM is ~1 TOP/s,
     but matching MatMulNBits' accuracy takes two of them), and AMX-INT8 is unmeasured
     (BENCHMARKS.md, "int8 prompt kernel")."""
     return "bf16" if "amx_bf16" in _cpu_flags() else None
