@@ -49,6 +49,19 @@ def prefill_then_decode(dec, embeds, chunks, feed, steps=3):
     return logits, cache, steps_logits
 
 
+def exact_and_kernel(dec, embeds):
+    """The last prefill logits of `embeds` from the int4 model's exact math (the same unpacked
+    weights, fp32 activations: compute=float32), then from the decoder's own GEMM kernel."""
+    kernel = dec.gemm.compute
+    dec.gemm.compute = torch.float32
+    try:
+        exact, _, _ = prefill_then_decode(dec, embeds, (len(embeds),), [], steps=0)
+    finally:
+        dec.gemm.compute = kernel
+    fast, _, _ = prefill_then_decode(dec, embeds, (len(embeds),), [], steps=0)
+    return exact, fast
+
+
 def cosine(a, b):
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
@@ -200,10 +213,7 @@ def test_bf16_is_closer_to_the_exact_int4_math_than_int8_activations(int4_folder
     gaps = {"bf16": [], "onnxruntime": []}
     for _ in range(3):
         embeds = bf.embed(rng.integers(0, bf.vocab_size, 120))
-        bf.gemm.compute = torch.float32
-        exact, _, _ = prefill_then_decode(bf, embeds, (120,), [], steps=0)
-        bf.gemm.compute = torch.bfloat16
-        fast, _, _ = prefill_then_decode(bf, embeds, (120,), [], steps=0)
+        exact, fast = exact_and_kernel(bf, embeds)
         int8, _, _ = prefill_then_decode(ort, embeds, (120,), [], steps=0)
         gaps["bf16"].append(np.abs(fast - exact).max())
         gaps["onnxruntime"].append(np.abs(int8 - exact).max())
@@ -273,11 +283,7 @@ def test_int8_is_close_to_the_exact_int4_math(int4_folder):
     bf, _ = decoders(int4_folder, "int8")
     rng = np.random.default_rng(8)
     for _ in range(3):
-        embeds = bf.embed(rng.integers(0, bf.vocab_size, 120))
-        bf.gemm.compute = torch.float32
-        exact, _, _ = prefill_then_decode(bf, embeds, (120,), [], steps=0)
-        bf.gemm.compute = torch.int8
-        fast, _, _ = prefill_then_decode(bf, embeds, (120,), [], steps=0)
+        exact, fast = exact_and_kernel(bf, bf.embed(rng.integers(0, bf.vocab_size, 120)))
         assert fast.argmax() == exact.argmax() and cosine(fast, exact) > 0.999
 
 

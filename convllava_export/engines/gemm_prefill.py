@@ -253,22 +253,38 @@ class GemmPrefill:
             buf = self._buffers[name] = torch.empty(n, dtype=dtype)
         return buf[:n]
 
+    def _read_rows(self, w: QuantWeight, r0: int, packed: np.ndarray, scales: np.ndarray) -> None:
+        """The packed bits and scales of W's rows from r0 (as many as `packed` holds) into the buffers."""
+        self._read_span(w.packed, r0 * w.blocks * (w.block * w.bits // 8), packed)
+        self._read_span(w.scales, r0 * w.blocks * 4, scales)
+
+    @staticmethod
+    def _unpack_q(packed: np.ndarray, rows: int, w: QuantWeight) -> torch.Tensor:
+        """The torch fallbacks' q - 2^(bits-1), exact in fp32, [rows, blocks, block] in the unpacked order."""
+        p = torch.from_numpy(packed).view(rows, w.blocks, -1)
+        if w.bits == 8:
+            return p.to(torch.float32) - 128
+        return torch.cat([(p & 15), (p >> 4)], dim=-1).to(torch.float32) - 8
+
+    def _split_rows(self, n: int, fn) -> None:
+        """fn(a, b) over 0..n in one range per thread (the C kernels release the GIL); one range
+        without them."""
+        parts = max(1, min(self.threads, n)) if self.lib is not None and self._pool is not None else 1
+        cuts = [n * i // parts for i in range(parts + 1)]
+        if parts == 1:
+            fn(0, n)
+        else:
+            list(self._pool.map(lambda i: fn(cuts[i], cuts[i + 1]), range(parts)))
+
     def _dequant_rows(self, w: QuantWeight, r0: int, r1: int, packed: np.ndarray, scales: np.ndarray, out: torch.Tensor) -> None:
         """Rows r0..r1 of W read and dequantized into `out` [(r1-r0)·blocks, block]."""
-        blob = w.block * w.bits // 8
-        self._read_span(w.packed, r0 * w.blocks * blob, packed)
-        self._read_span(w.scales, r0 * w.blocks * 4, scales)
+        self._read_rows(w, r0, packed, scales)
         if self.lib is not None:
             fn = self.lib.dequant_bf16 if out.dtype == torch.bfloat16 else self.lib.dequant_f32
             fn(packed.ctypes.data, scales.ctypes.data, out.data_ptr(), r1 - r0, w.blocks, w.block, w.bits)
             return
         # torch fallback, the same values: q - 2^(bits-1) exactly, times the fp32 scale, rounded once
-        p = torch.from_numpy(packed).view(r1 - r0, w.blocks, blob)
-        if w.bits == 8:
-            q = p.to(torch.float32) - 128
-        else:
-            q = torch.cat([(p & 15), (p >> 4)], dim=-1).to(torch.float32) - 8
-        out.copy_((q.view(-1, w.block) * torch.from_numpy(scales).view(-1, 1)))
+        out.copy_(self._unpack_q(packed, r1 - r0, w).view(-1, w.block) * torch.from_numpy(scales).view(-1, 1))
 
     def _dequant(self, w: QuantWeight, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows r0..r1 of W as [rows, blocks·block] in `dtype`, split across the threads."""
@@ -276,17 +292,11 @@ class GemmPrefill:
         out = self._scratch(f"deq-{dtype}", n * w.blocks * w.block, dtype).view(n * w.blocks, w.block)
         packed = self._scratch("packed", n * w.blocks * blob, torch.uint8).numpy()
         scales = self._scratch("scales", n * w.blocks, torch.float32).numpy()
-        parts = max(1, min(self.threads, n)) if self.lib is not None else 1
-        cuts = [r0 + n * i // parts for i in range(parts + 1)]
 
-        def run(i: int) -> None:
-            a, b = cuts[i] - r0, cuts[i + 1] - r0
-            self._dequant_rows(w, cuts[i], cuts[i + 1], packed[a * w.blocks * blob : b * w.blocks * blob], scales[a * w.blocks : b * w.blocks], out[a * w.blocks : b * w.blocks])
+        def run(a: int, b: int) -> None:
+            self._dequant_rows(w, r0 + a, r0 + b, packed[a * w.blocks * blob : b * w.blocks * blob], scales[a * w.blocks : b * w.blocks], out[a * w.blocks : b * w.blocks])
 
-        if parts == 1:
-            run(0)
-        else:
-            list(self._pool.map(run, range(parts)))
+        self._split_rows(n, run)
         return out.view(n, w.blocks * w.block)
 
     @staticmethod
@@ -332,20 +342,15 @@ class GemmPrefill:
         rscale = self._scratch("i8-scales", n, torch.float32)
         packed = self._scratch("packed", n * w.blocks * blob, torch.uint8).numpy()
         scales = self._scratch("scales", n * w.blocks, torch.float32).numpy()
-        parts = max(1, min(self.threads, n)) if self.lib is not None else 1
-        cuts = [r0 + n * i // parts for i in range(parts + 1)]
 
-        def run(i: int) -> None:
-            a, b = cuts[i] - r0, cuts[i + 1] - r0
+        def run(a: int, b: int) -> None:
             p, sc = packed[a * w.blocks * blob : b * w.blocks * blob], scales[a * w.blocks : b * w.blocks]
-            self._read_span(w.packed, cuts[i] * w.blocks * blob, p)
-            self._read_span(w.scales, cuts[i] * w.blocks * 4, sc)
+            self._read_rows(w, r0 + a, p, sc)
             if self.lib is not None:
                 self.lib.quant_i8(p.ctypes.data, sc.ctypes.data, out[a].data_ptr(), rscale[a:].data_ptr(), b - a, w.blocks, w.block, w.bits)
                 return
             # torch fallback, the same values: (q - 2^(bits-1)) * scale / row scale, rounded half to even
-            t = torch.from_numpy(p).view(b - a, w.blocks, -1)
-            q = (t.to(torch.float32) - 128) if w.bits == 8 else torch.cat([(t & 15), (t >> 4)], dim=-1).to(torch.float32) - 8
+            q = self._unpack_q(p, b - a, w)
             s = torch.from_numpy(sc).view(b - a, w.blocks).abs()
             qmax, smax = float(1 << (w.bits - 1)), s.amax(-1, keepdim=True)
             f = torch.where(smax > 0, torch.from_numpy(sc).view(b - a, w.blocks) * 127 / (qmax * smax), 0)
@@ -353,10 +358,7 @@ class GemmPrefill:
             out[a:b] = torch.round(x).to(torch.int8).view(b - a, -1)
             rscale[a:b] = qmax * smax[:, 0] / torch.full_like(smax[:, 0], 127)  # ÷ tensor: exact, as in C
 
-        if parts == 1:
-            run(0)
-        else:
-            list(self._pool.map(run, range(parts)))
+        self._split_rows(n, run)
         return out, rscale
 
     def _exact_columns(self, w: QuantWeight, rows: int, idx: torch.Tensor) -> torch.Tensor:
@@ -395,13 +397,7 @@ class GemmPrefill:
         if self.lib is not None:
             h = h.contiguous()
             a8, sa = torch.empty(2 * m, k, dtype=torch.int8), torch.empty(2 * m)
-            parts = max(1, min(self.threads, m)) if self._pool is not None else 1
-            cuts = [m * i // parts for i in range(parts + 1)]
-
-            def run(i: int) -> None:
-                self.lib.quant_act_i8(h.data_ptr(), k, a8.data_ptr(), sa.data_ptr(), cuts[i], cuts[i + 1], m)
-
-            list(self._pool.map(run, range(parts))) if parts > 1 else run(0)
+            self._split_rows(m, lambda a, b: self.lib.quant_act_i8(h.data_ptr(), k, a8.data_ptr(), sa.data_ptr(), a, b, m))
             return a8, sa, idx, outl
         # torch fallback, the same values (tensor ÷ tensor: torch turns ÷ scalar into × 1/scalar)
         amax = h.abs().amax(-1, keepdim=True)

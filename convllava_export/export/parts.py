@@ -140,12 +140,12 @@ class OrtLlm:
         from ..options import check_llm
 
         check_llm("onnxruntime", resolved.llm.row.name, resolved.llm.settings["graph"])
-        if resolved.opts.kv_cache == "int8" and resolved.llm.settings["graph"] != "gqa":
-            raise BuildError(f"--kv-cache int8 is the gqa graph's cache; this build's LLM graph is {resolved.llm.settings['graph']} ({resolved.llm.settings['graph_choice']}): "
-                             "build an int4/int8 LLM with --llm-graph gqa (onnxruntime-genai installed), or leave --kv-cache auto")
         if resolved.opts.kv_cache == "int8":
             from .llm_gqa import int8_kv_cache_unsupported
 
+            if resolved.llm.settings["graph"] != "gqa":
+                raise BuildError(f"--kv-cache int8 is the gqa graph's cache; this build's LLM graph is {resolved.llm.settings['graph']} ({resolved.llm.settings['graph_choice']}): "
+                                 "build an int4/int8 LLM with --llm-graph gqa (onnxruntime-genai installed), or leave --kv-cache auto")
             why = int8_kv_cache_unsupported()
             if why:
                 raise BuildError(f"--kv-cache int8: {why}; install onnxruntime>=1.32 (where it is verified), or leave --kv-cache auto")
