@@ -1,7 +1,7 @@
 """Issue 21 at real size: the GEMM prompt kernels (engines/gemm_prefill.py, bf16 and int8) beside ONNX Runtime's
 MatMulNBits, on a 7B int4 gqa build, one process per measurement, one run.
 
-Usage: python benchmarks/bf16_prefill_7b.py BUILD [--tokens 189,490,1024] [--kernels onnxruntime,bf16,int8]
+Usage: python benchmarks/bf16_prefill_7b.py BUILD [--tokens 189,490,1024] [--kernels onnxruntime,bf16,int8,q4,q4-resident]
        [--out SUFFIX] [--accuracy N] [--serve] [--concurrency 1,16] [--vllm-folder FOLDER --vllm-venv VENV]
 - Prefill: one prompt of N random-token embeddings through each kernel (OrtGqaDecoder.prefill on
   a fresh slot), wall time, prompt tokens/s, each GEMM kernel's speed-up and logits' cosine
@@ -28,10 +28,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _kernels(dec, names):
-    """GemmPrefill objects for each --prefill kernel name (None: ORT's own), sharing `dec`."""
+    """GemmPrefill objects for each kernel name (None: ORT's own), sharing `dec`; q4-resident: the
+    q4 kernel over weights packed once (what Q4GqaDecoder runs), q4: re-packed each pass."""
     from convllava_export.engines.gemm_prefill import GemmPrefill
 
-    return {k: (None if k == "onnxruntime" else GemmPrefill(dec.folder, dec.gemm.threads if dec.gemm else None, compute=k)) for k in names}
+    threads = dec.gemm.threads if dec.gemm else None
+    return {k: (None if k == "onnxruntime" else GemmPrefill(dec.folder, threads, compute=k.split("-")[0], resident=k.endswith("-resident"))) for k in names}
 
 
 def prefill_probe(build: Path, tokens: list[int], kernels: list[str]) -> dict:

@@ -5,9 +5,11 @@ Runtime's MatMulNBits at M = rows, a step reads the int4 weights once, but past 
 bound by the int8 compute, not by the read, so even a free prompt path gives at most
 rows x t(1) / t(rows) times one client's decode rate.
 
-Usage: python benchmarks/decode_rows_7b.py BUILD [--rows 1,4,16,32] [--context 8] [--steps 3]
+Usage: python benchmarks/decode_rows_7b.py BUILD [--rows 1,4,16,32] [--context 8] [--steps 3] [--kernel onnxruntime|q4] [--out SUFFIX]
 Each row holds `context` prompt positions; the step is timed over `steps` runs after a warm one
-(the cache's positions advance, as in serving). Writes benchmarks/results/decode_rows_7b.json.
+(the cache's positions advance, as in serving). --kernel q4: every step on the q4 kernel
+(Q4GqaDecoder), else ONNX Runtime's MatMulNBits. Writes benchmarks/results/decode_rows_7b{SUFFIX}.json
+with the load time and the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def main() -> None:
     ap.add_argument("--rows", default="1,4,16,32")
     ap.add_argument("--context", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--kernel", default="onnxruntime", choices=["onnxruntime", "q4"])
+    ap.add_argument("--out", default="", help="suffix of the JSON name")
     a = ap.parse_args()
     from convllava_export import set_kernel_env
 
@@ -35,7 +39,9 @@ def main() -> None:
     from convllava_export.benchmarks.serving import machine_info
     from convllava_export.engines.onnxruntime import open_decoder
 
-    dec = open_decoder(a.build / "llm", prefill="onnxruntime")
+    t = time.perf_counter()
+    dec = open_decoder(a.build / "llm", prefill=a.kernel)
+    load_s = time.perf_counter() - t
     rng = np.random.default_rng(0)
     out = []
     for n in [int(x) for x in a.rows.split(",")]:
@@ -56,8 +62,11 @@ def main() -> None:
     for r in out:
         if one:
             r["bound_vs_one_client"] = round(r["rows"] * one / r["step_s"], 2)  # free prefill: rows x t(1) / t(rows)
-    result = {"build": str(a.build), "context": a.context, "machine": machine_info(), "decode": out}
-    (ROOT / "benchmarks" / "results" / "decode_rows_7b.json").write_text(json.dumps(result, indent=1))
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB
+    result = {"build": str(a.build), "kernel": a.kernel, "context": a.context, "load_s": round(load_s, 1), "peak_rss_gb": round(peak, 2), "machine": machine_info(), "decode": out}
+    (ROOT / "benchmarks" / "results" / f"decode_rows_7b{a.out}.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ Variants (ONNX Runtime, CPU EP, 2 threads):
 - int8 MatMulNBits, accuracy_level 4
 - int8 QGEMM (DynamicQuantizeMatMul, per-column int8 weights: MLAS's u8s8 GEMM, which has AMX kernels)
 - fp32 MatMul
-and torch bf16 / fp32 matmul, torch's int8 GEMM (_int_mm, oneDNN: VNNI/AMX-INT8), and our bf16 and
-int8 prompt kernels end to end (engines/gemm_prefill.py: int4 blocks unpacked on every call).
+and torch bf16 / fp32 matmul, torch's int8 GEMM (_int_mm, oneDNN: VNNI/AMX-INT8), and our bf16,
+int8 and q4 kernels end to end (engines/gemm_prefill.py: int4 blocks unpacked or packed on every
+call), and q4 over weights packed once (what Q4GqaDecoder runs for every step).
 Reports GFLOP/s (2·M·K·N / time) and each against int4 acc4.
 """
 
@@ -86,10 +87,13 @@ def gemm_prefill_rows(w: np.ndarray, ms: list[int]) -> dict[str, dict]:
     pf = GemmPrefill.__new__(GemmPrefill)
     pf.lib, pf.threads, pf._buffers, pf._fd = dequant_library(), torch.get_num_threads(), {}, -1
     pf._pool = ThreadPoolExecutor(pf.threads) if pf.threads > 1 else None
+    pf.resident = None
     res = {}
-    for kernel in COMPUTE:
-        name = f"our {kernel} prompt kernel (unpack + GEMM)"
-        pf.kernel, pf.compute = kernel, COMPUTE[kernel]
+    for kernel in [*COMPUTE, "q4 resident"]:
+        name = f"our {kernel} prompt kernel (unpack + GEMM)" if kernel in COMPUTE else "our q4 kernel, weights packed once (the q4 decoder)"
+        pf.kernel, pf.compute = kernel.split()[0], COMPUTE[kernel.split()[0]]
+        if kernel == "q4 resident":
+            pf.resident = {id(qw): tuple(t.clone() for t in pf._pack_q4(qw, 0, N))}
         res[name] = {"ops": ["engines/gemm_prefill.py"]}
         for m in ms:
             x = torch.randn(m, K)

@@ -20,6 +20,8 @@ from .precisions import CALIB_METHODS, DEVICES, KV_CACHES, LLM_GRAPHS, LLM_RUNTI
 from .preprocess import MODES
 from .targets import TARGET_NAMES
 
+LLM_KERNEL_HELP = "how an int4/int8 gqa build's LLM runs on the CPU. q4: every step, prompt and batched decode, on our int4 x int8 VNNI kernel (no ONNX Runtime session); bf16/int8: prompt chunks on torch GEMMs over unpacked tiles, decode on ONNX Runtime; auto: bf16 where the CPU has AMX-BF16, q4 where it has AVX-512 VNNI (int4, fp16 KV cache), else onnxruntime. --prefill: its old name"
+
 set_kernel_env()  # before anything loads torch
 
 console = Console(stderr=True, soft_wrap=True)
@@ -343,7 +345,7 @@ def backend_options(f):
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="image file (repeatable)")
 @click.option("--prompt", required=True)
 @click.option("--threads", type=click.IntRange(1), default=None)
-@click.option("--prefill", type=click.Choice(list(PREFILL_KERNELS)), default="auto", show_default=True, help="prompt kernel of an int4/int8 gqa build (auto: bf16 where the CPU has AMX-BF16, else onnxruntime; int8: oneDNN int8 GEMMs, opt-in)")
+@click.option("--llm-kernel", "--prefill", "prefill", type=click.Choice(list(PREFILL_KERNELS)), default="auto", show_default=True, help=LLM_KERNEL_HELP)
 @backend_options
 @sampling_options
 def run_cmd(build_dir: Path, images, prompt: str, threads, prefill, vision_backend, llm_backend, **sampling) -> None:
@@ -392,8 +394,8 @@ def demo_cmd(workdir: Path, threads) -> None:
 @click.option("--max-image-pixels", type=click.IntRange(1), default=40_000_000, show_default=True)
 @click.option("--max-images", type=click.IntRange(1), default=None, help="images per request (default: the build's vision engine batch)")
 @click.option("--max-running", type=click.IntRange(1), default=32, show_default=True, help="sequences decoded together (in-flight batching; 1 turns batching off)")
-@click.option("--max-batched-tokens", type=click.IntRange(1), default=None, help="prefill chunk: the most a decode step waits for a new prompt (default: 512 with a bf16/int8 prompt kernel, else 256)")
-@click.option("--prefill", type=click.Choice(list(PREFILL_KERNELS)), default="auto", show_default=True, help="prompt kernel of an int4/int8 gqa build: bf16/int8 unpack the weights for torch's GEMMs (auto: bf16 where the CPU has AMX-BF16, else onnxruntime)")
+@click.option("--max-batched-tokens", type=click.IntRange(1), default=None, help="prefill chunk: the most a decode step waits for a new prompt (default: 512 with a bf16/int8/q4 kernel, else 256)")
+@click.option("--llm-kernel", "--prefill", "prefill", type=click.Choice(list(PREFILL_KERNELS)), default="auto", show_default=True, help=LLM_KERNEL_HELP)
 @click.option("--encoder-cache-mb", type=click.FloatRange(0), default=256.0, show_default=True, help="image embeddings kept by content hash (LRU)")
 @click.option("--prefix-cache-mb", type=click.FloatRange(0), default=256.0, show_default=True, help="KV caches kept for prompt-prefix reuse (LRU)")
 @click.option("--kv-cache-mb", type=click.FloatRange(1), default=None, help="KV cache budget of the running requests; a request waits until its prompt + max_tokens fits, 400 when it never can (default: the smallest of 2048 MB, half the memory available after loading, and what max_running full-context rows take)")

@@ -22,14 +22,20 @@ def int4_folder(request):
     return request.getfixturevalue("conformance_gqa_int4")
 
 
-KERNELS = ("bf16", "int8")
+KERNELS = ("bf16", "int8", "q4")
 # cosine of the last logits / decode steps against ORT's own prefill: bf16 rounding, int8 (one
-# activation scale per position; ORT's is per block of 32) a little more
-AGREE = {"bf16": 0.9999, "int8": 0.999}
+# activation scale per position; ORT's is per block of 32) a little more, q4 (int8 activations
+# per block, as ORT's) about as close as bf16
+AGREE = {"bf16": 0.9999, "int8": 0.999, "q4": 0.9999}
+UNPACK = {"bf16": "_dequant", "int8": "_quant_i8", "q4": "_linear_q4"}  # what reads a weight tile (q4: resident, one GEMM a weight)
 
 
 def decoders(folder, kernel="bf16"):
+    from convllava_export.engines.kernels import dequant_library
     from convllava_export.engines.onnxruntime import open_decoder
+
+    if kernel == "q4" and dequant_library() is None:
+        pytest.skip("no C compiler here: the q4 kernel is native only (bf16/int8 have torch fallbacks)")
 
     return open_decoder(folder, prefill=kernel), open_decoder(folder, prefill="onnxruntime")
 
@@ -130,7 +136,7 @@ def test_native_and_torch_dequantization_agree_bit_for_bit(int4_folder):
     np.testing.assert_array_equal(got.numpy(), expect)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", ("bf16", "int8"))
 def test_the_kernel_keeps_no_copy_of_the_weights(int4_folder, monkeypatch, kernel):
     """Only a tile of rows is ever unpacked: with a 512-element tile, the buffers stay a tile's
     size although the model's weights are many times that (a cache of unpacked weights fails)."""
@@ -173,8 +179,10 @@ def test_refusals(conformance_gqa, conformance_decoder, int4_folder, tiny_build)
     with pytest.raises(BuildError, match="gqa graph"):
         open_decoder(conformance_decoder, prefill="bf16")
     assert open_decoder(int4_folder, prefill="onnxruntime").gemm is None
-    res = CliRunner().invoke(cli, ["run", str(tiny_build), "--prompt", "hi", "--prefill", "bf16", "--max-new-tokens", "2"])
-    assert res.exit_code == 2 and "--prefill bf16" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(cli, ["run", str(tiny_build), "--prompt", "hi", "--prefill", "bf16", "--max-new-tokens", "2"])  # the old name
+    assert res.exit_code == 2 and "--llm-kernel bf16" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(cli, ["run", str(tiny_build), "--prompt", "hi", "--llm-kernel", "q4", "--max-new-tokens", "2"])
+    assert res.exit_code == 2 and "--llm-kernel q4" in res.output and "Traceback" not in res.output
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -184,7 +192,7 @@ def test_one_pass_prefills_several_rows_each_as_alone(int4_folder, monkeypatch, 
     bf, _ = decoders(int4_folder, kernel)
     pf = bf.gemm
     calls = []
-    unpack = "_dequant" if kernel == "bf16" else "_quant_i8"
+    unpack = UNPACK[kernel]
     real = getattr(pf, unpack)
     monkeypatch.setattr(pf, unpack, lambda *a: calls.append(a) or real(*a))
     rng = np.random.default_rng(7)
@@ -287,7 +295,65 @@ def test_int8_is_close_to_the_exact_int4_math(int4_folder):
         assert fast.argmax() == exact.argmax() and cosine(fast, exact) > 0.999
 
 
-@pytest.mark.parametrize("flags, kernel", [({"amx_bf16", "avx512_vnni"}, "bf16"), ({"avx512_vnni", "avx512_bf16"}, None), ({"avx2", "fma"}, None)])
-def test_auto_picks_the_kernel_of_the_cpu(monkeypatch, flags, kernel):
+@pytest.mark.parametrize(
+    "flags, native, kernel",
+    [({"amx_bf16", "avx512_vnni", "avx512bw"}, True, "bf16"), ({"avx512_vnni", "avx512bw"}, True, "q4"), ({"avx512_vnni", "avx512bw"}, False, None), ({"avx2", "fma"}, True, None)],
+)
+def test_auto_picks_the_kernel_of_the_cpu(monkeypatch, flags, native, kernel):
     monkeypatch.setattr(gemm_prefill, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(gemm_prefill, "_q4_native", lambda: native)
     assert gemm_prefill.cpu_prefill_kernel() == kernel
+
+
+def test_q4_vnni_and_reference_agree_bit_for_bit():
+    """gemm_q4's VNNI tiles (8 rows x 32 columns, and every tail: 1-7 rows, one group, a partial
+    group) give the plain reference's bits, and both the int4 math within int8 activation
+    rounding. On a CPU without AVX-512 VNNI both are the reference (q4_vnni() says which)."""
+    from convllava_export.engines.kernels import dequant_library
+
+    lib = dequant_library()
+    if lib is None:
+        pytest.skip("no C compiler here: the q4 kernel is native only")
+    rng = np.random.default_rng(11)
+    n, blocks, block = 40, 3, 32  # 2 full groups + 8 columns
+    kp = blocks * block
+    q = rng.integers(0, 16, size=(n, kp), dtype=np.uint8)
+    packed = np.ascontiguousarray(q[:, 0::2] | (q[:, 1::2] << 4))
+    scales = rng.uniform(0.01, 0.1, size=(n, blocks)).astype(np.float32)
+    wq = np.zeros((3, kp // 8, 16), np.uint32)
+    ws = np.zeros((3, blocks, 16), np.float32)
+    lib.pack_q4(packed.ctypes.data, scales.ctypes.data, wq.ctypes.data, ws.ctypes.data, n, blocks, block)
+    exact_w = (q.astype(np.float64) - 8) * np.repeat(scales, block, axis=1)
+    for m in (1, 5, 8, 13, 70):
+        h = rng.standard_normal((m, kp)).astype(np.float32)
+        aq = np.zeros((-(-m // 8) * 8, kp), np.int8)
+        sa, za = np.empty((m, blocks), np.float32), np.empty((m, blocks), np.int32)
+        lib.quant_act_q4(h.ctypes.data, kp, aq.ctypes.data, sa.ctypes.data, za.ctypes.data, 0, m, block)
+        fast, ref = np.full((m, n), np.nan, np.float32), np.full((m, n), np.nan, np.float32)
+        lib.gemm_q4(aq.ctypes.data, sa.ctypes.data, za.ctypes.data, m, wq.ctypes.data, ws.ctypes.data, 0, 3, blocks, block, fast.ctypes.data, n, n, 64)
+        lib.gemm_q4_ref(aq.ctypes.data, sa.ctypes.data, za.ctypes.data, m, wq.ctypes.data, ws.ctypes.data, 0, 3, blocks, block, ref.ctypes.data, n, n)
+        np.testing.assert_array_equal(fast, ref)
+        exact = h.astype(np.float64) @ exact_w.T
+        assert np.abs(fast - exact).max() < 0.02 * np.abs(exact).max(), m
+
+
+def test_q4_is_close_to_the_exact_int4_math(int4_folder):
+    """q4's trade (int8 activations per block of K, as MatMulNBits' accuracy level 4) on whole
+    prompts: the last logits against the int4 model's exact math keep their top token, cosine > 0.9999."""
+    dec, _ = decoders(int4_folder, "q4")
+    rng = np.random.default_rng(8)
+    for _ in range(3):
+        exact, fast = exact_and_kernel(dec, dec.embed(rng.integers(0, dec.vocab_size, 120)))
+        assert fast.argmax() == exact.argmax() and cosine(fast, exact) > 0.9999
+
+
+def test_the_q4_decoder_holds_one_packed_copy_and_no_onnxruntime_session(int4_folder):
+    """Q4GqaDecoder's memory: no ORT session (whose prepacked weights would be a second copy),
+    the packed weights once (int4 bytes + fp32 block scales, whole groups of 16 columns), no tile buffers."""
+    dec = decoders(int4_folder, "q4")[0]
+    assert dec.session is None and dec.prefill_kernel == "q4"
+    pf = dec.gemm
+    expect = sum(-(-w.n // 16) * 16 * w.blocks * (w.block // 2 + 4) for w in pf._weights())
+    held = sum(t.numel() * t.element_size() for pair in pf.resident.values() for t in pair)
+    assert held == expect and len(pf.resident) == len(pf._weights())
+    assert not pf._buffers

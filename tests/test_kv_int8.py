@@ -125,3 +125,38 @@ def test_build_with_an_int8_cache_calibrates_on_its_own_engines_and_answers(tiny
     assert spec.attributes["kv_dtype"] == "int8" and {t.dtype for t in spec.inputs if t.name.startswith("past_key_values.")} == {"int8"}
     run = CliRunner().invoke(cli, ["run", str(out), "--image", str(__import__("convllava_export").__path__[0] + "/data/demo_blue_wide.png"), "--prompt", "What is it?", "--max-new-tokens", "4"])
     assert run.exit_code == 0, run.output
+
+
+def test_the_q4_decoder_decodes_an_int8_cache_as_ort_does(reference, request):
+    """Q4GqaDecoder over an int8 cache: prompt and batched decode steps write the cache values ORT
+    writes (a rounding step apart), the logits agree, and greedy tokens in a batch equal alone."""
+    from convllava_export.engines.onnxruntime import open_decoder
+    from convllava_export.runtime.sampling import SamplingParams
+    from convllava_export.runtime.scheduler import generate
+
+    from convllava_export.engines.kernels import dequant_library
+
+    if dequant_library() is None:
+        pytest.skip("no C compiler here: the q4 kernel is native only")
+    folder = request.getfixturevalue("conformance_gqa_int4_kv8")
+    ort, q4 = open_decoder(folder, prefill="onnxruntime"), open_decoder(folder, prefill="q4")
+    assert q4.prefill_kernel == "q4" and q4.session is None
+    seqs = _prompts(reference, 3)
+    feed = np.random.default_rng(3).integers(0, ort.vocab_size, 3)
+    for dec in (ort, q4):
+        cache = dec.new_cache(1 << 28, 3, 512)
+        for s in seqs:
+            cache.open(len(s) + 4)
+            dec.prefill(cache, s)
+            cache.commit()
+        dec.steps = [dec.decode(cache, dec.embed(feed)) for _ in range(2)]
+        dec.cache = cache
+    for a, b in zip(ort.steps, q4.steps):
+        assert min(cosine(x, y) for x, y in zip(a, b)) > 0.99
+    for x, y in zip(ort.cache.arrays, q4.cache.arrays):
+        for k, s in enumerate(seqs):  # each row's positions: its prompt and the two steps
+            d = np.abs(x[k, :, : len(s) + 2].astype(np.int16) - y[k, :, : len(s) + 2].astype(np.int16))
+            assert d.max() <= 2 and (d == 0).mean() > 0.8
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    alone = [generate(q4, reference.tokenizer, [s], params)[0].token_ids for s in seqs]
+    assert [r.token_ids for r in generate(q4, reference.tokenizer, seqs, params)] == alone

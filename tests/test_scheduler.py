@@ -27,10 +27,10 @@ GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
 needs_genai = needs("onnxruntime_genai", "genai")
 
 
-def open_gqa(request, fixture: str):
+def open_gqa(request, fixture: str, kernel: str = "onnxruntime"):
     from convllava_export.engines.onnxruntime import open_decoder
 
-    return open_decoder(request.getfixturevalue(fixture))
+    return open_decoder(request.getfixturevalue(fixture), prefill=kernel)  # ORT's in-place IOBinding path unless asked
 
 
 def sequences(dec, lengths, seed=0):
@@ -95,6 +95,37 @@ def test_gqa_decodes_all_rows_in_one_run_in_place(fixture, reference, request):
     assert len(pointers) == 1  # the same buffer every step: written in place, never re-made
     assert not counting.present_copies  # only the logits are read back
     assert max(sched.stats.batch_sizes) == 4
+
+
+@needs_genai
+def test_q4_decodes_all_rows_with_one_gemm_per_weight(reference, request):
+    """The q4 decoder's step: four rows cost the GEMM calls of one row (each weight read once for
+    all of them), the cache buffer is written in place, and greedy tokens equal each row alone."""
+    from convllava_export.engines.kernels import dequant_library
+
+    if dequant_library() is None:
+        pytest.skip("no C compiler here: the q4 kernel is native only")
+    dec = open_gqa(request, "conformance_gqa_int4", "q4")
+    seqs = sequences(dec, (5, 17, 9, 30))
+    alone = [generate(dec, reference.tokenizer, [s], GREEDY)[0].token_ids for s in seqs]
+    calls = []
+    real = dec.gemm._linear_q4
+    dec.gemm._linear_q4 = lambda hs, w: calls.append(sum(h.shape[0] for h in hs)) or real(hs, w)
+    sched = Scheduler(dec, reference.tokenizer, SchedulerSettings(max_running=4, max_batched_tokens=8, kv_budget_bytes=1 << 30, max_context=512))
+    got = [[] for _ in seqs]
+    for i, s in enumerate(seqs):
+        sched.add(Job(None, GREEDY, lambda ev, i=i: got[i].append(ev), seq=s, index=i))
+    pointers, steps = set(), []
+    while not sched.idle:
+        before, rows, prefilling = len(calls), len(sched.running), bool(sched.pending) or bool(sched.queue)
+        sched.step()
+        if rows == 4 and not prefilling:
+            steps.append(calls[before:])
+            pointers.add(sched.cache.arrays[0].ctypes.data)
+    assert [[e.token_id for e in g if hasattr(e, "token_id")] for g in got] == alone
+    weights = len(dec.gemm._weights())
+    assert steps and all(len(c) == weights and set(c) == {4} for c in steps)  # one call per weight, all four rows in it
+    assert len(pointers) == 1
 
 
 @needs_genai

@@ -1,4 +1,4 @@
-"""The prompt path of a block-quantized GroupQueryAttention graph, on torch's bf16 or int8 GEMMs.
+"""The prompt path (and, for q4, every step) of a block-quantized GroupQueryAttention graph, on our kernels.
 
 Why: ONNX Runtime's int4/int8 MatMulNBits runs the prompt at ~410 GFLOP/s on an AMX Xeon, while
 oneDNN's bf16 GEMM through torch runs ~1.9 TFLOP/s there (BENCHMARKS.md, "Prompt-path kernels").
@@ -16,6 +16,13 @@ running rows) stay on ONNX Runtime, where int4 reads half the bytes of int8 and 
   its GEMM runs ~1 TOP/s on VNNI, but the two rows make it 0.91-1.17x MatMulNBits end to end on
   a VNNI Xeon without AMX (BENCHMARKS.md, "int8 prompt kernel"); it is there to measure that,
   and for AMX-INT8 CPUs, where it has not run.
+
+- q4 (`--llm-kernel q4`, auto with AVX-512 VNNI and no AMX): no unpacking at all. Each tile's
+  int4 bytes are moved into groups of 16 output columns and multiplied against int8 activations
+  (one scale per row and block of K, as MatMulNBits' accuracy level 4) with vpdpbusd
+  (kernels/dequant.c gemm_q4, ~700-900 GOP/s on a 2-core VNNI Xeon where MatMulNBits runs ~300).
+  With `resident=True` (engines/onnxruntime.Q4GqaDecoder) every weight is packed once at load and
+  decode steps run here too (`decode_rows`: one GEMM per weight for all running rows).
 
 The math is the graph's (export/llm_gqa.py): RMSNorm → fused qkv → rotary (half-split) → causal
 attention over the row's cache → o_proj → residual → RMSNorm → SiLU-gated MLP → residual, final
@@ -48,7 +55,9 @@ from ..errors import ConvLlavaError
 from .kernels import dequant_library
 
 M_BUCKET = 64  # GEMM rows are padded to a multiple of this (see GemmPrefill._bucket)
-COMPUTE = {"bf16": torch.bfloat16, "int8": torch.int8}  # --prefill kernels this class runs
+# --prefill kernels this class runs: what their GEMMs multiply (q4: the packed int4 blocks as they are)
+COMPUTE = {"bf16": torch.bfloat16, "int8": torch.int8, "q4": torch.quint4x2}
+Q4_ROW_CHUNK = 64  # q4: rows whose int8 activations stay in L2 while a tile's weights pass (kernels/dequant.c gemm_q4)
 OUTLIER_RATIO = 6.0  # int8 path: activation columns this far above the median column max run in fp32
 SCRATCH_ELEMENTS = 1 << 24  # weights dequantized at a time: 16 M (32 MB of bf16); smaller tiles made slower GEMMs (BENCHMARKS.md)
 
@@ -68,13 +77,23 @@ def _cpu_flags() -> set[str]:
     return set(line.split(":", 1)[-1].split())
 
 
+def _q4_native() -> bool:
+    """The q4 kernel compiled here with its VNNI path (not the plain reference)."""
+    lib = dequant_library()
+    return lib is not None and bool(lib.q4_vnni())
+
+
 def cpu_prefill_kernel() -> str | None:
-    """What `--prefill auto` runs here: bf16 where the CPU has AMX-BF16 (oneDNN's bf16 GEMM on the
-    tiles, 1.6-2.9x MatMulNBits at 7B), else None (ONNX Runtime's own kernel). Not int8: on a
-    VNNI CPU without AMX it runs the 7B prompt at 0.91-1.17x MatMulNBits (its GEMM is ~1 TOP/s,
-    but matching MatMulNBits' accuracy takes two of them), and AMX-INT8 is unmeasured
-    (BENCHMARKS.md, "int8 prompt kernel")."""
-    return "bf16" if "amx_bf16" in _cpu_flags() else None
+    """What `--llm-kernel auto` runs here: bf16 prompts where the CPU has AMX-BF16 (oneDNN's bf16
+    GEMM on the tiles, 1.6-2.9x MatMulNBits at 7B); q4 for every step where it has AVX-512 VNNI
+    and no AMX (7B prompt 1.6-1.7x MatMulNBits, BENCHMARKS.md "q4"); else None (ONNX Runtime's
+    own kernels). Never int8: 0.91-1.17x MatMulNBits (two GEMMs to match its accuracy)."""
+    flags = _cpu_flags()
+    if "amx_bf16" in flags:
+        return "bf16"
+    if {"avx512_vnni", "avx512bw"} <= flags and _q4_native():
+        return "q4"
+    return None
 
 
 @dataclass(frozen=True)
@@ -118,7 +137,7 @@ class _Layer:
 class GemmPrefill:
     """Prefill chunks of a gqa int4/int8 decoder folder on torch bf16 or int8 GEMMs (see module docstring)."""
 
-    def __init__(self, folder: Path, threads: int | None = None, compute: str = "bf16") -> None:
+    def __init__(self, folder: Path, threads: int | None = None, compute: str = "bf16", resident: bool = False) -> None:
         self.folder = Path(folder)
         graph = self.folder / "decoder.onnx"
         model = onnx.load(str(graph), load_external_data=False)
@@ -184,6 +203,19 @@ class GemmPrefill:
         self.norm_final = self._norm_weight(final)
         self.lm_head = self._quant(head)
         self.eps = float(eps)
+        if compute == "q4":
+            self._check_q4()
+        # resident (q4 only): every weight packed once, here, and kept (the size of the int4
+        # weights), so decode steps read each weight once and nothing else: the whole-decoder mode
+        self.resident: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        if resident:
+            if compute != "q4":
+                raise ConvLlavaError(f"resident weights are the q4 kernel's; {compute} unpacks tiles per pass")
+            self.resident = {}
+            for w in self._weights():
+                wq, ws = self._pack_q4(w, 0, w.n)
+                self.resident[id(w)] = (wq.clone(), ws.clone())
+            self._buffers.clear()
         self.tokens = 0  # prompt positions this kernel has prefilled (what tests and stats read)
 
     # -- reading the graph ------------------------------------------------------------------
@@ -245,6 +277,16 @@ class GemmPrefill:
             raise ConvLlavaError(f"{node.name}: scales are not fp32; the GEMM prompt kernel reads the fp32 scales our export writes")
         return QuantWeight(int(a["N"]), int(a["K"]), bits, block, self._span(node.input[1]), self._span(node.input[2]))
 
+    def _weights(self) -> list[QuantWeight]:
+        return [w for layer in self.layers for w in (*layer.qkv, layer.o, layer.gate, layer.up, layer.down)] + [self.lm_head]
+
+    def _check_q4(self) -> None:
+        if self.lib is None:
+            raise ConvLlavaError("the q4 kernel is native code and no C compiler built it here (install gcc, or unset CONVLLAVA_NATIVE_KERNELS=0); use --llm-kernel onnxruntime")
+        for w in self._weights():
+            if w.bits != 4 or w.block % 8:
+                raise ConvLlavaError(f"{self.folder}: {w.bits}-bit blocks of {w.block}; the q4 kernel takes 4-bit blocks of a multiple of 8 (use --llm-kernel int8 or onnxruntime)")
+
     # -- kernels ----------------------------------------------------------------------------
     def _scratch(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
         """A reused buffer of at least n elements (allocated once per kind, the largest tile)."""
@@ -273,8 +315,11 @@ class GemmPrefill:
         cuts = [n * i // parts for i in range(parts + 1)]
         if parts == 1:
             fn(0, n)
-        else:
-            list(self._pool.map(lambda i: fn(cuts[i], cuts[i + 1]), range(parts)))
+            return
+        rest = [self._pool.submit(fn, cuts[i], cuts[i + 1]) for i in range(1, parts)]
+        fn(cuts[0], cuts[1])  # the first range here: one hand-off fewer per call (~225 calls a 7B decode step)
+        for f in rest:
+            f.result()
 
     def _dequant_rows(self, w: QuantWeight, r0: int, r1: int, packed: np.ndarray, scales: np.ndarray, out: torch.Tensor) -> None:
         """Rows r0..r1 of W read and dequantized into `out` [(r1-r0)·blocks, block]."""
@@ -319,6 +364,8 @@ class GemmPrefill:
         """Each h [M_i, K] @ W^T → [M_i, N], W unpacked a tile of rows at a time and each tile
         shared by every h: one GEMM per row's chunk, the same call it gets alone (so its numbers
         do not depend on the rows beside it), one unpacking for all of them."""
+        if self.compute == torch.quint4x2 and not fp32:
+            return self._linear_q4(hs, w)
         if self.compute == torch.int8 and not fp32:
             return self._linear_i8(hs, w)
         dtype = torch.float32 if fp32 else self.compute
@@ -431,6 +478,49 @@ class GemmPrefill:
                     out[:, r0:r1] += outl @ self._exact_columns(w, r1 - r0, idx).t()
         return [out[: h.shape[0]] for out, h in zip(outs, hs)]
 
+    def _pack_q4(self, w: QuantWeight, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows r0..r1 of W read and laid out for gemm_q4: 16 rows (output columns) a group, the
+        packed bytes moved, not unpacked (kernels/dequant.c pack_q4)."""
+        n, blob, groups = r1 - r0, w.block // 2, -(-(r1 - r0) // 16)
+        dw = w.blocks * w.block // 8
+        wq = self._scratch("q4-w", groups * dw * 16, torch.int32)
+        ws = self._scratch("q4-ws", groups * w.blocks * 16, torch.float32)
+        packed = self._scratch("packed", n * w.blocks * blob, torch.uint8).numpy()
+        scales = self._scratch("scales", n * w.blocks, torch.float32).numpy()
+
+        def run(a: int, b: int) -> None:
+            ra, rb = 16 * a, min(n, 16 * b)
+            p, sc = packed[ra * w.blocks * blob : rb * w.blocks * blob], scales[ra * w.blocks : rb * w.blocks]
+            self._read_rows(w, r0 + ra, p, sc)
+            self.lib.pack_q4(p.ctypes.data, sc.ctypes.data, wq[a * dw * 16 :].data_ptr(), ws[a * w.blocks * 16 :].data_ptr(), rb - ra, w.blocks, w.block)
+
+        self._split_rows(groups, run)
+        return wq, ws
+
+    def _linear_q4(self, hs: list[torch.Tensor], w: QuantWeight) -> list[torch.Tensor]:
+        """`linear` on the q4 kernel: int4 blocks against int8 activations (one scale per row and
+        block, as MatMulNBits' accuracy level 4), VNNI dot products (kernels/dequant.c gemm_q4).
+        Every row's numbers are its own (per-row quantization, a fixed fp32 order per output), so
+        all chunks share one GEMM: each weight tile is read once for all of them."""
+        sizes = [h.shape[0] for h in hs]
+        h = torch.cat(hs) if len(hs) > 1 else hs[0]
+        m, kp = h.shape[0], w.blocks * w.block
+        h = F.pad(h.float(), (0, kp - h.shape[1])) if kp != h.shape[1] else h.float().contiguous()
+        aq = torch.empty(-(-m // 8) * 8 * kp, dtype=torch.int8)  # tiles of 8 rows (the last one padded)
+        sa, za = torch.empty(m * w.blocks), torch.empty(m * w.blocks, dtype=torch.int32)
+        self._split_rows(m, lambda a, b: self.lib.quant_act_q4(h.data_ptr(), kp, aq.data_ptr(), sa.data_ptr(), za.data_ptr(), a, b, w.block))
+        out = torch.empty(m, w.n)
+        step = w.n if self.resident is not None else max(16, SCRATCH_ELEMENTS // kp // 16 * 16)
+        for r0 in range(0, w.n, step):
+            r1 = min(w.n, r0 + step)
+            wq, ws = self.resident[id(w)] if self.resident is not None else self._pack_q4(w, r0, r1)
+            ptr = out[:, r0:].data_ptr()
+            self._split_rows(
+                -(-(r1 - r0) // 16),
+                lambda a, b: self.lib.gemm_q4(aq.data_ptr(), sa.data_ptr(), za.data_ptr(), m, wq.data_ptr(), ws.data_ptr(), a, b, w.blocks, w.block, ptr, w.n, r1 - r0, Q4_ROW_CHUNK),  # noqa: B023 - run before the loop moves on
+            )
+        return list(out.split(sizes))
+
     @staticmethod
     def _bucket(h: torch.Tensor) -> torch.Tensor:
         """Rows zero-padded to a multiple of M_BUCKET: oneDNN keeps a primitive (and its memory,
@@ -458,15 +548,67 @@ class GemmPrefill:
         torch.set_num_threads(self.threads)
         try:
             with torch.inference_mode(), heap_allocations():
-                return self._prefill(cache_arrays, rows)
+                logits = self._prefill(cache_arrays, rows)
         finally:
             torch.set_num_threads(old_threads)
+        self.tokens += sum(len(e) for _, _, e in rows)
+        return logits
+
+    def decode_rows(self, cache_arrays: list[np.ndarray], lengths: list[int], embeds: np.ndarray) -> np.ndarray:
+        """One decode step of slots 0..n-1 (row r holds lengths[r] positions; embeds [n, H]): each
+        row's next position written into `cache_arrays`, logits [n, V]. The whole step is batched:
+        one GEMM per weight for all rows, one attention call per layer over the slots' caches as
+        they lie (padded to the longest row, the rest masked)."""
+        from ..runtime.memory import heap_allocations
+
+        old_threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode(), heap_allocations():
+                return self._decode(cache_arrays, lengths, embeds)
+        finally:
+            torch.set_num_threads(old_threads)
+
+    def _decode(self, cache_arrays: list[np.ndarray], lengths: list[int], embeds: np.ndarray) -> np.ndarray:
+        hd, nh, kvh, n = self.head_dim, self.heads, self.kv_heads, len(lengths)
+        x = torch.from_numpy(np.ascontiguousarray(embeds, dtype=np.float32))
+        pos, rows, width = torch.tensor(lengths), torch.arange(n), max(lengths) + 1
+        mask = (torch.arange(width)[None, :] <= pos[:, None])[:, None, None, :]  # [n, 1, 1, width]
+        masks: dict[torch.dtype, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            h = self._norm(x, layer.norm_in)
+            parts = [self.linear([h], w)[0] for w in layer.qkv]
+            qkv = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+            q = self._rotary(qkv[:, : nh * hd].view(n, nh, hd).transpose(0, 1), pos).transpose(0, 1)
+            k = self._rotary(qkv[:, nh * hd : (nh + kvh) * hd].view(n, kvh, hd).transpose(0, 1), pos).transpose(0, 1)
+            v = qkv[:, (nh + kvh) * hd :].view(n, kvh, hd)
+            kc, vc = torch.from_numpy(cache_arrays[2 * i]), torch.from_numpy(cache_arrays[2 * i + 1])
+            if layer.kv_scales is None:
+                kc[rows, :, pos] = k.to(kc.dtype)
+                vc[rows, :, pos] = v.to(vc.dtype)
+                att = kc.dtype if kc.dtype == torch.float16 else self.act
+                keys, values = kc[:n, :, :width].to(att), vc[:n, :, :width].to(att)
+            else:
+                ks, vs = (t.view(kvh, hd) for t in layer.kv_scales)
+                kc[rows, :, pos] = torch.round(k.float() / ks).clamp_(-128, 127).to(torch.int8)
+                vc[rows, :, pos] = torch.round(v.float() / vs).clamp_(-128, 127).to(torch.int8)
+                keys = (kc[:n, :, :width].float() * layer.kv_scales[0]).to(self.act)
+                values = (vc[:n, :, :width].float() * layer.kv_scales[1]).to(self.act)
+            if keys.dtype not in masks:  # additive: SDPA's fp16 path ran ~1.3x faster than with the bool mask
+                masks[keys.dtype] = torch.zeros(mask.shape, dtype=keys.dtype).masked_fill_(~mask, float("-inf"))
+            bias = masks[keys.dtype]
+            attn = F.scaled_dot_product_attention(q[:, :, None].to(keys.dtype), keys, values, attn_mask=bias, scale=self.scale, enable_gqa=nh != kvh)
+            x = x + self.linear([attn.reshape(n, nh * hd).to(self.act)], layer.o)[0].float()
+            h = self._norm(x, layer.norm_post)
+            x = x + self.linear([F.silu(self.linear([h], layer.gate)[0]) * self.linear([h], layer.up)[0]], layer.down)[0].float()
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_final
+        return self.linear([h], self.lm_head, fp32=self.resident is None)[0].numpy()
 
     def _prefill(self, cache_arrays: list[np.ndarray], rows: list[tuple[int, int, np.ndarray]]) -> list[np.ndarray]:
         hd, nh, kvh = self.head_dim, self.heads, self.kv_heads
         xs = [torch.from_numpy(np.ascontiguousarray(e, dtype=np.float32)) for _, _, e in rows]
         spans = [(slot, past, len(e), torch.arange(past, past + len(e))) for slot, past, e in rows]
-        masks = [None if past == 0 else (torch.arange(past + s)[None, :] <= pos[:, None]) for _, past, s, pos in spans]
+        masks = [None if past == 0 or s == 1 else (torch.arange(past + s)[None, :] <= pos[:, None]) for _, past, s, pos in spans]  # one position sees its whole past
         for i, layer in enumerate(self.layers):
             hs = [self._norm(x, layer.norm_in) for x in xs]
             parts = [self.linear(hs, w) for w in layer.qkv]
@@ -481,21 +623,24 @@ class GemmPrefill:
                 if layer.kv_scales is None:
                     kc[:, past : past + s] = k.to(kc.dtype)
                     vc[:, past : past + s] = v.to(vc.dtype)
-                    keys, values = kc[:, : past + s].to(self.act), vc[:, : past + s].to(self.act)
+                    # the q4 decoder attends over an fp16 cache as it is (SDPA's fp16 kernel accumulates
+                    # in fp32); converting every row's whole past each decode step cost as much again
+                    att = kc.dtype if self.resident is not None and kc.dtype == torch.float16 else self.act
+                    keys, values = kc[:, : past + s].to(att), vc[:, : past + s].to(att)
                 else:  # int8 cache: quantized as GroupQueryAttention does (nearest, saturating), attended dequantized
                     ks, vs = layer.kv_scales
                     kc[:, past : past + s] = torch.round(k.float() / ks).clamp_(-128, 127).to(torch.int8)
                     vc[:, past : past + s] = torch.round(v.float() / vs).clamp_(-128, 127).to(torch.int8)
                     keys, values = (kc[:, : past + s].float() * ks).to(self.act), (vc[:, : past + s].float() * vs).to(self.act)
                 attn = F.scaled_dot_product_attention(
-                    q.to(self.act)[None], keys[None], values[None], attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=nh != kvh
+                    q.to(keys.dtype)[None], keys[None], values[None], attn_mask=mask, is_causal=mask is None and past == 0, scale=self.scale, enable_gqa=nh != kvh
                 )[0]
-                attns.append(attn.transpose(0, 1).reshape(s, nh * hd))
+                attns.append(attn.transpose(0, 1).reshape(s, nh * hd).to(self.act))
             xs = [x + o.float() for x, o in zip(xs, self.linear(attns, layer.o))]
             hs = [self._norm(x, layer.norm_post) for x in xs]
             acts = [F.silu(g) * u for g, u in zip(self.linear(hs, layer.gate), self.linear(hs, layer.up))]
             xs = [x + d.float() for x, d in zip(xs, self.linear(acts, layer.down))]
         lasts = [x[-1:] for x in xs]
         hs = [h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_final for h in lasts]
-        self.tokens += sum(s for _, _, s, _ in spans)
-        return [lg[0].numpy() for lg in self.linear(hs, self.lm_head, fp32=True)]
+        # lm_head: exact fp32 for a prompt's last positions; q4 when every decode step runs here
+        return [lg[0].numpy() for lg in self.linear(hs, self.lm_head, fp32=self.resident is None)]

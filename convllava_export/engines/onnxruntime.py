@@ -121,12 +121,12 @@ class OrtDecoder(DenseDecoder):
 
     prefill_kernel = "onnxruntime"
 
-    def __init__(self, folder: Path, target: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, folder: Path, target: str = "cpu", threads: int | None = None, session: bool = True) -> None:
         from ..export.spec import PartSpec
 
         folder = self.folder = Path(folder)
         self.spec = PartSpec.load(folder / "decoder.json")
-        self.session = create_session(folder / self.spec.graph, target, threads)
+        self.session = create_session(folder / self.spec.graph, target, threads) if session else None
         self.table = np.load(folder / "embed_tokens.npy", mmap_mode="r")
         attrs = self.spec.attributes
         self.vocab_size = int(attrs["vocab"])
@@ -186,7 +186,7 @@ class OrtGqaDecoder(OrtDecoder):
         if kernel in (None, "onnxruntime"):
             return None
         if not eligible:
-            raise BuildError(f"--prefill {kernel} runs int4/int8 gqa graphs on the CPU; this one is {self.spec.precision} on {target}: use --prefill onnxruntime")
+            raise BuildError(f"--llm-kernel {kernel} runs int4/int8 gqa graphs on the CPU; this one is {self.spec.precision} on {target}: use --llm-kernel onnxruntime")
         try:
             return GemmPrefill(self.folder, threads, compute=kernel)
         except ConvLlavaError:
@@ -257,13 +257,57 @@ class OrtGqaDecoder(OrtDecoder):
         return logits[0], SeqKV(present, total)
 
 
+class Q4GqaDecoder(OrtGqaDecoder):
+    """Every step of a gqa int4 graph on the q4 kernel (engines/gemm_prefill.py, weights packed
+    once and resident): prompt chunks, and decode steps with one GEMM for all running rows, so a
+    step of 16 rows reads each weight once. ONNX Runtime's session is never opened, so its
+    prepacked copy of the weights (3.8 GB at 7B) is never made; this keeps one of the same size.
+    The graph still defines the model: its weights, norms, rotary tables and cache layout."""
+
+    prefill_kernel = "q4"
+
+    def __init__(self, folder: Path, target: str = "cpu", threads: int | None = None) -> None:
+        from .gemm_prefill import GemmPrefill
+
+        OrtDecoder.__init__(self, folder, target, threads, session=False)
+        if target != "cpu" or self.spec.precision != "int4":
+            raise BuildError(f"--llm-kernel q4 runs int4 gqa graphs on the CPU; this one is {self.spec.precision} on {target}: use --llm-kernel onnxruntime")
+        self.gemm = GemmPrefill(self.folder, threads, compute="q4", resident=True)
+        self.prefill_tokens = 512
+        self.gemm_min_tokens = 1  # every chunk: there is no other kernel
+
+    def _run(self, inputs, past, batch):  # type: ignore[no-untyped-def]
+        raise RuntimeError("the q4 decoder has no ONNX Runtime session; extend() needs at least one position")
+
+    def decode(self, cache: SlotCache, embeds: np.ndarray) -> np.ndarray:  # type: ignore[override]
+        n = cache.rows
+        if max(cache.lengths[:n]) + 1 > cache.capacity[1]:
+            raise RuntimeError("decode beyond the rows' reserved positions")
+        logits = self.gemm.decode_rows(cache.arrays, cache.lengths[:n], embeds)
+        cache.advance(slice(0, n), 1)
+        return logits
+
+
 def open_decoder(folder: Path, target: str = "cpu", threads: int | None = None, prefill: str = "auto") -> OrtDecoder | OrtGqaDecoder:
-    """The decoder class for the graph layout recorded in decoder.json."""
+    """The decoder class for the graph layout recorded in decoder.json (and, for a gqa graph, the
+    LLM kernel: q4 runs every step itself, the others decode on ONNX Runtime)."""
     from ..export.spec import PartSpec
 
-    layout = PartSpec.load(Path(folder) / "decoder.json").attributes.get("layout", "dynamo")
+    spec = PartSpec.load(Path(folder) / "decoder.json")
+    layout = spec.attributes.get("layout", "dynamo")
     if layout == "gqa":
+        from .gemm_prefill import cpu_prefill_kernel
+
+        int8_cache = any(t.name.startswith("past_key_values.") and t.dtype == "int8" for t in spec.inputs)  # q4 attends over fp16 caches as they are, int8 ones dequantized each step
+        auto_q4 = prefill == "auto" and target == "cpu" and spec.precision == "int4" and not int8_cache and cpu_prefill_kernel() == "q4"
+        if prefill == "q4" or auto_q4:
+            try:
+                return Q4GqaDecoder(Path(folder), target, threads)
+            except ConvLlavaError:
+                if not auto_q4:
+                    raise
+            prefill = "onnxruntime"  # auto, and a graph q4 cannot run: ORT's kernels
         return OrtGqaDecoder(Path(folder), target, threads, prefill)
     if prefill not in ("auto", "onnxruntime"):
-        raise BuildError(f"--prefill {prefill} runs the gqa graph; {folder} holds the {layout} graph: build with --llm-graph gqa or use --prefill onnxruntime")
+        raise BuildError(f"--llm-kernel {prefill} runs the gqa graph; {folder} holds the {layout} graph: build with --llm-graph gqa or use --llm-kernel onnxruntime")
     return OrtDecoder(Path(folder), target, threads)

@@ -28,7 +28,7 @@ class LoadContext:
     manifest: Manifest
     threads: int | None = None
     device: str = "cpu"  # where ONNX Runtime runs: the target's device unless overridden
-    prefill: str = "auto"  # prompt kernel of a gqa int4/int8 graph (engines/onnxruntime.PREFILL_KERNELS)
+    prefill: str = "auto"  # --llm-kernel of a gqa int4/int8 graph (precisions.PREFILL_KERNELS)
 
 
 Loader = Callable[[LoadContext], tuple[Any, str]]
@@ -96,6 +96,8 @@ def _ort_llm(ctx: LoadContext) -> tuple[Any, str]:
 
     part = ctx.manifest.llm
     decoder = open_decoder(ctx.folder / part.folder, ctx.device, ctx.threads, ctx.prefill)
+    if decoder.prefill_kernel == "q4":  # the graph's weights, every step on our kernel: no ORT session
+        return decoder, f"q4 kernel {part.precision} ({part.graph} graph's weights, {ctx.device}, prompt and decode)"
     prompt = f", {decoder.prefill_kernel} prompt kernel" if decoder.prefill_kernel != "onnxruntime" else ""
     return decoder, f"onnxruntime {part.precision} ({part.graph} graph, {ctx.device}{prompt})"
 

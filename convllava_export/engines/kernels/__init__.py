@@ -61,4 +61,11 @@ def dequant_library() -> ctypes.CDLL | None:
     lib.scale_i32.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long]
     lib.quant_act_i8.restype = None
     lib.quant_act_i8.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long]
+    ptr, n = ctypes.c_void_p, ctypes.c_long
+    lib.pack_q4.restype = lib.quant_act_q4.restype = lib.gemm_q4.restype = lib.gemm_q4_ref.restype = None
+    lib.pack_q4.argtypes = [ptr, ptr, ptr, ptr, n, n, n]
+    lib.quant_act_q4.argtypes = [ptr, n, ptr, ptr, ptr, n, n, n]
+    lib.gemm_q4_ref.argtypes = [ptr, ptr, ptr, n, ptr, ptr, n, n, n, n, ptr, n, n]
+    lib.gemm_q4.argtypes = [*lib.gemm_q4_ref.argtypes, n]
+    lib.q4_vnni.argtypes, lib.q4_vnni.restype = [], ctypes.c_int
     return lib
