@@ -335,6 +335,15 @@ def test_q4_vnni_and_reference_agree_bit_for_bit():
         np.testing.assert_array_equal(fast, ref)
         exact = h.astype(np.float64) @ exact_w.T
         assert np.abs(fast - exact).max() < 0.02 * np.abs(exact).max(), m
+    # a NaN or inf poisons its own row only (NaN out, as the exact math gives), the rest unchanged
+    bad = h.copy()
+    bad[2, 7], bad[5, 40] = np.nan, np.inf
+    lib.quant_act_q4(bad.ctypes.data, kp, aq.ctypes.data, sa.ctypes.data, za.ctypes.data, 0, m, block)
+    poisoned = np.zeros((m, n), np.float32)
+    lib.gemm_q4(aq.ctypes.data, sa.ctypes.data, za.ctypes.data, m, wq.ctypes.data, ws.ctypes.data, 0, 3, blocks, block, poisoned.ctypes.data, n, n, 64)
+    rows = np.isnan(poisoned).all(axis=1)
+    assert rows[[2, 5]].all() and rows.sum() == 2
+    np.testing.assert_array_equal(np.delete(poisoned, [2, 5], 0), np.delete(fast, [2, 5], 0))
 
 
 def test_q4_is_close_to_the_exact_int4_math(int4_folder):

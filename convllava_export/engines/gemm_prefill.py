@@ -26,15 +26,16 @@ running rows) stay on ONNX Runtime, where int4 reads half the bytes of int8 and 
 
 The math is the graph's (export/llm_gqa.py): RMSNorm → fused qkv → rotary (half-split) → causal
 attention over the row's cache → o_proj → residual → RMSNorm → SiLU-gated MLP → residual, final
-norm, lm_head on the last position in fp32. Keys (after rotary) and values are written into the
+norm, lm_head on the last position (in fp32; on q4 in the resident decoder, as ORT's int4 graph does). Keys (after rotary) and values are written into the
 row's slot of the SlotCache in its dtype, exactly where GroupQueryAttention would put them, so
 decode steps continue on ORT as if ORT had prefilled. The dequantization is MatMulNBits'
 symmetric one: w = (q - 2^(bits-1)) · scale per block of K.
 
 Several pending rows prefill in one pass (`prefill_rows`): each tile of unpacked weights serves
-every row's chunk, so the unpacking (~1.3 s a pass at 7B) is paid once for all of them. Each
-chunk is still its own GEMM, the call it would get alone, so a request's greedy tokens do not
-depend on the rows beside it.
+every row's chunk, so the unpacking (~1.3 s a pass at 7B) is paid once for all of them. With
+bf16/int8 each chunk is still its own GEMM, the call it would get alone, so a request's greedy
+tokens do not depend on the rows beside it; q4's numbers are per row by construction, so its
+chunks share one GEMM.
 """
 
 from __future__ import annotations
@@ -317,9 +318,11 @@ class GemmPrefill:
             fn(0, n)
             return
         rest = [self._pool.submit(fn, cuts[i], cuts[i + 1]) for i in range(1, parts)]
-        fn(cuts[0], cuts[1])  # the first range here: one hand-off fewer per call (~225 calls a 7B decode step)
-        for f in rest:
-            f.result()
+        try:
+            fn(cuts[0], cuts[1])  # the first range here: one hand-off fewer per call (~225 calls a 7B decode step)
+        finally:  # every range done before the shared buffers are touched again, even on an error
+            for f in rest:
+                f.result()
 
     def _dequant_rows(self, w: QuantWeight, r0: int, r1: int, packed: np.ndarray, scales: np.ndarray, out: torch.Tensor) -> None:
         """Rows r0..r1 of W read and dequantized into `out` [(r1-r0)·blocks, block]."""

@@ -6,6 +6,7 @@ provider: one path to build, check and ship, with the engine's metadata and vers
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from ..errors import BuildError, ConvLlavaError
 from ..precisions import PREFILL_KERNELS
 from ..runtime.kv import CacheShape, DenseDecoder, SeqKV, SlotCache
 from .profiles import VisionProfile
+
+log = logging.getLogger("convllava_export.engines")
 
 # Below this many positions a chunk is cheaper on MatMulNBits than unpacking every weight once (7B,
 # AMX Xeon: the unpacking costs ~1.3 s a pass, MatMulNBits ~33 ms a position; BENCHMARKS.md).
@@ -183,6 +186,8 @@ class OrtGqaDecoder(OrtDecoder):
             raise BuildError(f"unknown prefill kernel '{prefill}' (use {', '.join(PREFILL_KERNELS)})")
         eligible = target == "cpu" and self.spec.precision != "fp32"
         kernel = (cpu_prefill_kernel() if eligible else None) if prefill == "auto" else prefill
+        if prefill == "auto" and kernel == "q4":  # auto's q4 is the whole decoder (open_decoder), never a prompt kernel beside ORT
+            kernel = None
         if kernel in (None, "onnxruntime"):
             return None
         if not eligible:
@@ -273,6 +278,8 @@ class Q4GqaDecoder(OrtGqaDecoder):
         if target != "cpu" or self.spec.precision != "int4":
             raise BuildError(f"--llm-kernel q4 runs int4 gqa graphs on the CPU; this one is {self.spec.precision} on {target}: use --llm-kernel onnxruntime")
         self.gemm = GemmPrefill(self.folder, threads, compute="q4", resident=True)
+        if not self.gemm.lib.q4_vnni():
+            log.warning("--llm-kernel q4 on a CPU without AVX-512 VNNI runs the kernel's plain-C reference: correct, but far slower than onnxruntime")
         self.prefill_tokens = 512
         self.gemm_min_tokens = 1  # every chunk: there is no other kernel
 

@@ -191,11 +191,17 @@ void quant_act_q4(const float *restrict h, long kp, int8_t *restrict aq, float *
         int8_t *tile = aq + (m / 8) * 8 * kp + (m % 8) * 8;
         for (long b = 0; b < blocks; b++) {
             const float *x = h + m * kp + b * block;
-            float amax = 0.f;
-#pragma omp simd reduction(max : amax)
-            for (long j = 0; j < block; j++) amax = fmaxf(amax, fabsf(x[j]));
-            const float inv = amax > 0.f ? 127.f / amax : 0.f;
-            as[m * blocks + b] = amax / 127.f;
+            float amax = 0.f, poison = 0.f; /* poison: NaN when the block holds a NaN or an inf (fmaxf skips NaN) */
+#pragma omp simd reduction(max : amax) reduction(+ : poison)
+            for (long j = 0; j < block; j++) {
+                amax = fmaxf(amax, fabsf(x[j]));
+                poison += x[j] * 0.f;
+            }
+            /* a non-finite block: q = 0 and a NaN scale, so the outputs are NaN (never an int
+             * conversion of NaN, which C leaves undefined); a block below 1e-30 counts as zero */
+            const int finite = poison == 0.f;
+            const float inv = finite && amax > 1e-30f ? 127.f / amax : 0.f;
+            as[m * blocks + b] = finite ? amax / 127.f : NAN;
             int32_t sum = 0;
             for (long s = b * block / 8; s < (b + 1) * block / 8; s++) {
                 int8_t *o = tile + 64 * s;
@@ -259,7 +265,7 @@ static inline __attribute__((always_inline)) void q4_tile(const int rows, const 
             for (int j = 0; j < width; j++) {
                 /* the next tile's weights, a tile ahead: at decode sizes (M = rows <= 16) the weights
                  * stream from DRAM and this overlaps their read with this tile's dot products */
-                _mm_prefetch((const char *)(w + (width + j) * wstride + s * 16), _MM_HINT_T0);
+                _mm_prefetch((const char *)((uintptr_t)(w + j * wstride + s * 16) + (uintptr_t)(width * wstride * 4)), _MM_HINT_T0); /* may lie past wq: a hint, never a fault */
                 const __m512i v = _mm512_loadu_si512(w + j * wstride + s * 16);
                 lo[j] = _mm512_and_si512(v, m4);
                 hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
@@ -309,6 +315,7 @@ void gemm_q4(const int8_t *aq, const float *as, const int32_t *az, long m, const
              long g0, long g1, long blocks, long block, float *out, long ldo, long n, long mc) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     const long kp = blocks * block, dw = kp / 8;
+    mc = mc < 8 ? 8 : (mc + 7) / 8 * 8; /* whole tiles of 8 rows: aq is addressed by tile */
     for (long m0 = 0; m0 < m; m0 += mc) {
         const long m1 = m0 + mc < m ? m0 + mc : m;
         for (long g = g0; g < g1;) {
