@@ -364,5 +364,9 @@ def test_the_q4_decoder_holds_one_packed_copy_and_no_onnxruntime_session(int4_fo
     pf = dec.gemm
     expect = sum(-(-w.n // 16) * 16 * w.blocks * (w.block // 2 + 4) for w in pf._weights())
     held = sum(t.numel() * t.element_size() for pair in pf.resident.values() for t in pair)
-    assert held == expect and len(pf.resident) == len(pf._weights())
+    assert held == expect
     assert not pf._buffers
+    # q, k, v and gate, up packed side by side where their columns fill whole groups
+    fused = sum(len(k) for k in pf.fused)
+    assert len(pf.resident) == len(pf._weights()) - fused + len(pf.fused)
+    assert len(pf.fused) == sum(pf._fusable(layer.qkv) + pf._fusable((layer.gate, layer.up)) for layer in pf.layers) > 0

@@ -123,8 +123,8 @@ def test_q4_decodes_all_rows_with_one_gemm_per_weight(reference, request):
             steps.append(calls[before:])
             pointers.add(sched.cache.arrays[0].ctypes.data)
     assert [[e.token_id for e in g if hasattr(e, "token_id")] for g in got] == alone
-    weights = len(dec.gemm._weights())
-    assert steps and all(len(c) == weights and set(c) == {4} for c in steps)  # one call per weight, all four rows in it
+    weights = len(dec.gemm.resident)  # one packed weight per call: q, k, v and gate, up fused where they can be
+    assert steps and all(len(c) == weights and set(c) == {4} for c in steps)  # one call per packed weight, all four rows in it
     assert len(pointers) == 1
 
 

@@ -209,13 +209,27 @@ class GemmPrefill:
         # resident (q4 only): every weight packed once, here, and kept (the size of the int4
         # weights), so decode steps read each weight once and nothing else: the whole-decoder mode
         self.resident: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        # weights that read the same input (q, k, v; gate, up) packed side by side: one GEMM call
+        # (and one activation quantization) for the group, the same numbers column by column
+        self.fused: dict[tuple[int, ...], QuantWeight] = {}
         if resident:
             if compute != "q4":
                 raise ConvLlavaError(f"resident weights are the q4 kernel's; {compute} unpacks tiles per pass")
             self.resident = {}
-            for w in self._weights():
-                wq, ws = self._pack_q4(w, 0, w.n)
-                self.resident[id(w)] = (wq.clone(), ws.clone())
+            groups = [g for layer in self.layers for g in (layer.qkv, (layer.gate, layer.up)) if self._fusable(g)]
+            grouped = {id(w) for g in groups for w in g}
+            for g in [*groups, *[(w,) for w in self._weights() if id(w) not in grouped]]:
+                whole = g[0] if len(g) == 1 else QuantWeight(sum(w.n for w in g), g[0].k, g[0].bits, g[0].block, g[0].packed, g[0].scales)
+                dw, gs = whole.blocks * whole.block // 8, [-(-w.n // 16) for w in g]
+                wq, ws = torch.empty(-(-whole.n // 16) * dw * 16, dtype=torch.int32), torch.empty(-(-whole.n // 16) * whole.blocks * 16)
+                at = 0
+                for w, n16 in zip(g, gs):
+                    pq, ps = self._pack_q4(w, 0, w.n)
+                    wq[at * dw * 16 : (at + n16) * dw * 16], ws[at * w.blocks * 16 : (at + n16) * w.blocks * 16] = pq, ps
+                    at += n16
+                self.resident[id(whole)] = (wq, ws)
+                if len(g) > 1:
+                    self.fused[tuple(id(w) for w in g)] = whole
             self._buffers.clear()
         self.tokens = 0  # prompt positions this kernel has prefilled (what tests and stats read)
 
@@ -280,6 +294,20 @@ class GemmPrefill:
 
     def _weights(self) -> list[QuantWeight]:
         return [w for layer in self.layers for w in (*layer.qkv, layer.o, layer.gate, layer.up, layer.down)] + [self.lm_head]
+
+    @staticmethod
+    def _fusable(group: tuple[QuantWeight, ...]) -> bool:
+        """Several weights of one input whose packed groups of 16 columns can lie side by side."""
+        return len(group) > 1 and all(w.n % 16 == 0 and (w.k, w.bits, w.block) == (group[0].k, group[0].bits, group[0].block) for w in group)
+
+    def linear_group(self, hs: list[torch.Tensor], group: tuple[QuantWeight, ...]) -> list[list[torch.Tensor]]:
+        """`linear` of each weight of `group` (one input), per weight a list per h: one GEMM for the
+        group where it was packed side by side, else one per weight."""
+        whole = self.fused.get(tuple(id(w) for w in group)) if self.compute == torch.quint4x2 else None
+        if whole is None:  # (the fused weight exists only packed: other computes read each weight's own bytes)
+            return [self.linear(hs, w) for w in group]
+        outs = [o.split([w.n for w in group], dim=-1) for o in self.linear(hs, whole)]
+        return [[o[j] for o in outs] for j in range(len(group))]
 
     def _check_q4(self) -> None:
         if self.lib is None:
@@ -580,7 +608,7 @@ class GemmPrefill:
         masks: dict[torch.dtype, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             h = self._norm(x, layer.norm_in)
-            parts = [self.linear([h], w)[0] for w in layer.qkv]
+            parts = [p[0] for p in self.linear_group([h], layer.qkv)]
             qkv = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
             q = self._rotary(qkv[:, : nh * hd].view(n, nh, hd).transpose(0, 1), pos).transpose(0, 1)
             k = self._rotary(qkv[:, nh * hd : (nh + kvh) * hd].view(n, kvh, hd).transpose(0, 1), pos).transpose(0, 1)
@@ -603,7 +631,8 @@ class GemmPrefill:
             attn = F.scaled_dot_product_attention(q[:, :, None].to(keys.dtype), keys, values, attn_mask=bias, scale=self.scale, enable_gqa=nh != kvh)
             x = x + self.linear([attn.reshape(n, nh * hd).to(self.act)], layer.o)[0].float()
             h = self._norm(x, layer.norm_post)
-            x = x + self.linear([F.silu(self.linear([h], layer.gate)[0]) * self.linear([h], layer.up)[0]], layer.down)[0].float()
+            (g,), (u,) = self.linear_group([h], (layer.gate, layer.up))
+            x = x + self.linear([F.silu(g) * u], layer.down)[0].float()
         h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_final
         return self.linear([h], self.lm_head, fp32=self.resident is None)[0].numpy()
 
@@ -614,7 +643,7 @@ class GemmPrefill:
         masks = [None if past == 0 or s == 1 else (torch.arange(past + s)[None, :] <= pos[:, None]) for _, past, s, pos in spans]  # one position sees its whole past
         for i, layer in enumerate(self.layers):
             hs = [self._norm(x, layer.norm_in) for x in xs]
-            parts = [self.linear(hs, w) for w in layer.qkv]
+            parts = self.linear_group(hs, layer.qkv)
             qkvs = [torch.cat([p[r] for p in parts], dim=-1) if len(parts) > 1 else parts[0][r] for r in range(len(xs))]
             attns = []
             for (slot, past, s, pos), qkv, mask in zip(spans, qkvs, masks):
@@ -641,7 +670,7 @@ class GemmPrefill:
                 attns.append(attn.transpose(0, 1).reshape(s, nh * hd).to(self.act))
             xs = [x + o.float() for x, o in zip(xs, self.linear(attns, layer.o))]
             hs = [self._norm(x, layer.norm_post) for x in xs]
-            acts = [F.silu(g) * u for g, u in zip(self.linear(hs, layer.gate), self.linear(hs, layer.up))]
+            acts = [F.silu(g) * u for g, u in zip(*self.linear_group(hs, (layer.gate, layer.up)))]
             xs = [x + d.float() for x, d in zip(xs, self.linear(acts, layer.down))]
         lasts = [x[-1:] for x in xs]
         hs = [h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_final for h in lasts]
