@@ -70,6 +70,24 @@ class CountingSession:
         return getattr(self.session, name)
 
 
+def four_rows(dec, reference, seqs, log: list):
+    """The four `seqs` through one scheduler (4 rows, 8-position prefill chunks) to the end: the
+    scheduler, each job's token ids, what `log` gained in each step that decoded all four rows
+    with nothing prefilling, and the cache buffer's addresses in those steps."""
+    sched = Scheduler(dec, reference.tokenizer, SchedulerSettings(max_running=4, max_batched_tokens=8, kv_budget_bytes=1 << 30, max_context=512))
+    got = [[] for _ in seqs]
+    for i, s in enumerate(seqs):
+        sched.add(Job(None, GREEDY, lambda ev, i=i: got[i].append(ev), seq=s, index=i))
+    pointers, steps = set(), []
+    while not sched.idle:
+        before, rows, prefilling = len(log), len(sched.running), bool(sched.pending) or bool(sched.queue)
+        sched.step()
+        if rows == 4 and not prefilling:
+            steps.append(log[before:])
+            pointers.add(sched.cache.arrays[0].ctypes.data)
+    return sched, [[e.token_id for e in g if hasattr(e, "token_id")] for g in got], steps, pointers
+
+
 @needs_genai
 @pytest.mark.parametrize("fixture", ["conformance_gqa", "conformance_gqa_int4", "conformance_gqa_int4_kv8"])
 def test_gqa_decodes_all_rows_in_one_run_in_place(fixture, reference, request):
@@ -79,18 +97,9 @@ def test_gqa_decodes_all_rows_in_one_run_in_place(fixture, reference, request):
     alone = [generate(dec, reference.tokenizer, [s], GREEDY)[0].token_ids for s in seqs]
     counting = CountingSession(dec.session)
     dec.session = counting
-    sched = Scheduler(dec, reference.tokenizer, SchedulerSettings(max_running=4, max_batched_tokens=8, kv_budget_bytes=1 << 30, max_context=512))
-    got = [[] for _ in seqs]
-    for i, s in enumerate(seqs):
-        sched.add(Job(None, GREEDY, lambda ev, i=i: got[i].append(ev), seq=s, index=i))
-    pointers, decode_runs = set(), []
-    while not sched.idle:
-        before, rows, prefilling = len(counting.runs), len(sched.running), bool(sched.pending) or bool(sched.queue)
-        sched.step()
-        if rows == 4 and not prefilling:
-            decode_runs.append(len(counting.runs) - before)
-            pointers.add(sched.cache.arrays[0].ctypes.data)
-    assert [[e.token_id for e in g if hasattr(e, "token_id")] for g in got] == alone
+    sched, got, steps, pointers = four_rows(dec, reference, seqs, counting.runs)
+    decode_runs = [len(c) for c in steps]
+    assert got == alone
     assert decode_runs and set(decode_runs) == {1}  # four rows, one ORT run per step
     assert len(pointers) == 1  # the same buffer every step: written in place, never re-made
     assert not counting.present_copies  # only the logits are read back
@@ -111,18 +120,8 @@ def test_q4_decodes_all_rows_with_one_gemm_per_weight(reference, request):
     calls = []
     real = dec.gemm._linear_q4
     dec.gemm._linear_q4 = lambda hs, w: calls.append(sum(h.shape[0] for h in hs)) or real(hs, w)
-    sched = Scheduler(dec, reference.tokenizer, SchedulerSettings(max_running=4, max_batched_tokens=8, kv_budget_bytes=1 << 30, max_context=512))
-    got = [[] for _ in seqs]
-    for i, s in enumerate(seqs):
-        sched.add(Job(None, GREEDY, lambda ev, i=i: got[i].append(ev), seq=s, index=i))
-    pointers, steps = set(), []
-    while not sched.idle:
-        before, rows, prefilling = len(calls), len(sched.running), bool(sched.pending) or bool(sched.queue)
-        sched.step()
-        if rows == 4 and not prefilling:
-            steps.append(calls[before:])
-            pointers.add(sched.cache.arrays[0].ctypes.data)
-    assert [[e.token_id for e in g if hasattr(e, "token_id")] for g in got] == alone
+    _, got, steps, pointers = four_rows(dec, reference, seqs, calls)
+    assert got == alone
     weights = len(dec.gemm.resident)  # one packed weight per call: q, k, v and gate, up fused where they can be
     assert steps and all(len(c) == weights and set(c) == {4} for c in steps)  # one call per packed weight, all four rows in it
     assert len(pointers) == 1

@@ -300,11 +300,16 @@ class GemmPrefill:
         """Several weights of one input whose packed groups of 16 columns can lie side by side."""
         return len(group) > 1 and all(w.n % 16 == 0 and (w.k, w.bits, w.block) == (group[0].k, group[0].bits, group[0].block) for w in group)
 
+    def _fused(self, group: tuple[QuantWeight, ...]) -> QuantWeight | None:
+        """The packed side-by-side weight of `group`, when q4 computes (it exists only packed:
+        other computes read each weight's own bytes)."""
+        return self.fused.get(tuple(id(w) for w in group)) if self.compute == torch.quint4x2 else None
+
     def linear_group(self, hs: list[torch.Tensor], group: tuple[QuantWeight, ...]) -> list[list[torch.Tensor]]:
         """`linear` of each weight of `group` (one input), per weight a list per h: one GEMM for the
         group where it was packed side by side, else one per weight."""
-        whole = self.fused.get(tuple(id(w) for w in group)) if self.compute == torch.quint4x2 else None
-        if whole is None:  # (the fused weight exists only packed: other computes read each weight's own bytes)
+        whole = self._fused(group)
+        if whole is None:
             return [self.linear(hs, w) for w in group]
         outs = [o.split([w.n for w in group], dim=-1) for o in self.linear(hs, whole)]
         return [[o[j] for o in outs] for j in range(len(group))]
@@ -569,19 +574,23 @@ class GemmPrefill:
         a, b = t.float().chunk(2, dim=-1)
         return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
 
-    def prefill_rows(self, cache_arrays: list[np.ndarray], rows: list[tuple[int, int, np.ndarray]]) -> list[np.ndarray]:
-        """For each (slot, past, embeds [S, H]): positions past..past+S of that slot, their keys
-        and values written into `cache_arrays` (per layer key, value: [slots, kv_heads, width,
-        head_dim]); each row's last position's logits [V] (fp32) returned."""
+    def _compute(self, fn, *args):
+        """fn(*args) with this kernel's torch threads, no autograd, and large arrays from glibc's heap."""
         from ..runtime.memory import heap_allocations
 
         old_threads = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
             with torch.inference_mode(), heap_allocations():
-                logits = self._prefill(cache_arrays, rows)
+                return fn(*args)
         finally:
             torch.set_num_threads(old_threads)
+
+    def prefill_rows(self, cache_arrays: list[np.ndarray], rows: list[tuple[int, int, np.ndarray]]) -> list[np.ndarray]:
+        """For each (slot, past, embeds [S, H]): positions past..past+S of that slot, their keys
+        and values written into `cache_arrays` (per layer key, value: [slots, kv_heads, width,
+        head_dim]); each row's last position's logits [V] (fp32) returned."""
+        logits = self._compute(self._prefill, cache_arrays, rows)
         self.tokens += sum(len(e) for _, _, e in rows)
         return logits
 
@@ -590,15 +599,20 @@ class GemmPrefill:
         row's next position written into `cache_arrays`, logits [n, V]. The whole step is batched:
         one GEMM per weight for all rows, one attention call per layer over the slots' caches as
         they lie (padded to the longest row, the rest masked)."""
-        from ..runtime.memory import heap_allocations
+        return self._compute(self._decode, cache_arrays, lengths, embeds)
 
-        old_threads = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            with torch.inference_mode(), heap_allocations():
-                return self._decode(cache_arrays, lengths, embeds)
-        finally:
-            torch.set_num_threads(old_threads)
+    def _qkv(self, hs: list[torch.Tensor], layer: _Layer) -> list[torch.Tensor]:
+        """Each h's [M, (heads + 2 kv_heads) · head_dim] projection: the fused weight's output as it
+        comes, or q, k, v side by side."""
+        whole = self._fused(layer.qkv)
+        if whole is not None:
+            return self.linear(hs, whole)
+        parts = [self.linear(hs, w) for w in layer.qkv]
+        return [torch.cat([p[r] for p in parts], dim=-1) if len(parts) > 1 else parts[0][r] for r in range(len(hs))]
+
+    def _final(self, h: torch.Tensor) -> torch.Tensor:
+        """The final RMSNorm, in fp32 (lm_head's input)."""
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_final
 
     def _decode(self, cache_arrays: list[np.ndarray], lengths: list[int], embeds: np.ndarray) -> np.ndarray:
         hd, nh, kvh, n = self.head_dim, self.heads, self.kv_heads, len(lengths)
@@ -608,8 +622,7 @@ class GemmPrefill:
         masks: dict[torch.dtype, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             h = self._norm(x, layer.norm_in)
-            parts = [p[0] for p in self.linear_group([h], layer.qkv)]
-            qkv = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+            qkv = self._qkv([h], layer)[0]
             q = self._rotary(qkv[:, : nh * hd].view(n, nh, hd).transpose(0, 1), pos).transpose(0, 1)
             k = self._rotary(qkv[:, nh * hd : (nh + kvh) * hd].view(n, kvh, hd).transpose(0, 1), pos).transpose(0, 1)
             v = qkv[:, (nh + kvh) * hd :].view(n, kvh, hd)
@@ -633,8 +646,7 @@ class GemmPrefill:
             h = self._norm(x, layer.norm_post)
             (g,), (u,) = self.linear_group([h], (layer.gate, layer.up))
             x = x + self.linear([F.silu(g) * u], layer.down)[0].float()
-        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_final
-        return self.linear([h], self.lm_head, fp32=self.resident is None)[0].numpy()
+        return self.linear([self._final(x)], self.lm_head, fp32=self.resident is None)[0].numpy()
 
     def _prefill(self, cache_arrays: list[np.ndarray], rows: list[tuple[int, int, np.ndarray]]) -> list[np.ndarray]:
         hd, nh, kvh = self.head_dim, self.heads, self.kv_heads
@@ -643,8 +655,7 @@ class GemmPrefill:
         masks = [None if past == 0 or s == 1 else (torch.arange(past + s)[None, :] <= pos[:, None]) for _, past, s, pos in spans]  # one position sees its whole past
         for i, layer in enumerate(self.layers):
             hs = [self._norm(x, layer.norm_in) for x in xs]
-            parts = self.linear_group(hs, layer.qkv)
-            qkvs = [torch.cat([p[r] for p in parts], dim=-1) if len(parts) > 1 else parts[0][r] for r in range(len(xs))]
+            qkvs = self._qkv(hs, layer)
             attns = []
             for (slot, past, s, pos), qkv, mask in zip(spans, qkvs, masks):
                 q = self._rotary(qkv[:, : nh * hd].view(s, nh, hd).transpose(0, 1), pos)
@@ -672,7 +683,6 @@ class GemmPrefill:
             hs = [self._norm(x, layer.norm_post) for x in xs]
             acts = [F.silu(g) * u for g, u in zip(*self.linear_group(hs, (layer.gate, layer.up)))]
             xs = [x + d.float() for x, d in zip(xs, self.linear(acts, layer.down))]
-        lasts = [x[-1:] for x in xs]
-        hs = [h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_final for h in lasts]
+        hs = [self._final(x[-1:]) for x in xs]
         # lm_head: exact fp32 for a prompt's last positions; q4 when every decode step runs here
         return [lg[0].numpy() for lg in self.linear(hs, self.lm_head, fp32=self.resident is None)]
