@@ -1,4 +1,4 @@
-"""Issue 21 at real size: the GEMM prompt kernels (engines/gemm_prefill.py, bf16 and int8) beside ONNX Runtime's
+"""Issue 21 at real size: the GEMM prompt kernels (engines/native_llm.py, bf16 and int8) beside ONNX Runtime's
 MatMulNBits, on a 7B int4 gqa build, one process per measurement, one run.
 
 Usage: python benchmarks/bf16_prefill_7b.py BUILD [--tokens 189,490,1024] [--kernels onnxruntime,bf16,int8,q4,q4-resident]
@@ -28,12 +28,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _kernels(dec, names):
-    """GemmPrefill objects for each kernel name (None: ORT's own), sharing `dec`; q4-resident: the
+    """NativeLlm objects for each kernel name (None: ORT's own), sharing `dec`; q4-resident: the
     q4 kernel over weights packed once (what Q4GqaDecoder runs), q4: re-packed each pass."""
-    from convllava_export.engines.gemm_prefill import GemmPrefill
+    from convllava_export.engines.native_llm import NativeLlm
 
     threads = dec.gemm.threads if dec.gemm else None
-    return {k: (None if k == "onnxruntime" else GemmPrefill(dec.folder, threads, compute=k.split("-")[0], resident=k.endswith("-resident"))) for k in names}
+    return {k: (None if k == "onnxruntime" else NativeLlm(dec.folder, threads, compute=k.split("-")[0], resident=k.endswith("-resident"))) for k in names}
 
 
 def prefill_probe(build: Path, tokens: list[int], kernels: list[str]) -> dict:
@@ -76,7 +76,7 @@ def prefill_probe(build: Path, tokens: list[int], kernels: list[str]) -> dict:
 
 def accuracy_probe(build: Path, n: int, kernels: list[str]) -> dict:
     """Every kernel against the int4 model's exact math (the same unpacked weights, fp32
-    activations, fp16 cache: GemmPrefill with compute=float32), on one prompt of n positions."""
+    activations, fp16 cache: NativeLlm with compute=float32), on one prompt of n positions."""
     from convllava_export import set_kernel_env
 
     set_kernel_env()

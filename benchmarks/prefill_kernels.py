@@ -10,7 +10,7 @@ Variants (ONNX Runtime, CPU EP, 2 threads):
 - int8 QGEMM (DynamicQuantizeMatMul, per-column int8 weights: MLAS's u8s8 GEMM, which has AMX kernels)
 - fp32 MatMul
 and torch bf16 / fp32 matmul, torch's int8 GEMM (_int_mm, oneDNN: VNNI/AMX-INT8), and our bf16,
-int8 and q4 kernels end to end (engines/gemm_prefill.py: int4 blocks unpacked or packed on every
+int8 and q4 kernels end to end (engines/native_llm.py: int4 blocks unpacked or packed on every
 call), and q4 over weights packed once (what Q4GqaDecoder runs for every step).
 Reports GFLOP/s (2·M·K·N / time) and each against int4 acc4.
 """
@@ -70,13 +70,13 @@ def time_it(fn, min_s: float = 1.0) -> float:
             return el / n
 
 
-def gemm_prefill_rows(w: np.ndarray, ms: list[int]) -> dict[str, dict]:
-    """Our GEMM prompt kernels on the same projection, end to end (engines/gemm_prefill.py:
+def native_llm_rows(w: np.ndarray, ms: list[int]) -> dict[str, dict]:
+    """Our GEMM prompt kernels on the same projection, end to end (engines/native_llm.py:
     unpacking the int4 blocks each call, activations in, fp32 out), from int4 blocks of 32."""
     import torch
     from concurrent.futures import ThreadPoolExecutor
 
-    from convllava_export.engines.gemm_prefill import COMPUTE, GemmPrefill, QuantWeight, _Span
+    from convllava_export.engines.native_llm import COMPUTE, NativeLlm, QuantWeight, _Span
     from convllava_export.engines.kernels import dequant_library
 
     wt = w.T.reshape(N, K // 32, 32)  # [N, blocks, 32]: MatMulNBits' layout, symmetric int4
@@ -84,7 +84,7 @@ def gemm_prefill_rows(w: np.ndarray, ms: list[int]) -> dict[str, dict]:
     q = (np.clip(np.round(wt / np.where(scale > 0, scale, 1)[..., None]), -8, 7) + 8).astype(np.uint8)
     packed = (q[..., :16] | (q[..., 16:] << 4)).reshape(-1)  # low nibbles first, as the kernel unpacks
     qw = QuantWeight(N, K, 4, 32, _Span(0, packed), _Span(0, scale.astype(np.float32).reshape(-1).view(np.uint8)))
-    pf = GemmPrefill.__new__(GemmPrefill)
+    pf = NativeLlm.__new__(NativeLlm)
     pf.lib, pf.threads, pf._buffers, pf._fd = dequant_library(), torch.get_num_threads(), {}, -1
     pf._pool = ThreadPoolExecutor(pf.threads) if pf.threads > 1 else None
     pf.resident = None
@@ -94,7 +94,7 @@ def gemm_prefill_rows(w: np.ndarray, ms: list[int]) -> dict[str, dict]:
         pf.kernel, pf.compute = kernel.split()[0], COMPUTE[kernel.split()[0]]
         if kernel == "q4 resident":
             pf.resident = {id(qw): tuple(t.clone() for t in pf._pack_q4(qw, 0, N))}
-        res[name] = {"ops": ["engines/gemm_prefill.py"]}
+        res[name] = {"ops": ["engines/native_llm.py"]}
         for m in ms:
             x = torch.randn(m, K)
             with torch.inference_mode():
@@ -151,7 +151,7 @@ def main() -> None:
             t = time_it(lambda: torch._int_mm(x8, w8.t()))
         res["torch int8 _int_mm (oneDNN)"][str(m)] = round(2 * max(m, 17) * K * N / t / 1e9, 1)
     print("torch int8 _int_mm (oneDNN)", res["torch int8 _int_mm (oneDNN)"], flush=True)
-    res.update(gemm_prefill_rows(w, ms))
+    res.update(native_llm_rows(w, ms))
     base = res["int4 MatMulNBits acc4"]
     ratios = {name: {m: round(v[m] / base[m], 2) for m in map(str, ms)} for name, v in res.items()}
     out = {"what": "GFLOP/s of one K=4096 x N=11008 projection at M prompt rows, 2 threads", "machine": machine, "gflops": res, "vs_int4_acc4": ratios}

@@ -15,7 +15,7 @@ OWN_ENV: dict[str, str] = {}
 def set_kernel_env() -> None:
     """torch's OpenMP workers sleep at once after a parallel region instead of spinning: the bf16
     prompt kernel unpacks weights on its own threads between GEMMs, and spinning workers halved
-    that on 2 cores (engines/gemm_prefill.py). libgomp reads it when torch loads."""
+    that on 2 cores (engines/native_llm.py). libgomp reads it when torch loads."""
     for k, v in {"GOMP_SPINCOUNT": "0"}.items():
         if k not in _os.environ:
             _os.environ[k] = OWN_ENV[k] = v

@@ -75,9 +75,16 @@ def test_against_a_running_peer(tiny_build, peer):
         for key in ("token_throughput_ours_over_peer", "p99_ttft_ours_over_peer"):
             assert math.isfinite(c[key]) and c[key] > 0
         assert c["token_throughput_ours_over_peer"] == pytest.approx(c["ours_token_throughput"] / c["peer_token_throughput"])
+    for r in ours_text + ours_image:  # our server's own clock: every token after the first is one row of a decode step
+        t = r["server_time"]
+        assert t["decoded_rows"] == r["requests"] * (MAX_TOKENS - 1) and t["rows_per_step"] == pytest.approx(t["decoded_rows"] / t["decode_steps"], abs=0.01)
+        assert t["prefill_passes"] >= 1 and t["prefill_s"] > 0 and t["decode_s"] > 0 and 0 < t["busy_share"] <= 1
+    assert ours_text[0]["server_time"]["rows_per_step"] == 1 and ours_text[1]["server_time"]["rows_per_step"] >= 1
+    assert not any("server_time" in r for r in peer_text + peer_image)
     m = result["machine"]
     assert m["cpu"] and m["cpus"] >= 1 and isinstance(m["isa_flags"], list)
     table = markdown(result)
+    assert "Where our server's time went" in table
     assert "| peer | peer | image (text stand-in) | 2 |" in table and STAND_IN in table
     json.dumps(result)
     assert any("--threads=1" in s for s in said)

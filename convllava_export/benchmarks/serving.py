@@ -645,13 +645,52 @@ def _measure_workload(plan: _Plan, ours: _Ours, proc: Any, url: str, name: str, 
     for c in plan.concurrencies:
         bodies = [{**b, **request_options(plan.max_tokens)} for b in plan.levels[w, c]]
         plan.progress(f"{name}, {w}: {c} concurrent clients, {len(bodies)} requests x {plan.max_tokens} tokens")
+        before = server_counters(url)
         with PeakRss(proc) as mem:
             row = run_level(url, bodies, c, plan.time_limit_s, keep=bool(plan.base) and w == "image")
         row["server_peak_rss_gb"] = mem.peak_gb
+        row["server_time"] = server_time(before, server_counters(url), row["duration_s"])
         if "per_request" in row:
             per = row.pop("per_request")
             ours.prompt_tokens.setdefault(c, {r["index"]: r.get("prompt_tokens", 0) for r in per if r["status"] == 200})
         ours.rows.append({"server": "ours", "config": name, "max_running": max_running, "workload": w, **row})
+
+
+SERVER_COUNTERS = ("convllava_prefill_seconds_total", "convllava_prefill_passes_total", "convllava_decode_seconds_total",
+                   "convllava_batch_size_count", "convllava_batch_size_sum")
+
+
+def server_counters(url: str) -> dict[str, float] | None:
+    """Our server's scheduler counters from /metrics (None when it does not answer)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        res = httpx.get(url.split("/v1/", 1)[0] + "/metrics", timeout=10)
+        res.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    found = {s.name: s.value for fam in text_string_to_metric_families(res.text) for s in fam.samples}
+    return {k: float(found.get(k, 0.0)) for k in SERVER_COUNTERS}
+
+
+def server_time(before: dict[str, float] | None, after: dict[str, float] | None, duration_s: float) -> dict[str, float] | None:
+    """Where our server's time went during a level: seconds in prefill passes and in decode steps
+    (the scheduler's wall clock), steps, rows per step, and the share of the level they fill."""
+    if before is None or after is None:
+        return None
+    d = {k: after[k] - before[k] for k in SERVER_COUNTERS}
+    steps = d["convllava_batch_size_count"]
+    busy = d["convllava_prefill_seconds_total"] + d["convllava_decode_seconds_total"]
+    return {
+        "prefill_s": round(d["convllava_prefill_seconds_total"], 4),
+        "prefill_passes": int(d["convllava_prefill_passes_total"]),
+        "decode_s": round(d["convllava_decode_seconds_total"], 4),
+        "decode_steps": int(steps),
+        "decoded_rows": int(d["convllava_batch_size_sum"]),
+        "rows_per_step": round(d["convllava_batch_size_sum"] / steps, 2) if steps else 0.0,
+        "busy_share": round(busy / duration_s, 3) if duration_s > 0 else 0.0,
+    }
 
 
 def _wait_port_closed(port: int, timeout_s: float = 30.0) -> None:
@@ -774,7 +813,7 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {c['config']} | {w} | {c['concurrency']} | {c['ours_token_throughput']:.1f} / {c['peer_token_throughput']:.1f} | "
                          f"{c['token_throughput_ours_over_peer']:.2f}x | {c['ours_p99_ttft_ms']:.0f} / {c['peer_p99_ttft_ms']:.0f} | {c['p99_ttft_ours_over_peer']:.2f}x | "
                          f"{c['ours_prompt_tokens_mean']:.0f} / {c['peer_prompt_tokens_mean']:.0f} |")
-        return "\n".join(lines)
+        return "\n".join(lines + _server_time_lines(result))
     lines += [
         "",
         "| config | workload | clients | ok / failed | req/s | out tok/s | vs last config | TTFT mean / median / p99 ms | p99 TTFT vs last | TPOT mean / p99 ms | ITL mean / p99 ms | cached prompt tokens |",
@@ -792,4 +831,18 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"Follow-up about the same image ({mt['config']}): median turn-2 TTFT = {mt['median_turn2_vs_turn1_ttft']:.2f}x turn 1", "",
                   "| turn 1 TTFT ms | turn 2 TTFT ms | turn 1 prompt tokens | turn 2 prompt tokens | turn 2 cached |", "|---|---|---|---|---|"]
         lines += [f"| {t['turn1_ttft_ms']:.0f} | {t['turn2_ttft_ms']:.0f} | {t['turn1_prompt_tokens']} | {t['turn2_prompt_tokens']} | {t['turn2_cached_tokens']} |" for t in mt["turns"]]
-    return "\n".join(lines)
+    return "\n".join(lines + _server_time_lines(result))
+
+
+def _server_time_lines(result: dict[str, Any]) -> list[str]:
+    """Our server's own account of each level: prefill and decode seconds (what bounds the throughput)."""
+    rows = [r for r in result["results"] if r["server"] == "ours" and r.get("server_time")]
+    if not rows:
+        return []
+    lines = ["", "Where our server's time went (its scheduler's clock, from /metrics):", "",
+             "| config | workload | clients | level s | prefill s (passes) | decode s (steps, rows per step) | busy |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r["server_time"]
+        lines.append(f"| {r['config']} | {r['workload']} | {r['concurrency']} | {r['duration_s']:.0f} | {t['prefill_s']:.0f} ({t['prefill_passes']}) | "
+                     f"{t['decode_s']:.0f} ({t['decode_steps']}, {t['rows_per_step']:.1f}) | {100 * t['busy_share']:.0f} % |")
+    return lines

@@ -174,13 +174,13 @@ class OrtGqaDecoder(OrtDecoder):
 
     def __init__(self, folder: Path, target: str = "cpu", threads: int | None = None, prefill: str = "auto") -> None:
         super().__init__(folder, target, threads)
-        self.gemm = self._gemm_prefill(prefill, target, threads)
+        self.gemm = self._native_llm(prefill, target, threads)
         self.prefill_tokens = 512 if self.gemm is not None else 256  # a GEMM pass unpacks every weight: fewer, longer chunks
         self.prefill_kernel = self.gemm.kernel if self.gemm is not None else "onnxruntime"
         self.gemm_min_tokens = GEMM_MIN_TOKENS
 
-    def _gemm_prefill(self, prefill: str, target: str, threads: int | None):
-        from .gemm_prefill import GemmPrefill, cpu_prefill_kernel
+    def _native_llm(self, prefill: str, target: str, threads: int | None):
+        from .native_llm import NativeLlm, cpu_prefill_kernel
 
         if prefill not in PREFILL_KERNELS:
             raise BuildError(f"unknown prefill kernel '{prefill}' (use {', '.join(PREFILL_KERNELS)})")
@@ -193,7 +193,7 @@ class OrtGqaDecoder(OrtDecoder):
         if not eligible:
             raise BuildError(f"--llm-kernel {kernel} runs int4/int8 gqa graphs on the CPU; this one is {self.spec.precision} on {target}: use --llm-kernel onnxruntime")
         try:
-            return GemmPrefill(self.folder, threads, compute=kernel)
+            return NativeLlm(self.folder, threads, compute=kernel)
         except ConvLlavaError:
             if prefill == "auto":  # a graph this kernel cannot read still serves, on ORT's kernel
                 return None
@@ -263,7 +263,7 @@ class OrtGqaDecoder(OrtDecoder):
 
 
 class Q4GqaDecoder(OrtGqaDecoder):
-    """Every step of a gqa int4 graph on the q4 kernel (engines/gemm_prefill.py, weights packed
+    """Every step of a gqa int4 graph on the q4 kernel (engines/native_llm.py, weights packed
     once and resident): prompt chunks, and decode steps with one GEMM for all running rows, so a
     step of 16 rows reads each weight once. ONNX Runtime's session is never opened, so its
     prepacked copy of the weights (3.8 GB at 7B) is never made; this keeps one of the same size.
@@ -272,12 +272,12 @@ class Q4GqaDecoder(OrtGqaDecoder):
     prefill_kernel = "q4"
 
     def __init__(self, folder: Path, target: str = "cpu", threads: int | None = None) -> None:
-        from .gemm_prefill import GemmPrefill
+        from .native_llm import NativeLlm
 
         OrtDecoder.__init__(self, folder, target, threads, session=False)
         if target != "cpu" or self.spec.precision != "int4":
             raise BuildError(f"--llm-kernel q4 runs int4 gqa graphs on the CPU; this one is {self.spec.precision} on {target}: use --llm-kernel onnxruntime")
-        self.gemm = GemmPrefill(self.folder, threads, compute="q4", resident=True)
+        self.gemm = NativeLlm(self.folder, threads, compute="q4", resident=True)
         if not self.gemm.lib.q4_vnni():
             log.warning("--llm-kernel q4 on a CPU without AVX-512 VNNI runs the kernel's plain-C reference: correct, but far slower than onnxruntime")
         self.prefill_tokens = 512
@@ -303,7 +303,7 @@ def open_decoder(folder: Path, target: str = "cpu", threads: int | None = None, 
     spec = PartSpec.load(Path(folder) / "decoder.json")
     layout = spec.attributes.get("layout", "dynamo")
     if layout == "gqa":
-        from .gemm_prefill import cpu_prefill_kernel
+        from .native_llm import cpu_prefill_kernel
 
         int8_cache = any(t.name.startswith("past_key_values.") and t.dtype == "int8" for t in spec.inputs)  # q4 attends over fp16 caches as they are, int8 ones dequantized each step
         auto_q4 = prefill == "auto" and target == "cpu" and spec.precision == "int4" and not int8_cache and cpu_prefill_kernel() == "q4"

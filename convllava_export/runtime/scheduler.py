@@ -99,6 +99,9 @@ class SchedulerStats:
     encoder_misses: int = 0
     prefix_hit_tokens: int = 0
     prompt_tokens: int = 0
+    prefill_passes: int = 0
+    prefill_s: float = 0.0  # wall time inside the decoder's prefill passes (where a server's time goes: bench serve)
+    decode_s: float = 0.0  # ... and inside its decode steps
     kv_bytes: int = 0  # the KV cache's buffers now
     kv_budget_bytes: int = 0
 
@@ -355,6 +358,7 @@ class Scheduler:
         rows = self.pending[:take]
         sizes = [self._chunk(r) for r in rows]
         chunks = [np.asarray(r.job.seq[r.done : r.done + n], dtype=np.float32) for r, n in zip(rows, sizes)]
+        t0 = time.perf_counter()
         try:
             logits = self.decoder.prefill_rows(self.cache, chunks)
         except Exception as exc:  # noqa: BLE001 - these requests fail, the loop goes on
@@ -364,6 +368,9 @@ class Scheduler:
                 rows[k].job.emit(fault)
             del self.pending[:take]
             return
+        finally:
+            self.stats.prefill_s += time.perf_counter() - t0
+            self.stats.prefill_passes += 1
         for r, n, lg in zip(rows, sizes, logits):
             if n:
                 r.done += n
@@ -388,7 +395,9 @@ class Scheduler:
                 r.job.emit(fault)
             self._keep([])
             return
-        elapsed = time.perf_counter() - t0
+        finally:
+            elapsed = time.perf_counter() - t0
+            self.stats.decode_s += elapsed
         n = len(self.running)
         self.stats.decode_steps += 1
         self.stats.decoded_rows += n

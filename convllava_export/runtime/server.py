@@ -184,6 +184,9 @@ class _LoopCollector:
         yield CounterMetricFamily("convllava_encoder_cache_misses", "Images encoded by the vision engine.", value=st.encoder_misses)
         yield CounterMetricFamily("convllava_prompt_tokens", "Prompt positions admitted.", value=st.prompt_tokens)
         yield CounterMetricFamily("convllava_prefix_cache_hit_tokens", "Prompt positions whose KV cache was reused.", value=st.prefix_hit_tokens)
+        yield CounterMetricFamily("convllava_prefill_passes", "Prefill passes (each runs the next chunk of the pending prompts).", value=st.prefill_passes)
+        yield CounterMetricFamily("convllava_prefill_seconds", "Wall time inside prefill passes.", value=st.prefill_s)
+        yield CounterMetricFamily("convllava_decode_seconds", "Wall time inside batched decode steps.", value=st.decode_s)
         total = st.encoder_hits + st.encoder_misses
         yield GaugeMetricFamily("convllava_encoder_cache_hit_ratio", "Encoder cache hits / lookups since start.", value=st.encoder_hits / total if total else 0.0)
 

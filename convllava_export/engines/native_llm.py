@@ -1,4 +1,5 @@
-"""The prompt path (and, for q4, every step) of a block-quantized GroupQueryAttention graph, on our kernels.
+"""The LLM forward of a block-quantized GroupQueryAttention graph in torch, on our kernels: the prompt
+path beside ONNX Runtime's decode (bf16, int8), or every step (q4).
 
 Why: ONNX Runtime's int4/int8 MatMulNBits runs the prompt at ~410 GFLOP/s on an AMX Xeon, while
 oneDNN's bf16 GEMM through torch runs ~1.9 TFLOP/s there (BENCHMARKS.md, "Prompt-path kernels").
@@ -55,7 +56,7 @@ from onnx import numpy_helper
 from ..errors import ConvLlavaError
 from .kernels import dequant_library
 
-M_BUCKET = 64  # GEMM rows are padded to a multiple of this (see GemmPrefill._bucket)
+M_BUCKET = 64  # GEMM rows are padded to a multiple of this (see NativeLlm._bucket)
 # --prefill kernels this class runs: what their GEMMs multiply (q4: the packed int4 blocks as they are)
 COMPUTE = {"bf16": torch.bfloat16, "int8": torch.int8, "q4": torch.quint4x2}
 Q4_ROW_CHUNK = 64  # q4: rows whose int8 activations stay in L2 while a tile's weights pass (kernels/dequant.c gemm_q4)
@@ -135,8 +136,9 @@ class _Layer:
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 cache: per-channel key, value scales [kv_heads, 1, head_dim]
 
 
-class GemmPrefill:
-    """Prefill chunks of a gqa int4/int8 decoder folder on torch bf16 or int8 GEMMs (see module docstring)."""
+class NativeLlm:
+    """The transformer of a gqa int4/int8 decoder folder on our GEMMs: prefill chunks (bf16, int8,
+    q4) and, with resident q4 weights, batched decode steps (see module docstring)."""
 
     def __init__(self, folder: Path, threads: int | None = None, compute: str = "bf16", resident: bool = False) -> None:
         self.folder = Path(folder)
@@ -623,8 +625,8 @@ class GemmPrefill:
         for i, layer in enumerate(self.layers):
             h = self._norm(x, layer.norm_in)
             qkv = self._qkv([h], layer)[0]
-            q = self._rotary(qkv[:, : nh * hd].view(n, nh, hd).transpose(0, 1), pos).transpose(0, 1)
-            k = self._rotary(qkv[:, nh * hd : (nh + kvh) * hd].view(n, kvh, hd).transpose(0, 1), pos).transpose(0, 1)
+            qk = self._rotary(qkv[:, : (nh + kvh) * hd].view(n, nh + kvh, hd).transpose(0, 1), pos).transpose(0, 1)  # q and k in one pass
+            q, k = qk[:, :nh], qk[:, nh:]
             v = qkv[:, (nh + kvh) * hd :].view(n, kvh, hd)
             kc, vc = torch.from_numpy(cache_arrays[2 * i]), torch.from_numpy(cache_arrays[2 * i + 1])
             if layer.kv_scales is None:
@@ -658,8 +660,8 @@ class GemmPrefill:
             qkvs = self._qkv(hs, layer)
             attns = []
             for (slot, past, s, pos), qkv, mask in zip(spans, qkvs, masks):
-                q = self._rotary(qkv[:, : nh * hd].view(s, nh, hd).transpose(0, 1), pos)
-                k = self._rotary(qkv[:, nh * hd : (nh + kvh) * hd].view(s, kvh, hd).transpose(0, 1), pos)
+                qk = self._rotary(qkv[:, : (nh + kvh) * hd].view(s, nh + kvh, hd).transpose(0, 1), pos)
+                q, k = qk[:nh], qk[nh:]
                 v = qkv[:, (nh + kvh) * hd :].view(s, kvh, hd).transpose(0, 1)
                 kc = torch.from_numpy(cache_arrays[2 * i])[slot]
                 vc = torch.from_numpy(cache_arrays[2 * i + 1])[slot]

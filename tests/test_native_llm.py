@@ -1,4 +1,4 @@
-"""The bf16 prompt kernel of int4 gqa builds (engines/gemm_prefill.py): the same numbers as ONNX
+"""The bf16 prompt kernel of int4 gqa builds (engines/native_llm.py): the same numbers as ONNX
 Runtime's prefill within bf16 rounding, the same cache layout (ORT decodes on from it), the same
 tokens alone and in a batch, one dequantization (native or torch), and no copy of the weights."""
 
@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import require
 
 from convllava_export.cli import cli
-from convllava_export.engines import gemm_prefill
+from convllava_export.engines import native_llm
 from convllava_export.errors import BuildError
 
 
@@ -74,7 +74,7 @@ def cosine(a, b):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("chunks", [(130,), (100, 30)], ids=["one-chunk", "two-chunks"])
-def test_gemm_prefill_matches_onnxruntime(int4_folder, chunks, kernel):
+def test_native_llm_matches_onnxruntime(int4_folder, chunks, kernel):
     bf, ort = decoders(int4_folder, kernel)
     assert bf.prefill_kernel == kernel and ort.prefill_kernel == "onnxruntime"
     bf.gemm_min_tokens = min(chunks)  # the second chunk too: attention over the cached positions
@@ -140,7 +140,7 @@ def test_native_and_torch_dequantization_agree_bit_for_bit(int4_folder):
 def test_the_kernel_keeps_no_copy_of_the_weights(int4_folder, monkeypatch, kernel):
     """Only a tile of rows is ever unpacked: with a 512-element tile, the buffers stay a tile's
     size although the model's weights are many times that (a cache of unpacked weights fails)."""
-    monkeypatch.setattr(gemm_prefill, "SCRATCH_ELEMENTS", 512)
+    monkeypatch.setattr(native_llm, "SCRATCH_ELEMENTS", 512)
     bf, ort = decoders(int4_folder, kernel)
     rng = np.random.default_rng(5)
     embeds, feed = bf.embed(rng.integers(0, bf.vocab_size, 110)), rng.integers(0, bf.vocab_size, 2)
@@ -280,7 +280,7 @@ def test_int8_keeps_outlier_columns_in_fp32(int4_folder, monkeypatch):
     kept = err()
     assert len(pf._quant_activations(pf._permute(h, w))[2]) == 2  # those two columns, not the zero padding of K
     assert len(pf._quant_activations(pf._permute(torch.randn(64, w.k), w))[2]) == 0  # and none in plain data
-    monkeypatch.setattr(gemm_prefill, "OUTLIER_RATIO", float("inf"))
+    monkeypatch.setattr(native_llm, "OUTLIER_RATIO", float("inf"))
     flattened = err()
     assert kept < 0.02 and flattened > 10 * kept, (kept, flattened)
 
@@ -300,9 +300,9 @@ def test_int8_is_close_to_the_exact_int4_math(int4_folder):
     [({"amx_bf16", "avx512_vnni", "avx512bw"}, True, "bf16"), ({"avx512_vnni", "avx512bw"}, True, "q4"), ({"avx512_vnni", "avx512bw"}, False, None), ({"avx2", "fma"}, True, None)],
 )
 def test_auto_picks_the_kernel_of_the_cpu(monkeypatch, flags, native, kernel):
-    monkeypatch.setattr(gemm_prefill, "_cpu_flags", lambda: flags)
-    monkeypatch.setattr(gemm_prefill, "_q4_native", lambda: native)
-    assert gemm_prefill.cpu_prefill_kernel() == kernel
+    monkeypatch.setattr(native_llm, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(native_llm, "_q4_native", lambda: native)
+    assert native_llm.cpu_prefill_kernel() == kernel
 
 
 def test_q4_vnni_and_reference_agree_bit_for_bit():
