@@ -20,7 +20,7 @@ from .precisions import CALIB_METHODS, DEVICES, KV_CACHES, LLM_GRAPHS, LLM_RUNTI
 from .preprocess import MODES
 from .targets import TARGET_NAMES
 
-LLM_KERNEL_HELP = "how an int4/int8 gqa build's LLM runs on the CPU. q4: every step, prompt and batched decode, on our int4 x int8 VNNI kernel (no ONNX Runtime session); bf16/int8: prompt chunks on torch GEMMs over unpacked tiles, decode on ONNX Runtime; auto: bf16 where the CPU has AMX-BF16, q4 where it has AVX-512 VNNI (int4, fp16 KV cache), else onnxruntime. --prefill: its old name"
+LLM_KERNEL_HELP = "how an int4/int8 gqa build's LLM runs on the CPU. q4: every step, prompt and batched decode, on our int4 x int8 VNNI kernel (no ONNX Runtime session); bf16/int8: prompt chunks on torch GEMMs over unpacked tiles, decode on ONNX Runtime; auto: bf16 where the CPU has AMX-BF16, q4 where it has AVX-512 VNNI (int4 builds), else onnxruntime. --prefill: its old name"
 
 set_kernel_env()  # before anything loads torch
 

@@ -35,7 +35,7 @@ REFERENCE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 # How a gqa int4/int8 graph's LLM runs (--llm-kernel, old name --prefill): ONNX Runtime's MatMulNBits;
 # prompt chunks unpacked for torch's bf16 or int8 GEMMs, decode on ORT; or q4, every step on our
 # int4 x int8 VNNI kernel without an ORT session (engines/native_llm.py, engines/onnxruntime.Q4GqaDecoder).
-# auto: bf16 with AMX-BF16, q4 with AVX-512 VNNI (int4, fp16 cache), else ONNX Runtime.
+# auto: bf16 with AMX-BF16, q4 with AVX-512 VNNI (int4 builds, fp16 or int8 cache), else ONNX Runtime.
 PREFILL_KERNELS = ("auto", "onnxruntime", "bf16", "int8", "q4")
 # The KV cache of an int4/int8 gqa graph: auto is fp16; int8 halves it (per-channel scales
 # calibrated on multimodal prompts at build time, export/llm_gqa.int8_kv_cache).

@@ -160,3 +160,20 @@ def test_the_q4_decoder_decodes_an_int8_cache_as_ort_does(reference, request):
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     alone = [generate(q4, reference.tokenizer, [s], params)[0].token_ids for s in seqs]
     assert [r.token_ids for r in generate(q4, reference.tokenizer, seqs, params)] == alone
+
+
+def test_auto_runs_an_int8_cache_on_q4_where_the_cpu_has_it(request, monkeypatch):
+    """`--llm-kernel auto` on a q4 CPU: the int8-cache build decodes on Q4GqaDecoder too (its
+    attention reads the int8 cache with attend_i8), elsewhere on ONNX Runtime."""
+    from convllava_export.engines import native_llm
+    from convllava_export.engines.kernels import dequant_library
+    from convllava_export.engines.onnxruntime import OrtGqaDecoder, Q4GqaDecoder, open_decoder
+
+    if dequant_library() is None:
+        pytest.skip("no C compiler here: the q4 kernel is native only")
+    folder = request.getfixturevalue("conformance_gqa_int4_kv8")
+    monkeypatch.setattr(native_llm, "cpu_prefill_kernel", lambda: "q4")
+    assert isinstance(open_decoder(folder), Q4GqaDecoder)
+    monkeypatch.setattr(native_llm, "cpu_prefill_kernel", lambda: None)
+    dec = open_decoder(folder)
+    assert type(dec) is OrtGqaDecoder and dec.session is not None

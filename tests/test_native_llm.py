@@ -370,3 +370,44 @@ def test_the_q4_decoder_holds_one_packed_copy_and_no_onnxruntime_session(int4_fo
     fused = sum(len(k) for k in pf.fused)
     assert len(pf.resident) == len(pf._weights()) - fused + len(pf.fused)
     assert len(pf.fused) == sum(pf._fusable(layer.qkv) + pf._fusable((layer.gate, layer.up)) for layer in pf.layers) > 0
+
+
+def test_attend_i8_reads_the_int8_cache_as_dequantized_attention_does():
+    """attend_i8 (q4 decode over an int8 cache): the attention of the dequantized cache, per row to
+    its own length, grouped heads mapped as GroupQueryAttention maps them; a row's output the
+    same bits alone or beside others; a NaN query poisons its own row and head only."""
+    from convllava_export.engines.kernels import dequant_library
+
+    lib = dequant_library()
+    if lib is None:
+        pytest.skip("no C compiler here: the kernel is native only")
+    rng = np.random.default_rng(5)
+    slots, nh, kvh, cap, hd, scale = 3, 4, 2, 40, 32, 0.17
+    kc = rng.integers(-127, 128, size=(slots, kvh, cap, hd), dtype=np.int8)
+    vc = rng.integers(-127, 128, size=(slots, kvh, cap, hd), dtype=np.int8)
+    ks, vs = rng.uniform(0.01, 0.1, (kvh, hd)).astype(np.float32), rng.uniform(0.01, 0.1, (kvh, hd)).astype(np.float32)
+    q = rng.standard_normal((slots, nh, hd)).astype(np.float32)
+    lens = np.array([5, 39, 17], dtype=np.int64)  # positions 0..len attended
+
+    def attend(q, lens, n):
+        out = np.full((n, nh, hd), np.nan, np.float32)
+        scratch = np.empty(cap + 2 * hd, np.float32)
+        lib.attend_i8(q.ctypes.data, kc.ctypes.data, vc.ctypes.data, ks.ctypes.data, vs.ctypes.data, lens.ctypes.data, nh, kvh, cap, hd, scale, out.ctypes.data, scratch.ctypes.data, 0, n * nh)
+        return out
+
+    got = attend(q, lens, slots)
+    for r in range(slots):
+        keys = kc[r, :, : lens[r] + 1].astype(np.float64) * ks[:, None]
+        values = vc[r, :, : lens[r] + 1].astype(np.float64) * vs[:, None]
+        for h in range(nh):
+            g = h // (nh // kvh)
+            s = scale * keys[g] @ q[r, h]
+            p = np.exp(s - s.max())
+            want = (p / p.sum()) @ values[g]
+            np.testing.assert_allclose(got[r, h], want, rtol=2e-4, atol=1e-5)
+    first = attend(np.ascontiguousarray(q[:1]), lens[:1], 1)  # row 0 alone: slot 0, the same bits
+    np.testing.assert_array_equal(first[0], got[0])
+    bad = q.copy()
+    bad[1, 2, 3] = np.nan
+    poisoned = attend(bad, lens, slots)
+    assert np.isnan(poisoned[1, 2]).all() and np.isfinite(np.delete(poisoned.reshape(-1, hd), [1 * nh + 2], 0)).all()

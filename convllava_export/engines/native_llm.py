@@ -23,7 +23,9 @@ running rows) stay on ONNX Runtime, where int4 reads half the bytes of int8 and 
   (one scale per row and block of K, as MatMulNBits' accuracy level 4) with vpdpbusd
   (kernels/dequant.c gemm_q4, ~700-900 GOP/s on a 2-core VNNI Xeon where MatMulNBits runs ~300).
   With `resident=True` (engines/onnxruntime.Q4GqaDecoder) every weight is packed once at load and
-  decode steps run here too (`decode_rows`: one GEMM per weight for all running rows).
+  decode steps run here too (`decode_rows`: one GEMM per weight for all running rows; attention
+  by torch's SDPA over an fp16 cache as it lies, or by kernels/dequant.c attend_i8 straight from
+  an int8 cache, each position read once).
 
 The math is the graph's (export/llm_gqa.py): RMSNorm → fused qkv → rotary (half-split) → causal
 attention over the row's cache → o_proj → residual → RMSNorm → SiLU-gated MLP → residual, final
@@ -633,22 +635,44 @@ class NativeLlm:
                 kc[rows, :, pos] = k.to(kc.dtype)
                 vc[rows, :, pos] = v.to(vc.dtype)
                 att = kc.dtype if kc.dtype == torch.float16 else self.act
-                keys, values = kc[:n, :, :width].to(att), vc[:n, :, :width].to(att)
+                attn = self._sdpa_rows(q, kc[:n, :, :width].to(att), vc[:n, :, :width].to(att), mask, masks)
             else:
                 ks, vs = (t.view(kvh, hd) for t in layer.kv_scales)
                 kc[rows, :, pos] = torch.round(k.float() / ks).clamp_(-128, 127).to(torch.int8)
                 vc[rows, :, pos] = torch.round(v.float() / vs).clamp_(-128, 127).to(torch.int8)
-                keys = (kc[:n, :, :width].float() * layer.kv_scales[0]).to(self.act)
-                values = (vc[:n, :, :width].float() * layer.kv_scales[1]).to(self.act)
-            if keys.dtype not in masks:  # additive: SDPA's fp16 path ran ~1.3x faster than with the bool mask
-                masks[keys.dtype] = torch.zeros(mask.shape, dtype=keys.dtype).masked_fill_(~mask, float("-inf"))
-            bias = masks[keys.dtype]
-            attn = F.scaled_dot_product_attention(q[:, :, None].to(keys.dtype), keys, values, attn_mask=bias, scale=self.scale, enable_gqa=nh != kvh)
+                if self.lib is not None:  # straight from the int8 cache (kernels/dequant.c attend_i8)
+                    attn = self._attend_i8(q, kc, vc, ks, vs, pos)
+                else:
+                    keys = (kc[:n, :, :width].float() * layer.kv_scales[0]).to(self.act)
+                    attn = self._sdpa_rows(q, keys, (vc[:n, :, :width].float() * layer.kv_scales[1]).to(self.act), mask, masks)
             x = x + self.linear([attn.reshape(n, nh * hd).to(self.act)], layer.o)[0].float()
             h = self._norm(x, layer.norm_post)
             (g,), (u,) = self.linear_group([h], (layer.gate, layer.up))
             x = x + self.linear([F.silu(g) * u], layer.down)[0].float()
         return self.linear([self._final(x)], self.lm_head, fp32=self.resident is None)[0].numpy()
+
+    def _sdpa_rows(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, masks: dict[torch.dtype, torch.Tensor]) -> torch.Tensor:
+        """Decode rows' attention (q [n, heads, head_dim]) over their caches as they lie, padded to
+        the longest row, the rest masked."""
+        if keys.dtype not in masks:  # additive: SDPA's fp16 path ran ~1.3x faster than with the bool mask
+            masks[keys.dtype] = torch.zeros(mask.shape, dtype=keys.dtype).masked_fill_(~mask, float("-inf"))
+        nh, kvh = q.shape[1], keys.shape[1]
+        return F.scaled_dot_product_attention(q[:, :, None].to(keys.dtype), keys, values, attn_mask=masks[keys.dtype], scale=self.scale, enable_gqa=nh != kvh)
+
+    def _attend_i8(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One decode step's attention [n, heads, head_dim] over an int8 cache as it lies: each
+        position read once, no dequantized copy (the fp32 one cost 4x the cache's bytes per step)."""
+        n, nh, hd = q.shape
+        q, out, lens = q.float().contiguous(), torch.empty(n, nh, hd), pos.to(torch.int64).contiguous()
+        ks, vs = ks.contiguous(), vs.contiguous()
+        cap, scale = kc.shape[2], self.scale or hd**-0.5
+
+        def run(a: int, b: int) -> None:
+            scratch = torch.empty(cap + 2 * hd)
+            self.lib.attend_i8(q.data_ptr(), kc.data_ptr(), vc.data_ptr(), ks.data_ptr(), vs.data_ptr(), lens.data_ptr(), nh, self.kv_heads, cap, hd, scale, out.data_ptr(), scratch.data_ptr(), a, b)
+
+        self._split_rows(n * nh, run)
+        return out
 
     def _prefill(self, cache_arrays: list[np.ndarray], rows: list[tuple[int, int, np.ndarray]]) -> list[np.ndarray]:
         hd, nh, kvh = self.head_dim, self.heads, self.kv_heads

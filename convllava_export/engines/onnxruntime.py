@@ -305,8 +305,8 @@ def open_decoder(folder: Path, target: str = "cpu", threads: int | None = None, 
     if layout == "gqa":
         from .native_llm import cpu_prefill_kernel
 
-        int8_cache = any(t.name.startswith("past_key_values.") and t.dtype == "int8" for t in spec.inputs)  # q4 attends over fp16 caches as they are, int8 ones dequantized each step
-        auto_q4 = prefill == "auto" and target == "cpu" and spec.precision == "int4" and not int8_cache and cpu_prefill_kernel() == "q4"
+        # q4 attends over fp16 caches as they lie and over int8 ones with its own kernel (attend_i8)
+        auto_q4 = prefill == "auto" and target == "cpu" and spec.precision == "int4" and cpu_prefill_kernel() == "q4"
         if prefill == "q4" or auto_q4:
             try:
                 return Q4GqaDecoder(Path(folder), target, threads)

@@ -68,4 +68,6 @@ def dequant_library() -> ctypes.CDLL | None:
     lib.gemm_q4_ref.argtypes = [ptr, ptr, ptr, n, ptr, ptr, n, n, n, n, ptr, n, n]
     lib.gemm_q4.argtypes = [*lib.gemm_q4_ref.argtypes, n]
     lib.q4_vnni.argtypes, lib.q4_vnni.restype = [], ctypes.c_int
+    lib.attend_i8.restype = None
+    lib.attend_i8.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, n, n, n, n, ctypes.c_float, ptr, ptr, n, n]
     return lib

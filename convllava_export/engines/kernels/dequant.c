@@ -7,6 +7,7 @@
  * would bring a second runtime beside torch's). */
 #include <stdint.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 static inline uint16_t to_bf16(float f) {
@@ -345,4 +346,81 @@ int q4_vnni(void) {
 #else
     return 0;
 #endif
+}
+
+/* One decode step's attention over an int8 KV cache, one layer: for items i in [i0, i1)
+ * (i = r * nh + h: row r, query head h), out[r, h] = sum_t softmax_t(scale * q . k_t) v_t over the
+ * row's positions 0..len[r], with k_t = k8 * ks and v_t = v8 * vs per channel (the cache's
+ * per-channel scales, folded into q and into the output). Caches [slots, kvh, cap, hd] int8 (row r
+ * is slot r), q and out fp32 [n, nh, hd]. Reads each int8 position once, no dequantized copy; each
+ * item's sums run in position order, so a row's result does not depend on the rows beside it.
+ * `sc` is scratch of cap + 2 hd floats per call. The AVX-512 path needs hd % 16 == 0. */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* e^x for x <= 0 (softmax after the max is taken off): 2^n * p(r), r = x - n ln 2, degree-6
+ * polynomial, ~2 ulp; NaN stays NaN, x below -87 gives ~1e-38 instead of 0. */
+static inline __m512 exp_neg512(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x); /* max(a, b) returns b when either is NaN */
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+static inline __m512 i8x16(const int8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))); }
+#endif
+
+void attend_i8(const float *q, const int8_t *kc, const int8_t *vc, const float *ks, const float *vs, const long *len,
+               long nh, long kvh, long cap, long hd, float scale, float *out, float *sc, long i0, long i1) {
+    float *qs = sc + cap, *acc = qs + hd;
+    for (long i = i0; i < i1; i++) {
+        const long r = i / nh, h = i % nh, g = h / (nh / kvh), L = len[r] + 1;
+        const int8_t *K = kc + (r * kvh + g) * cap * hd, *V = vc + (r * kvh + g) * cap * hd;
+        for (long d = 0; d < hd; d++) qs[d] = q[i * hd + d] * ks[g * hd + d] * scale;
+        float mx = -INFINITY, sum = 0.f;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        if (hd % 16 == 0) {
+            for (long t = 0; t < L; t++) {
+                __m512 a = _mm512_setzero_ps();
+                for (long d = 0; d < hd; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(qs + d), i8x16(K + t * hd + d), a);
+                const float s = _mm512_reduce_add_ps(a);
+                sc[t] = s;
+                mx = s > mx || s != s ? s : mx; /* a NaN score makes the row NaN */
+            }
+            const __m512 m = _mm512_set1_ps(mx);
+            long t = 0;
+            for (; t + 16 <= L; t += 16) _mm512_storeu_ps(sc + t, exp_neg512(_mm512_sub_ps(_mm512_loadu_ps(sc + t), m)));
+            if (t < L) {
+                const __mmask16 k = (__mmask16)((1u << (L - t)) - 1u);
+                _mm512_mask_storeu_ps(sc + t, k, exp_neg512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sc + t), m)));
+            }
+            for (t = 0; t < L; t++) sum += sc[t];
+            for (long d = 0; d < hd; d += 16) {
+                __m512 a = _mm512_setzero_ps();
+                for (t = 0; t < L; t++) a = _mm512_fmadd_ps(_mm512_set1_ps(sc[t]), i8x16(V + t * hd + d), a);
+                _mm512_storeu_ps(out + i * hd + d, _mm512_mul_ps(_mm512_mul_ps(a, _mm512_set1_ps(1.f / sum)), _mm512_loadu_ps(vs + g * hd + d)));
+            }
+            continue;
+        }
+#endif
+        for (long t = 0; t < L; t++) {
+            float s = 0.f;
+            for (long d = 0; d < hd; d++) s += qs[d] * (float)K[t * hd + d];
+            sc[t] = s;
+            mx = s > mx || s != s ? s : mx;
+        }
+        for (long t = 0; t < L; t++) {
+            sc[t] = expf(sc[t] - mx);
+            sum += sc[t];
+        }
+        for (long d = 0; d < hd; d++) acc[d] = 0.f;
+        for (long t = 0; t < L; t++)
+            for (long d = 0; d < hd; d++) acc[d] += sc[t] * (float)V[t * hd + d];
+        for (long d = 0; d < hd; d++) out[i * hd + d] = acc[d] * (1.f / sum) * vs[g * hd + d];
+    }
 }
