@@ -621,7 +621,7 @@ class NativeLlm:
     def _decode(self, cache_arrays: list[np.ndarray], lengths: list[int], embeds: np.ndarray) -> np.ndarray:
         hd, nh, kvh, n = self.head_dim, self.heads, self.kv_heads, len(lengths)
         x = torch.from_numpy(np.ascontiguousarray(embeds, dtype=np.float32))
-        pos, rows, width = torch.tensor(lengths), torch.arange(n), max(lengths) + 1
+        pos, rows, width = torch.tensor(lengths, dtype=torch.int64), torch.arange(n), max(lengths) + 1
         mask = (torch.arange(width)[None, :] <= pos[:, None])[:, None, None, :]  # [n, 1, 1, width]
         masks: dict[torch.dtype, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
@@ -640,11 +640,7 @@ class NativeLlm:
                 ks, vs = (t.view(kvh, hd) for t in layer.kv_scales)
                 kc[rows, :, pos] = torch.round(k.float() / ks).clamp_(-128, 127).to(torch.int8)
                 vc[rows, :, pos] = torch.round(v.float() / vs).clamp_(-128, 127).to(torch.int8)
-                if self.lib is not None:  # straight from the int8 cache (kernels/dequant.c attend_i8)
-                    attn = self._attend_i8(q, kc, vc, ks, vs, pos)
-                else:
-                    keys = (kc[:n, :, :width].float() * layer.kv_scales[0]).to(self.act)
-                    attn = self._sdpa_rows(q, keys, (vc[:n, :, :width].float() * layer.kv_scales[1]).to(self.act), mask, masks)
+                attn = self._attend_i8(q, kc, vc, ks, vs, pos)  # straight from the int8 cache (resident q4 always has the native library)
             x = x + self.linear([attn.reshape(n, nh * hd).to(self.act)], layer.o)[0].float()
             h = self._norm(x, layer.norm_post)
             (g,), (u,) = self.linear_group([h], (layer.gate, layer.up))
@@ -663,13 +659,12 @@ class NativeLlm:
         """One decode step's attention [n, heads, head_dim] over an int8 cache as it lies: each
         position read once, no dequantized copy (the fp32 one cost 4x the cache's bytes per step)."""
         n, nh, hd = q.shape
-        q, out, lens = q.float().contiguous(), torch.empty(n, nh, hd), pos.to(torch.int64).contiguous()
-        ks, vs = ks.contiguous(), vs.contiguous()
+        q, out = q.float().contiguous(), torch.empty(n, nh, hd)
         cap, scale = kc.shape[2], self.scale or hd**-0.5
 
         def run(a: int, b: int) -> None:
             scratch = torch.empty(cap + 2 * hd)
-            self.lib.attend_i8(q.data_ptr(), kc.data_ptr(), vc.data_ptr(), ks.data_ptr(), vs.data_ptr(), lens.data_ptr(), nh, self.kv_heads, cap, hd, scale, out.data_ptr(), scratch.data_ptr(), a, b)
+            self.lib.attend_i8(q.data_ptr(), kc.data_ptr(), vc.data_ptr(), ks.data_ptr(), vs.data_ptr(), pos.data_ptr(), nh, self.kv_heads, cap, hd, scale, out.data_ptr(), scratch.data_ptr(), a, b)
 
         self._split_rows(n * nh, run)
         return out
